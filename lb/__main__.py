@@ -1,0 +1,5 @@
+import sys
+
+from lb.cli import main
+
+sys.exit(main())

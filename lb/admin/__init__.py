@@ -1,0 +1,1 @@
+"""The admin HTTP server: JSON API, status page, /metrics, /healthz."""

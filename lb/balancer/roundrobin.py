@@ -1,0 +1,147 @@
+"""Smooth weighted round-robin, nginx's algorithm, without a scan per pick.
+
+nginx adds every peer's weight to its ``current`` at each pick, takes the largest
+``current`` (first in order on ties) and subtracts the total weight from it: weights 5,1,1
+give ``a a b a c a a``. Scanning every peer per pick is O(n); here peers of equal weight
+share a heap. Between two of its own picks a peer's ``current`` grows by ``w`` per global
+pick, so ``current = key + w * T`` where ``T`` counts picks and ``key`` changes only when
+the peer itself is picked. Within a weight group the order by ``key`` is fixed, so a pick
+compares the tops of the groups: O(groups + log n), and pools have few distinct weights.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import AbstractSet, Any, Dict, List, Optional
+
+from zope.interface import implementer
+
+from lb.interfaces import IBalancer
+
+_SCALE = 1000  # effective weights are floats (slow start); integers keep the sums exact
+
+
+class _Entry:
+    __slots__ = ("neg_key", "order", "peer", "alive", "weight")
+
+    def __init__(self, neg_key: int, order: int, peer: Any, weight: int) -> None:
+        self.neg_key = neg_key
+        self.order = order
+        self.peer = peer
+        self.alive = True
+        self.weight = weight
+
+    def __lt__(self, other: "_Entry") -> bool:
+        return (self.neg_key, self.order) < (other.neg_key, other.order)
+
+
+class _Group:
+    __slots__ = ("heap", "alive")
+
+    def __init__(self) -> None:
+        self.heap: List[_Entry] = []
+        self.alive = 0
+
+    def top(self) -> Optional[_Entry]:
+        heap = self.heap
+        while heap and not heap[0].alive:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+
+@implementer(IBalancer)
+class Balancer:
+    def __init__(self, rng: Any = None, hash_balance_factor: Optional[float] = None) -> None:
+        self._groups: Dict[int, _Group] = {}
+        self._entries: Dict[Any, _Entry] = {}
+        self._order: Dict[Any, int] = {}  # first-seen order, nginx's tie-break
+        self._next_order = 0
+        self._picks = 0  # T
+        self._total = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _weight(self, peer: Any) -> int:
+        return max(0, int(round(peer.effective_weight * _SCALE)))
+
+    def _insert(self, peer: Any, current: int) -> None:
+        weight = self._weight(peer)
+        order = self._order.get(peer)
+        if order is None:
+            order = self._order[peer] = self._next_order
+            self._next_order += 1
+        entry = _Entry(-(current - weight * self._picks), order, peer, weight)
+        group = self._groups.get(weight)
+        if group is None:
+            group = self._groups[weight] = _Group()
+        heapq.heappush(group.heap, entry)
+        group.alive += 1
+        self._entries[peer] = entry
+        self._total += weight
+
+    def _discard(self, peer: Any) -> Optional[int]:
+        entry = self._entries.pop(peer, None)
+        if entry is None:
+            return None
+        entry.alive = False
+        self._total -= entry.weight
+        group = self._groups[entry.weight]
+        group.alive -= 1
+        if group.alive == 0:
+            del self._groups[entry.weight]
+        elif len(group.heap) > 2 * group.alive + 16:
+            group.heap = [e for e in group.heap if e.alive]
+            heapq.heapify(group.heap)
+        return -entry.neg_key + entry.weight * self._picks  # its current
+
+    def add(self, peer: Any) -> None:
+        if peer not in self._entries:
+            self._insert(peer, 0)
+
+    def remove(self, peer: Any) -> None:
+        self._discard(peer)
+        self._order.pop(peer, None)
+
+    def reweight(self, peer: Any) -> None:
+        entry = self._entries.get(peer)
+        if entry is not None and entry.weight != self._weight(peer):
+            current = self._discard(peer)
+            self._insert(peer, current or 0)
+
+    def pick(self, client: Optional[str] = None,
+             exclude: AbstractSet[Any] = frozenset()) -> Optional[Any]:
+        if not self._entries:
+            return None
+        self._picks += 1
+        picks = self._picks
+        best: Optional[_Entry] = None
+        best_current = 0
+        for weight, group in self._groups.items():
+            if weight == 0:
+                continue
+            entry = group.top()
+            if entry is None:
+                continue
+            if exclude and entry.peer in exclude:
+                entry = next((e for e in heapq.nsmallest(len(exclude) + 1, group.heap)
+                              if e.alive and e.peer not in exclude), None)
+                if entry is None:
+                    continue
+            current = -entry.neg_key + weight * picks
+            if best is None or current > best_current or (
+                    current == best_current and entry.order < best.order):
+                best, best_current = entry, current
+        if best is None:
+            return None
+        peer = best.peer
+        self._discard(peer)
+        self._insert(peer, best_current - self._total - best.weight)
+        # _insert adds the weight back to the total; `current - total` is nginx's step.
+        return peer
+
+    def connection_opened(self, peer: Any) -> None:
+        pass
+
+    def connection_closed(self, peer: Any) -> None:
+        pass

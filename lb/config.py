@@ -1,0 +1,651 @@
+"""The configuration file: YAML in, frozen validated objects out.
+
+No Twisted here. Validation walks the whole document and collects every problem as
+``path.to.key: problem`` so an operator fixes a config in one pass, the way ``nginx -t``
+and ``haproxy -c`` report.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import yaml
+
+BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "random", "p2c", "source")
+ADMIN_STATES = ("ready", "drain", "maint")
+MAX_WEIGHT = 256  # HAProxy's bound; Consul weights above it are clamped
+DEFAULT_CONSUL_URL = "http://127.0.0.1:8500"
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+class ConfigError(Exception):
+    """A config failed validation; ``problems`` holds every ``path: problem`` line."""
+
+    def __init__(self, problems: List[str], source: str = "") -> None:
+        self.problems = list(problems)
+        self.source = source
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> List[str]:
+        prefix = f"{self.source}: " if self.source else ""
+        return [prefix + problem for problem in self.problems]
+
+
+@dataclass(frozen=True, order=True)
+class Address:
+    """A ``host:port`` pair; ``str()`` gives the canonical spelling used as a peer's key."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.host
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+def parse_address(text: str, *, allow_port_zero: bool = False) -> Address:
+    """Parse ``host:port`` / ``[v6]:port``; IPs are normalised so one peer has one key."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected 'host:port', got {type(text).__name__}")
+    text = text.strip()
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)", text) or re.fullmatch(
+        r"([^\s:\[\]]+):(\d+)", text
+    )
+    if not m:
+        raise ValueError(f"{text!r} is not 'host:port' (IPv6 as '[::1]:80')")
+    host, port_text = m.group(1), m.group(2)
+    port = int(port_text)
+    low = 0 if allow_port_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"port {port} in {text!r} is out of range {low}-65535")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if text.startswith("["):
+            raise ValueError(f"{host!r} in {text!r} is not an IPv6 address") from None
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+            raise ValueError(f"{host!r} in {text!r} is not a valid host name") from None
+        return Address(host.lower(), port)
+    if ip.version == 6 and not text.startswith("["):
+        raise ValueError(f"IPv6 address in {text!r} must be written as [addr]:port")
+    return Address(str(ip), port)
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float:
+    """``500ms``/``2s``/``5m``/``1h`` (decimals allowed) or bare ``0`` → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '2s'")
+    if isinstance(value, (int, float)) and value == 0:
+        return 0.0
+    if not isinstance(value, str):
+        raise ValueError(f"expected a duration like '2s', got {value!r}")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*", value)
+    if not m:
+        raise ValueError(f"{value!r} is not a duration (use e.g. '500ms', '2s', '5m', '1h')")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+@dataclass(frozen=True)
+class StaticPeer:
+    address: Address
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    type: str = "http"
+    path: str = "/health"
+    host: Optional[str] = None
+    expect_status: Tuple[Tuple[int, int], ...] = ((200, 200),)
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    concurrency: int = 10
+
+    def status_ok(self, code: int) -> bool:
+        return any(low <= code <= high for low, high in self.expect_status)
+
+
+@dataclass(frozen=True)
+class PoolConsulConfig:
+    service: Optional[str] = None
+    kv_prefix: Optional[str] = None
+    tags: Tuple[str, ...] = ()
+    passing_only: bool = True
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    name: str
+    balance: str = "roundrobin"
+    hash_balance_factor: Optional[float] = None
+    slow_start: float = 0.0
+    peers: Tuple[StaticPeer, ...] = ()
+    consul: Optional[PoolConsulConfig] = None
+    health: Optional[HealthConfig] = None
+    connect_timeout: float = 2.0
+    retries: int = 2
+    drain_timeout: float = 30.0
+    send_proxy: str = "off"
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    bind: Address
+    pool: str
+    mode: str = "tcp"
+    accept_proxy: bool = False
+    max_connections: int = 10000
+    idle_timeout: float = 300.0
+    allow: Tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConsulConfig:
+    url: str = DEFAULT_CONSUL_URL
+    token: Optional[str] = field(default=None, repr=False)  # never logged
+    datacenter: Optional[str] = None
+    consistency: str = "default"
+    wait: float = 55.0
+    poll_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    bind: Address = Address("127.0.0.1", 9901)
+    token: Optional[str] = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    listeners: Mapping[str, ListenerConfig]
+    pools: Mapping[str, PoolConfig]
+    consul: Optional[ConsulConfig] = None
+    admin: AdminConfig = AdminConfig()
+    state_dir: str = "var/lb"
+    shutdown_timeout: float = 30.0
+
+    def summary(self) -> str:
+        peers = sum(len(p.peers) for p in self.pools.values())
+        consul = sum(1 for p in self.pools.values() if p.consul)
+        return (
+            f"configuration OK: {len(self.listeners)} listener(s), {len(self.pools)} pool(s), "
+            f"{peers} static peer(s), {consul} Consul-discovered pool(s)"
+        )
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+class _Checker:
+    """Walks a parsed YAML document, collecting problems with their key paths."""
+
+    def __init__(self, base_dir: str, environ: Mapping[str, str]) -> None:
+        self.problems: List[str] = []
+        self.base_dir = base_dir
+        self.environ = environ
+
+    def fail(self, path: str, problem: str) -> None:
+        self.problems.append(f"{path}: {problem}")
+
+    def mapping(self, path: str, value: Any, allowed: Tuple[str, ...]) -> Dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping, got {_kind(value)}")
+            return {}
+        for key in value:
+            if key not in allowed:
+                self.fail(
+                    f"{path}.{key}" if path else str(key),
+                    f"unknown key (expected one of: {', '.join(allowed)})",
+                )
+        return value
+
+    def get(self, path: str, mapping: Dict[str, Any], key: str, default: Any,
+            convert: Callable[[Any], Any]) -> Any:
+        if mapping.get(key) is None:  # absent or explicitly null: the default
+            return default
+        try:
+            return convert(mapping[key])
+        except (ValueError, TypeError) as e:
+            self.fail(_join(path, key), str(e))
+            return default
+
+    def path_value(self, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"expected a path, got {_kind(value)}")
+        return os.path.normpath(os.path.join(self.base_dir, value))
+
+    def token_from_file(self, path: str, value: Any) -> Optional[str]:
+        file_path = self.path_value(value)
+        try:
+            with open(file_path, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read token file {file_path}: {e.strerror}") from None
+        if not token:
+            raise ValueError(f"token file {file_path} is empty")
+        return token
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def _int(low: int, high: Optional[int] = None) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {_kind(value)}")
+        if value < low or (high is not None and value > high):
+            bound = f"{low}-{high}" if high is not None else f">= {low}"
+            raise ValueError(f"{value} is out of range ({bound})")
+        return value
+    return convert
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {_kind(value)}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of: {', '.join(choices)}")
+        return value
+    return convert
+
+
+def _duration(minimum: float = 0.0, *, positive: bool = False,
+              maximum: Optional[float] = None) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        seconds = parse_duration(value)
+        if positive and seconds <= 0:
+            raise ValueError("must be greater than 0")
+        if seconds < minimum:
+            raise ValueError(f"must be at least {minimum}s")
+        if maximum is not None and seconds > maximum:
+            raise ValueError(f"{value} is longer than the maximum {maximum:g}s")
+        return seconds
+    return convert
+
+
+def _status_ranges(value: Any) -> Tuple[Tuple[int, int], ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of status codes or ranges like '200-399'")
+    ranges = []
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool):
+            low = high = item
+        elif isinstance(item, str) and re.fullmatch(r"\s*\d{3}\s*(-\s*\d{3}\s*)?", item):
+            parts = [int(p) for p in item.split("-")]
+            low, high = parts[0], parts[-1]
+        else:
+            raise ValueError(f"{item!r} is not a status code or a range like '200-399'")
+        if not (100 <= low <= high <= 599):
+            raise ValueError(f"{item!r} is not a valid status code range (100-599, low-high)")
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+def _send_proxy(value: Any) -> str:
+    # YAML 1.1 reads a bare `off` as false; accept it as the operator meant it.
+    if value is False:
+        return "off"
+    if value in ("off", "v1", "v2"):
+        return value
+    raise ValueError(f"{value!r} is not one of: off, v1, v2")
+
+
+def _cidrs(value: Any) -> Tuple[IPNetwork, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of CIDRs, got {_kind(value)}")
+    networks = []
+    bad = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            bad.append(repr(item))
+    if bad:
+        raise ValueError(f"not a CIDR: {', '.join(bad)} (use e.g. '10.0.0.0/8' or '::1/128')")
+    return tuple(networks)
+
+
+def _check_consul(c: _Checker, raw: Any) -> Optional[ConsulConfig]:
+    if "consul" not in raw:
+        return None
+    m = c.mapping("consul", raw["consul"],
+                  ("url", "token_file", "datacenter", "consistency", "wait", "poll_interval"))
+    env_url = c.environ.get("CONSUL_HTTP_ADDR")
+    url = c.get("consul", m, "url", None, _str)
+    if url is None:
+        url = env_url or DEFAULT_CONSUL_URL
+        where = "consul.url ($CONSUL_HTTP_ADDR)" if env_url else "consul.url"
+    else:
+        where = "consul.url"
+    if "://" not in url:
+        url = "http://" + url
+    if not re.fullmatch(r"https?://[^/\s]+/?", url):
+        c.fail(where, f"{url!r} is not an http:// or https:// URL of a Consul agent")
+    token = None
+    if m.get("token_file") is not None:
+        token = c.get("consul", m, "token_file", None,
+                      lambda v: c.token_from_file("consul.token_file", v))
+    else:
+        token = c.environ.get("CONSUL_HTTP_TOKEN") or None
+    return ConsulConfig(
+        url=url.rstrip("/"),
+        token=token,
+        datacenter=c.get("consul", m, "datacenter", None, _str),
+        consistency=c.get("consul", m, "consistency", "default",
+                          _choice("default", "stale", "consistent")),
+        wait=c.get("consul", m, "wait", 55.0, _duration(1.0, maximum=600.0)),
+        poll_interval=c.get("consul", m, "poll_interval", 5.0, _duration(positive=True)),
+    )
+
+
+def _check_admin(c: _Checker, raw: Any) -> AdminConfig:
+    m = c.mapping("admin", raw.get("admin"), ("bind", "token_file"))
+    bind = c.get("admin", m, "bind", AdminConfig.bind,
+                 lambda v: parse_address(v, allow_port_zero=True))
+    token = None
+    if m.get("token_file") is not None:
+        token = c.get("admin", m, "token_file", None,
+                      lambda v: c.token_from_file("admin.token_file", v))
+    return AdminConfig(bind=bind, token=token)
+
+
+def _check_health(c: _Checker, path: str, raw: Any) -> Optional[HealthConfig]:
+    if raw is None:
+        return None
+    m = c.mapping(path, raw, ("type", "path", "host", "expect_status", "interval", "timeout",
+                              "rise", "fall", "concurrency"))
+    kind = c.get(path, m, "type", "http", _choice("http", "tcp"))
+    if kind == "tcp":
+        for key in ("path", "host", "expect_status"):
+            if key in m:
+                c.fail(f"{path}.{key}", "only applies to type: http")
+
+    def http_path(value: Any) -> str:
+        if not isinstance(value, str) or not value.startswith("/") or any(
+                ch.isspace() for ch in value):
+            raise ValueError(f"{value!r} is not an absolute request path like '/health'")
+        return value
+
+    health = HealthConfig(
+        type=kind,
+        path=c.get(path, m, "path", "/health", http_path),
+        host=c.get(path, m, "host", None, _str),
+        expect_status=c.get(path, m, "expect_status", ((200, 200),), _status_ranges),
+        interval=c.get(path, m, "interval", 2.0, _duration(positive=True)),
+        timeout=c.get(path, m, "timeout", 1.0, _duration(positive=True)),
+        rise=c.get(path, m, "rise", 2, _int(1, 100)),
+        fall=c.get(path, m, "fall", 3, _int(1, 100)),
+        concurrency=c.get(path, m, "concurrency", 10, _int(1, 10000)),
+    )
+    if "timeout" in m and "interval" in m and health.timeout >= health.interval > 0:
+        c.fail(f"{path}.timeout", "must be shorter than interval")
+    elif health.timeout >= health.interval > 0:
+        c.fail(f"{path}.timeout", f"{health.timeout:g}s must be shorter than interval "
+                                  f"({health.interval:g}s)")
+    return health
+
+
+def _check_pool_consul(c: _Checker, path: str, raw: Any, have_consul: bool,
+                       ) -> Optional[PoolConsulConfig]:
+    if raw is None:
+        return None
+    m = c.mapping(path, raw, ("service", "kv_prefix", "tags", "passing_only"))
+
+    def tags(value: Any) -> Tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(t, str) and t for t in value):
+            raise ValueError("expected a list of tag strings")
+        return tuple(value)
+
+    def kv_prefix(value: Any) -> str:
+        value = _str(value).strip("/")
+        if not value:
+            raise ValueError("must name a KV folder like 'upstreams/web'")
+        return value
+
+    def service(value: Any) -> str:
+        value = _str(value)
+        if "/" in value or any(ch.isspace() for ch in value):
+            raise ValueError(f"{value!r} is not a Consul service name")
+        return value
+
+    cfg = PoolConsulConfig(
+        service=c.get(path, m, "service", None, service),
+        kv_prefix=c.get(path, m, "kv_prefix", None, kv_prefix),
+        tags=c.get(path, m, "tags", (), tags),
+        passing_only=c.get(path, m, "passing_only", True, _bool),
+    )
+    if ("service" in m) == ("kv_prefix" in m):
+        c.fail(path, "needs exactly one of 'service' or 'kv_prefix'")
+    if "kv_prefix" in m and ("tags" in m or "passing_only" in m):
+        c.fail(path, "'tags' and 'passing_only' only apply to 'service'")
+    if not have_consul:
+        c.fail(path, "needs the top-level 'consul' section (write 'consul: {}' for defaults)")
+    return cfg
+
+
+def _check_peers(c: _Checker, path: str, raw: Any) -> Tuple[StaticPeer, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        c.fail(path, f"expected a list of peers, got {_kind(raw)}")
+        return ()
+    peers: List[StaticPeer] = []
+    seen: Dict[Address, int] = {}
+    for i, item in enumerate(raw):
+        item_path = f"{path}[{i}]"
+        if isinstance(item, dict):
+            m = c.mapping(item_path, item, ("address", "weight"))
+            if "address" not in m:
+                c.fail(item_path, "missing 'address'")
+                continue
+            address = c.get(item_path, m, "address", None, parse_address)
+            weight = c.get(item_path, m, "weight", 1, _int(0, MAX_WEIGHT))
+        else:
+            address = c.get(path, {f"[{i}]": item}, f"[{i}]", None, parse_address)
+            weight = 1
+        if address is None:
+            continue
+        if address in seen:
+            c.fail(item_path, f"{address} is already listed at {path}[{seen[address]}]")
+            continue
+        seen[address] = i
+        peers.append(StaticPeer(address, weight))
+    return tuple(peers)
+
+
+def _check_pool(c: _Checker, name: str, raw: Any, have_consul: bool) -> PoolConfig:
+    path = f"pools.{name}"
+    m = c.mapping(path, raw, ("balance", "hash_balance_factor", "slow_start", "peers", "consul",
+                              "health", "connect_timeout", "retries", "drain_timeout",
+                              "send_proxy"))
+    if raw is None:
+        c.fail(path, "expected a mapping with peers and/or consul")
+
+    def factor(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 1:
+            raise ValueError(f"{value!r} must be a number greater than 1 (e.g. 1.25)")
+        return float(value)
+
+    balance = c.get(path, m, "balance", "roundrobin", _choice(*BALANCE_ALGORITHMS))
+    hash_balance_factor = c.get(path, m, "hash_balance_factor", None, factor)
+    if hash_balance_factor is not None and balance != "source":
+        c.fail(f"{path}.hash_balance_factor", "only applies to balance: source")
+    return PoolConfig(
+        name=name,
+        balance=balance,
+        hash_balance_factor=hash_balance_factor,
+        slow_start=c.get(path, m, "slow_start", 0.0, _duration()),
+        peers=_check_peers(c, f"{path}.peers", m.get("peers")),
+        consul=_check_pool_consul(c, f"{path}.consul", m.get("consul"), have_consul),
+        health=_check_health(c, f"{path}.health", m.get("health")),
+        connect_timeout=c.get(path, m, "connect_timeout", 2.0, _duration(positive=True)),
+        retries=c.get(path, m, "retries", 2, _int(0, 100)),
+        drain_timeout=c.get(path, m, "drain_timeout", 30.0, _duration()),
+        send_proxy=c.get(path, m, "send_proxy", "off", _send_proxy),
+    )
+
+
+def _check_listener(c: _Checker, name: str, raw: Any, pools: Mapping[str, Any],
+                    ) -> Optional[ListenerConfig]:
+    path = f"listeners.{name}"
+    m = c.mapping(path, raw, ("bind", "mode", "pool", "accept_proxy", "max_connections",
+                              "idle_timeout", "allow"))
+    if raw is None:
+        c.fail(path, "expected a mapping with bind and pool")
+    for key in ("bind", "pool"):
+        if raw is not None and key not in m:
+            c.fail(f"{path}.{key}", "missing (required)")
+    bind = c.get(path, m, "bind", None, lambda v: parse_address(v, allow_port_zero=True))
+    if bind is not None and not bind.is_ip:
+        c.fail(f"{path}.bind", f"{bind.host!r} must be an IP address to listen on "
+                               "(0.0.0.0 or [::] for all)")
+
+    def pool(value: Any) -> str:
+        value = _str(value)
+        if value not in pools:
+            raise ValueError(f"no pool named {value!r} (pools: {', '.join(pools) or 'none'})")
+        return value
+
+    def mode(value: Any) -> str:
+        if value == "http":
+            raise ValueError("mode http is not implemented yet; use tcp")
+        return _choice("tcp")(value)
+
+    pool_name = c.get(path, m, "pool", None, pool)
+    listener = ListenerConfig(
+        name=name,
+        bind=bind or Address("0.0.0.0", 0),
+        pool=pool_name or "",
+        mode=c.get(path, m, "mode", "tcp", mode),
+        accept_proxy=c.get(path, m, "accept_proxy", False, _bool),
+        max_connections=c.get(path, m, "max_connections", 10000, _int(1)),
+        idle_timeout=c.get(path, m, "idle_timeout", 300.0, _duration()),
+        allow=c.get(path, m, "allow", (), _cidrs),
+    )
+    return listener if bind is not None and pool_name is not None else None
+
+
+def _overlaps(a: Address, b: Address) -> bool:
+    if a.port != b.port or a.port == 0:
+        return False
+    ia, ib = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
+    if ia == ib:
+        return True
+    # a wildcard bind takes the port on every address of its family (and v4 for ::)
+    return ((ia.is_unspecified and (ia.version == ib.version or ia.version == 6))
+            or (ib.is_unspecified and (ia.version == ib.version or ib.version == 6)))
+
+
+def check(raw: Any, *, path: str = "<config>", environ: Optional[Mapping[str, str]] = None,
+          ) -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    environ = os.environ if environ is None else environ
+    base_dir = os.path.dirname(os.path.abspath(path))
+    c = _Checker(base_dir, environ)
+    top = c.mapping("", raw, ("consul", "admin", "state_dir", "shutdown_timeout", "listeners",
+                              "pools"))
+    if raw is None or not isinstance(raw, dict):
+        if raw is None:
+            c.fail("(top level)", "the file is empty; expected listeners and pools")
+        raise ConfigError(c.problems, path)
+    consul = _check_consul(c, top)
+    admin = _check_admin(c, top)
+    state_dir = c.get("", top, "state_dir", c.path_value("var/lb"), c.path_value)
+    shutdown_timeout = c.get("", top, "shutdown_timeout", 30.0, _duration())
+
+    raw_pools = c.mapping("pools", top.get("pools"), tuple(top.get("pools") or ()))
+    pools = {str(name): _check_pool(c, str(name), value, consul is not None)
+             for name, value in raw_pools.items()}
+    raw_listeners = c.mapping("listeners", top.get("listeners"),
+                              tuple(top.get("listeners") or ()))
+    if not raw_listeners:
+        c.fail("listeners", "at least one listener is required")
+    listeners: Dict[str, ListenerConfig] = {}
+    for name, value in raw_listeners.items():
+        listener = _check_listener(c, str(name), value, raw_pools)
+        if listener is not None:
+            listeners[str(name)] = listener
+
+    binds: List[Tuple[str, Address]] = [("admin.bind", admin.bind)]
+    for name, listener in listeners.items():
+        for other_path, other in binds:
+            if _overlaps(listener.bind, other):
+                c.fail(f"listeners.{name}.bind",
+                       f"{listener.bind} conflicts with {other_path} ({other})")
+                break
+        binds.append((f"listeners.{name}.bind", listener.bind))
+
+    if c.problems:
+        raise ConfigError(c.problems, path)
+    return Config(path=os.path.abspath(path), listeners=listeners, pools=pools, consul=consul,
+                  admin=admin, state_dir=state_dir, shutdown_timeout=shutdown_timeout)
+
+
+def parse(text: str, *, path: str = "<config>",
+          environ: Optional[Mapping[str, str]] = None) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([f"{where}: invalid YAML: {problem}"], path) from None
+    return check(raw, path=path, environ=environ)
+
+
+def load(path: str, environ: Optional[Mapping[str, str]] = None) -> Config:
+    """Read and validate a config file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError([f"(file): cannot read: {e.strerror}"], path) from None
+    return parse(text, path=path, environ=environ)

@@ -1,0 +1,1 @@
+"""Sources of desired peer sets: static config, Consul, the admin API."""

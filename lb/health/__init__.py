@@ -1,0 +1,1 @@
+"""Health: the rise/fall state machine, probes, and the per-pool monitor."""

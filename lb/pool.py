@@ -1,0 +1,379 @@
+"""A pool of peers: the single source of truth for their state.
+
+Discovery sources (static config, Consul, the admin API) hand the pool the set each of
+them wants; the pool diffs it, keeps each peer's health and counters across updates, and
+tells its balancer which peers may take new connections. Health checks and the data path
+report results here; observers (health monitor, snapshots, status page) are told of changes.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import AbstractSet, Callable, Dict, Iterable, List, Mapping, Optional
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from lb import balancer as balancers
+from lb.config import Address, HealthConfig, PoolConfig
+from lb.health import risefall
+from lb.interfaces import IBalancer
+from lb.peer import DRAIN, MAINT, READY, LastCheck, Peer, PeerSpec
+
+Observer = Callable[["Pool", Peer, str], None]
+
+# Without a health section passive checks still count, with HAProxy's default thresholds.
+PASSIVE_DEFAULTS = HealthConfig(type="tcp")
+SLOW_START_FLOOR = 0.1
+SLOW_START_STEPS = 20
+
+
+class PoolError(Exception):
+    """A request the pool refuses; ``status`` is the HTTP status an API should answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Pool:
+    log = Logger()
+
+    def __init__(self, config: PoolConfig, clock: IReactorTime,
+                 rng: Optional[random.Random] = None) -> None:
+        self.name = config.name
+        self.config = config
+        self.clock = clock
+        self._rng = rng or random.Random()
+        self.peers: Dict[str, Peer] = {}
+        self.balancer: IBalancer = self._new_balancer()
+        self._observers: List[Observer] = []
+        self._timers: Dict[tuple, IDelayedCall] = {}
+        self._up_serving: set = set()  # serving and up; when empty, unknown peers get traffic
+        self._in_balancer: set = set()
+
+    # --- configuration ---------------------------------------------------------------------
+
+    @property
+    def thresholds(self) -> HealthConfig:
+        return self.config.health or PASSIVE_DEFAULTS
+
+    def _new_balancer(self) -> IBalancer:
+        return balancers.create(self.config.balance, rng=self._rng,
+                                hash_balance_factor=self.config.hash_balance_factor)
+
+    def reconfigure(self, config: PoolConfig) -> None:
+        """Take a reloaded pool section; peers keep their health and counters."""
+        old = self.config
+        self.config = config
+        if (old.balance, old.hash_balance_factor) != (config.balance,
+                                                      config.hash_balance_factor):
+            self.balancer = self._new_balancer()
+            for peer in self._in_balancer:
+                self.balancer.add(peer)
+        if config.slow_start != old.slow_start:
+            for peer in self.peers.values():
+                if peer.ramp < 1.0 and config.slow_start <= 0:
+                    self._set_ramp(peer, 1.0)
+
+    def subscribe(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def unsubscribe(self, observer: Observer) -> None:
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    def _notify(self, peer: Peer, event: str) -> None:
+        for observer in list(self._observers):
+            try:
+                observer(self, peer, event)
+            except Exception:
+                self.log.failure("pool {pool}: observer failed", pool=self.name)
+
+    # --- desired sets from sources ---------------------------------------------------------
+
+    def apply(self, source: str, desired: Iterable[PeerSpec], reason: str = "") -> None:
+        """Make ``source``'s wanted set exactly ``desired``: add, update, or let go."""
+        wanted: Dict[str, PeerSpec] = {str(spec.address): spec for spec in desired}
+        reason = reason or source
+        for key, spec in wanted.items():
+            peer = self.peers.get(key)
+            if peer is None:
+                peer = self._create(spec.address)
+                peer.wants[source] = spec
+                self._added(peer, reason)
+                continue
+            before = self._describe(peer)
+            peer.wants[source] = spec
+            if peer.removing:
+                peer.removing = False
+                self._cancel((peer.key, "remove"))
+            self._changed(peer, before, reason)
+        for peer in list(self.peers.values()):
+            if source in peer.wants and peer.key not in wanted:
+                before = self._describe(peer)
+                del peer.wants[source]
+                peer.removing = not peer.wants
+                self._changed(peer, before, f"{reason}: no longer listed")
+                if peer.removing:
+                    self._schedule_removal(peer)
+
+    def wanted_by(self, source: str) -> List[PeerSpec]:
+        return [p.wants[source] for p in self.peers.values() if source in p.wants]
+
+    def add_peer(self, address: Address, weight: int = 1, source: str = "admin") -> Peer:
+        """An operator adds a peer at runtime (it survives reloads, not restarts)."""
+        existing = self.peers.get(str(address))
+        if existing is not None and source in existing.wants and not existing.removing:
+            raise PoolError(f"peer {address} is already in pool {self.name}", 409)
+        specs = self.wanted_by(source)
+        specs = [s for s in specs if s.address != address] + [PeerSpec(address, weight)]
+        self.apply(source, specs, reason=f"{source} call")
+        return self.peers[str(address)]
+
+    def remove_peer(self, key: str, source: str = "admin") -> Peer:
+        """Drain a peer, then remove it once idle or after ``drain_timeout``."""
+        peer = self.get(key)
+        others = [s for s in peer.wants if s != source]
+        if others:
+            raise PoolError(
+                f"peer {key} is also wanted by {', '.join(others)}; remove it there or "
+                "set admin_state drain", 409)
+        before = self._describe(peer)
+        peer.wants.pop(source, None)
+        peer.removing = True
+        self._changed(peer, before, f"{source} call: remove")
+        self._schedule_removal(peer)
+        return peer
+
+    def get(self, key: str) -> Peer:
+        peer = self.peers.get(key)
+        if peer is None:
+            raise PoolError(f"no peer {key} in pool {self.name}", 404)
+        return peer
+
+    # --- operator changes ------------------------------------------------------------------
+
+    def set_admin_state(self, key: str, state: str, reason: str = "admin call") -> Peer:
+        if state not in (READY, DRAIN, MAINT):
+            raise PoolError(f"unknown admin_state {state!r} (ready, drain or maint)")
+        peer = self.get(key)
+        before = self._describe(peer)
+        peer.operator_state = state
+        self._changed(peer, before, reason)
+        return peer
+
+    def set_weight(self, key: str, weight: int, reason: str = "admin call") -> Peer:
+        peer = self.get(key)
+        before = self._describe(peer)
+        peer.operator_weight = weight
+        self._changed(peer, before, reason)
+        return peer
+
+    # --- health ----------------------------------------------------------------------------
+
+    def report_check(self, peer: Peer, ok: bool, detail: str, passive: bool = False) -> None:
+        """One check verdict (a probe, or a client connect on the data path)."""
+        if self.peers.get(peer.key) is not peer:
+            return  # removed meanwhile
+        if not passive:
+            peer.last_check = LastCheck(ok, detail, self.clock.seconds())
+        elif ok and not peer.is_up:
+            return  # only probes bring a peer up or decide an unknown one
+        t = self.thresholds
+        new_state = risefall.step(peer.health_state, ok, t.rise, t.fall)
+        if new_state == peer.health_state:
+            return
+        before = self._describe(peer)
+        old_status = peer.health
+        peer.health_state = new_state
+        if new_state.status != old_status:
+            if passive:
+                detail = f"{detail} (client traffic)"
+            self.log.info("pool {pool}: peer {peer} health {old} -> {new} ({detail})",
+                          pool=self.name, peer=peer.key, old=old_status,
+                          new=new_state.status, detail=detail)
+            if new_state.status == risefall.UP and self.config.slow_start > 0:
+                self._start_ramp(peer)
+        self._changed(peer, before, detail, log=False)
+
+    # --- the data path ---------------------------------------------------------------------
+
+    def pick(self, client: Optional[str] = None,
+             exclude: AbstractSet[Peer] = frozenset()) -> Optional[Peer]:
+        return self.balancer.pick(client, exclude)
+
+    def connection_started(self, peer: Peer, conn: object) -> None:
+        """Counted from pick time so a burst spreads by least-connections correctly."""
+        peer.active_connections += 1
+        peer.connections.add(conn)
+        self.balancer.connection_opened(peer)
+
+    def connection_established(self, peer: Peer) -> None:
+        peer.total_connections += 1
+        if not peer.is_up:
+            return
+        if peer.health_state.value < self.thresholds.rise + self.thresholds.fall - 1:
+            self.report_check(peer, True, "client connected", passive=True)
+
+    def connection_failed(self, peer: Peer, conn: object, detail: str) -> None:
+        """A connect on a client's behalf failed: a failed passive check."""
+        peer.connect_failures += 1
+        self.connection_ended(peer, conn)
+        self.report_check(peer, False, detail, passive=True)
+
+    def connection_ended(self, peer: Peer, conn: object) -> None:
+        if conn not in peer.connections:
+            return
+        peer.connections.discard(conn)
+        peer.active_connections -= 1
+        if peer in self._in_balancer:
+            self.balancer.connection_closed(peer)
+        if peer.removing and peer.active_connections == 0 and self.peers.get(
+                peer.key) is peer:
+            self._remove(peer, "drained")
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _create(self, address: Address) -> Peer:
+        checked = self.config.health is not None
+        t = self.thresholds
+        peer = Peer(address, risefall.initial(checked, t.rise, t.fall))
+        if self.config.slow_start > 0:
+            peer.ramp = SLOW_START_FLOOR
+        return peer
+
+    def _added(self, peer: Peer, reason: str) -> None:
+        self.peers[peer.key] = peer
+        self.log.info("pool {pool}: peer {peer} added ({reason}), {state}/{health} weight "
+                      "{weight}", pool=self.name, peer=peer.key, reason=reason,
+                      state=peer.admin_state, health=peer.health, weight=peer.weight)
+        if self.config.slow_start > 0 and not peer.is_unknown:
+            self._start_ramp(peer)
+        self._refresh(peer)
+        self._notify(peer, "added")
+
+    @staticmethod
+    def _describe(peer: Peer) -> tuple:
+        return (peer.admin_state, peer.health, peer.weight)
+
+    def _changed(self, peer: Peer, before: tuple, reason: str, log: bool = True) -> None:
+        after = self._describe(peer)
+        if after == before:
+            return
+        if log:
+            changes = ", ".join(f"{name} {a} -> {b}" for name, a, b in zip(
+                ("admin_state", "health", "weight"), before, after) if a != b)
+            self.log.info("pool {pool}: peer {peer} {changes} ({reason})", pool=self.name,
+                          peer=peer.key, changes=changes, reason=reason)
+        if before[0] != MAINT and after[0] == MAINT:
+            self._schedule((peer.key, "maint"), self.config.drain_timeout,
+                           self._close_connections, peer)
+        elif after[0] != MAINT:
+            self._cancel((peer.key, "maint"))
+        self._refresh(peer)
+        self._notify(peer, "changed")
+
+    def _schedule_removal(self, peer: Peer) -> None:
+        if peer.active_connections == 0:
+            self._remove(peer, "no connections")
+        else:
+            self._schedule((peer.key, "remove"), self.config.drain_timeout, self._remove,
+                           peer, "drain_timeout")
+
+    def _remove(self, peer: Peer, why: str) -> None:
+        if self.peers.get(peer.key) is not peer or not peer.removing:
+            return
+        for kind in ("remove", "maint", "ramp"):
+            self._cancel((peer.key, kind))
+        del self.peers[peer.key]
+        self._refresh(peer)
+        self.log.info("pool {pool}: peer {peer} removed ({why})", pool=self.name,
+                      peer=peer.key, why=why)
+        self._notify(peer, "removed")
+
+    def _close_connections(self, peer: Peer) -> None:
+        for conn in list(peer.connections):
+            conn.abort("maint")
+
+    # eligibility: who the balancer may pick
+
+    def _wants_traffic(self, peer: Peer) -> bool:
+        if not peer.serving:
+            return False
+        if peer.is_up:
+            return True
+        return peer.is_unknown and not self._up_serving
+
+    def _refresh(self, peer: Peer) -> None:
+        had_up = bool(self._up_serving)
+        if self.peers.get(peer.key) is peer and peer.serving and peer.is_up:
+            self._up_serving.add(peer)
+        else:
+            self._up_serving.discard(peer)
+        self._update(peer)
+        if had_up != bool(self._up_serving):
+            for other in self.peers.values():  # the unknown peers' fallback switched
+                self._update(other)
+
+    def _update(self, peer: Peer) -> None:
+        eligible = self.peers.get(peer.key) is peer and self._wants_traffic(peer)
+        weight = peer.weight * peer.ramp
+        if eligible and peer in self._in_balancer and weight != peer.effective_weight:
+            peer.effective_weight = weight
+            self.balancer.reweight(peer)
+        peer.effective_weight = weight
+        self._set_eligible(peer, eligible)
+
+    def _set_eligible(self, peer: Peer, eligible: bool) -> None:
+        if eligible and peer not in self._in_balancer:
+            self._in_balancer.add(peer)
+            self.balancer.add(peer)
+        elif not eligible and peer in self._in_balancer:
+            self._in_balancer.discard(peer)
+            self.balancer.remove(peer)
+
+    # slow start: weight ramps 10% → 100% over slow_start after a peer comes up or is added
+
+    def _start_ramp(self, peer: Peer) -> None:
+        self._cancel((peer.key, "ramp"))
+        self._set_ramp(peer, SLOW_START_FLOOR)
+        self._ramp_tick(peer, self.clock.seconds())
+
+    def _ramp_tick(self, peer: Peer, started: float) -> None:
+        duration = self.config.slow_start
+        if duration <= 0:
+            self._set_ramp(peer, 1.0)
+            return
+        progress = (self.clock.seconds() - started) / duration
+        ramp = min(1.0, SLOW_START_FLOOR + (1 - SLOW_START_FLOOR) * progress)
+        self._set_ramp(peer, ramp)
+        if ramp < 1.0:
+            self._schedule((peer.key, "ramp"), duration / SLOW_START_STEPS,
+                           self._ramp_tick, peer, started)
+
+    def _set_ramp(self, peer: Peer, ramp: float) -> None:
+        if peer.ramp != ramp:
+            peer.ramp = ramp
+            self._update(peer)
+
+    def _schedule(self, key: tuple, delay: float, f: Callable, *args: object) -> None:
+        self._cancel(key)
+
+        def fire() -> None:
+            self._timers.pop(key, None)
+            f(*args)
+        self._timers[key] = self.clock.callLater(delay, fire)
+
+    def _cancel(self, key: tuple) -> None:
+        call = self._timers.pop(key, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def stop(self) -> None:
+        """Cancel every timer (the service is stopping)."""
+        for key in list(self._timers):
+            self._cancel(key)
+
+    def snapshot(self) -> Mapping[str, Peer]:
+        return dict(self.peers)

@@ -1,0 +1,1 @@
+"""The data path: listeners, the client and peer sides of a connection, PROXY protocol."""

@@ -1,0 +1,284 @@
+"""The client side of a proxied connection, which owns the pair.
+
+Per client: pause reading, ask the pool for a peer, connect (retrying other peers while no
+byte has been sent), then join the two transports as each other's streaming producers so a
+slow side throttles the fast one, and pass half-closes through in both directions.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, List, Optional, Set
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from lb.interfaces import IClosable
+from lb.peer import Peer
+from lb.proxy import proxyprotocol
+from lb.proxy.backend import Backend, connect, describe_failure
+
+if TYPE_CHECKING:
+    from lb.proxy.listener import Listener
+
+
+def _host_port(address: Any) -> str:
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+
+
+@implementer(IHalfCloseableProtocol, IClosable)
+class Frontend(Protocol):
+    def __init__(self, listener: "Listener") -> None:
+        self.listener = listener
+        self.pool = listener.pool
+        self.clock = listener.clock
+        self.peer: Optional[Peer] = None
+        self.backend: Optional[Backend] = None
+        self.client: Any = None  # the client's address (the PROXY header's, if any)
+        self.destination: Any = None
+        self.bytes_in = 0  # client → peer
+        self.bytes_out = 0  # peer → client
+        self.end_reason: Optional[str] = None
+        self.started = 0.0
+        self._last = 0.0
+        self._tried: Set[Peer] = set()
+        self._failures: List[str] = []
+        self._connecting: Optional[defer.Deferred] = None
+        self._header = proxyprotocol.HeaderReader() if listener.config.accept_proxy else None
+        self._pending: List[bytes] = []
+        self._client_eof = self._client_write_closed = False
+        self._peer_eof = self._peer_write_closed = False
+        self._client_gone = self._peer_gone = False
+        self._idle: Any = None
+        self._finished = False
+
+    # --- client events ---------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        now = self.clock.seconds()
+        self.started = self._last = now
+        self.client = self.transport.getPeer()
+        self.destination = self.transport.getHost()
+        self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        self.listener.session_started(self)
+        timeout = self.listener.config.idle_timeout
+        if timeout > 0:
+            self._idle = self.clock.callLater(timeout, self._idle_check)
+        if self._header is None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self._connect()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last = self.clock.seconds()
+        backend = self.backend
+        if backend is not None:
+            n = len(data)
+            self.bytes_in += n
+            self.peer.bytes_in += n  # type: ignore[union-attr]
+            backend.transport.write(data)
+            return
+        if self._header is not None:
+            try:
+                info, data = self._header.feed(data)
+            except proxyprotocol.InvalidProxyHeader:
+                self.end_reason = "bad_proxy_header"
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+                return
+            if info is None:
+                return
+            self._header = None
+            self.client = proxyprotocol.address_of(info) or self.client
+            if info.destination is not None:
+                self.destination = info.destination
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            if data:
+                self._pending.append(data)
+            self._connect()
+            return
+        if data:
+            self._pending.append(data)
+
+    def readConnectionLost(self) -> None:
+        if self._client_eof:
+            return
+        self._client_eof = True
+        backend = self.backend
+        if backend is not None:
+            backend.transport.unregisterProducer()
+            backend.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        elif self._connecting is None:
+            self.transport.loseConnection()  # EOF inside a PROXY header
+        self._client_closed_both()
+
+    def writeConnectionLost(self) -> None:
+        self._client_write_closed = True
+        self._client_closed_both()
+
+    def _client_closed_both(self) -> None:
+        if self._client_eof and self._client_write_closed:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore
+        self._client_gone = True
+        clean = reason.check(error.ConnectionDone) is not None
+        if not clean and self.end_reason is None:
+            self.end_reason = "client_reset"
+        if self._connecting is not None:
+            self._connecting.cancel()
+        backend = self.backend
+        if backend is not None and not self._peer_gone:
+            if clean:
+                backend.transport.loseConnection()
+            else:
+                backend.transport.abortConnection()  # type: ignore[attr-defined]
+        self._maybe_finish()
+
+    # --- connecting ------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        client_host = getattr(self.client, "host", None)
+        peer = self.pool.pick(client_host, self._tried)
+        if peer is None:
+            if not self._tried:
+                self.listener.no_peer += 1
+                self.end_reason = "no_peer"
+            else:
+                self.end_reason = "connect_failed"
+            self.transport.loseConnection()
+            return
+        self._tried.add(peer)
+        self.peer = peer
+        self.pool.connection_started(peer, self)
+        backend = Backend(self)
+        d = self._connecting = connect(self.listener.reactor, peer.address,
+                                       self.pool.config.connect_timeout, backend)
+        d.addCallbacks(self._connected, self._connect_failed, errbackArgs=(peer,))
+
+    def _connected(self, backend: Backend) -> None:
+        self._connecting = None
+        peer = self.peer
+        assert peer is not None
+        self.backend = backend
+        self.pool.connection_established(peer)
+        self.listener.connected(peer)
+        bt, ct = backend.transport, self.transport
+        if self.pool.config.send_proxy != "off":
+            bt.write(proxyprotocol.build_header(self.pool.config.send_proxy, self.client,
+                                                self.destination))
+        for chunk in self._pending:
+            self.bytes_in += len(chunk)
+            peer.bytes_in += len(chunk)
+            bt.write(chunk)
+        self._pending = []
+        bt.registerProducer(ct, True)
+        ct.registerProducer(bt, True)  # type: ignore[attr-defined]
+        if self._client_eof:
+            bt.unregisterProducer()
+            bt.loseWriteConnection()  # type: ignore[attr-defined]
+        else:
+            ct.resumeProducing()  # type: ignore[attr-defined]
+
+    def _connect_failed(self, failure: Failure, peer: Peer) -> None:
+        self._connecting = None
+        if failure.check(defer.CancelledError):
+            self.pool.connection_ended(peer, self)
+            self._maybe_finish()
+            return
+        detail = describe_failure(failure, self.pool.config.connect_timeout)
+        self._failures.append(f"{peer.key}: {detail}")
+        self.pool.connection_failed(peer, self, detail)
+        self.peer = None
+        if self._client_gone:
+            self._maybe_finish()
+        elif len(self._tried) <= self.pool.config.retries:
+            self._connect()
+        else:
+            self.end_reason = "connect_failed"
+            self.transport.loseConnection()
+
+    # --- peer events (from Backend) --------------------------------------------------------
+
+    def from_peer(self, data: bytes) -> None:
+        self._last = self.clock.seconds()
+        n = len(data)
+        self.bytes_out += n
+        self.peer.bytes_out += n  # type: ignore[union-attr]
+        self.transport.write(data)
+
+    def peer_eof(self) -> None:
+        if self._peer_eof:
+            return
+        self._peer_eof = True
+        if not self._client_gone:
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            self.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        self._peer_closed_both()
+
+    def peer_write_closed(self) -> None:
+        self._peer_write_closed = True
+        self._peer_closed_both()
+
+    def _peer_closed_both(self) -> None:
+        if self._peer_eof and self._peer_write_closed:
+            self.backend.transport.loseConnection()  # type: ignore[union-attr]
+
+    def peer_lost(self, reason: Failure) -> None:
+        self._peer_gone = True
+        if self.peer is not None:
+            self.pool.connection_ended(self.peer, self)
+        if reason.check(error.ConnectionDone) is None and self.end_reason is None:
+            self.end_reason = "peer_reset"
+        if not self._client_gone:
+            self.transport.loseConnection()  # flush what the peer sent, then close
+        self._maybe_finish()
+
+    # --- ending ----------------------------------------------------------------------------
+
+    def abort(self, reason: str) -> None:
+        """Cut both sides now (idle timeout, maint, shutdown timeout)."""
+        if self.end_reason is None:
+            self.end_reason = reason
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self.backend is not None and not self._peer_gone:
+            self.backend.transport.abortConnection()  # type: ignore[attr-defined]
+        if not self._client_gone:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _idle_check(self) -> None:
+        self._idle = None
+        remaining = self._last + self.listener.config.idle_timeout - self.clock.seconds()
+        if remaining > 0:
+            self._idle = self.clock.callLater(remaining, self._idle_check)
+        else:
+            self.abort("idle_timeout")
+
+    def _maybe_finish(self) -> None:
+        if self._finished or not self._client_gone or self._connecting is not None:
+            return
+        if self.backend is not None and not self._peer_gone:
+            return
+        self._finished = True
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        reason = self.end_reason or "closed"
+        self.listener.session_ended(self, reason)
+
+    def describe(self, reason: str) -> dict:
+        return {
+            "client": _host_port(self.client),
+            "listener": self.listener.config.name,
+            "pool": self.pool.name,
+            "peer": self.peer.key if self.peer is not None else "-",
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "duration": self.clock.seconds() - self.started,
+            "end": reason,
+            "failures": "; ".join(self._failures),
+        }

@@ -1,0 +1,179 @@
+"""A listener: accepts clients for one pool, refuses what it must, and drains on stop."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from typing import Any, Dict, List, Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from lb.config import ListenerConfig
+from lb.peer import Peer
+from lb.pool import Pool
+from lb.proxy.frontend import Frontend
+
+BACKLOG = 1024
+
+
+class Listener(Factory):
+    """Builds a ``Frontend`` per accepted client and keeps the listener's counters."""
+
+    log = Logger()
+    noisy = False
+
+    def __init__(self, config: ListenerConfig, pool: Pool, reactor: Any) -> None:
+        self.config = config
+        self.pool = pool
+        self.reactor = reactor
+        self.clock = reactor
+        self.sessions: set = set()
+        self.total = 0
+        self.no_peer = 0
+        self.refused: Counter = Counter()  # reason → count
+        self.ended: Counter = Counter()  # how connections ended → count
+        self.per_peer: Dict[str, List[int]] = {}  # peer key → [total, active]
+        self._idle_waiters: List[defer.Deferred] = []
+
+    def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
+        """New settings for new clients; open connections keep theirs."""
+        self.config = config
+        self.pool = pool
+
+    def _allowed(self, addr: Any) -> bool:
+        host = getattr(addr, "host", None)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.config.allow)
+
+    def buildProtocol(self, addr: Any) -> Optional[Frontend]:
+        reason = None
+        if self.config.allow and not self._allowed(addr):
+            reason = "allow"
+        elif len(self.sessions) >= self.config.max_connections:
+            reason = "max_connections"
+        if reason is not None:
+            self.refused[reason] += 1
+            self.log.info("client {client} refused by listener {listener} ({reason})",
+                          client=f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}",
+                          listener=self.config.name, reason=reason)
+            return None  # Twisted closes the socket at once
+        frontend = Frontend(self)
+        frontend.factory = self
+        return frontend
+
+    def session_started(self, frontend: Frontend) -> None:
+        self.sessions.add(frontend)
+        self.total += 1
+
+    def connected(self, peer: Peer) -> None:
+        counts = self.per_peer.get(peer.key)
+        if counts is None:
+            counts = self.per_peer[peer.key] = [0, 0]
+        counts[0] += 1
+        counts[1] += 1
+
+    def session_ended(self, frontend: Frontend, reason: str) -> None:
+        self.sessions.discard(frontend)
+        self.ended[reason] += 1
+        if frontend.backend is not None and frontend.peer is not None:
+            counts = self.per_peer.get(frontend.peer.key)
+            if counts is not None:
+                counts[1] -= 1
+        info = frontend.describe(reason)
+        self.log.info(
+            "{client} -> {listener} -> {peer}: in={bytes_in} out={bytes_out} "
+            "duration={duration:.3f}s end={end}{failures_text}",
+            failures_text=f" failures=[{info['failures']}]" if info["failures"] else "",
+            **info)
+        if not self.sessions and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def prune_peer_counts(self, live_keys: Any) -> None:
+        """Forget counters of peers that left the pool (bounded metric labels)."""
+        for key in [k for k, c in self.per_peer.items() if k not in live_keys and c[1] <= 0]:
+            del self.per_peer[key]
+
+    def wait_idle(self) -> defer.Deferred:
+        """Fires once no connection is open."""
+        if not self.sessions:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+
+class ListenerService(Service):
+    """Listens while running; on stop, closes the socket and lets connections finish for
+    up to ``shutdown_timeout`` before cutting them."""
+
+    log = Logger()
+
+    def __init__(self, listener: Listener, shutdown_timeout: float) -> None:
+        self.listener = listener
+        self.shutdown_timeout = shutdown_timeout
+        self.port: Optional[IListeningPort] = None
+        self.name = f"listener:{listener.config.name}"
+
+    def listen(self) -> None:
+        """Bind now (a reload binds new sockets before it changes anything else)."""
+        if self.port is None:
+            bind = self.listener.config.bind
+            self.port = self.listener.reactor.listenTCP(bind.port, self.listener,
+                                                        backlog=BACKLOG, interface=bind.host)
+
+    def startService(self) -> None:
+        self.listen()
+        super().startService()
+        self.log.info("listener {name} on {bind} -> pool {pool}",
+                      name=self.listener.config.name, bind=self.address(),
+                      pool=self.listener.pool.name)
+
+    def address(self) -> str:
+        if self.port is None:
+            return str(self.listener.config.bind)
+        host = self.port.getHost()
+        return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+
+    def stop_accepting(self) -> defer.Deferred:
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        yield self.stop_accepting()
+        yield self.drain(self.shutdown_timeout)
+
+    def drain(self, timeout: float) -> defer.Deferred:
+        """Wait for open connections to finish; cut what is left after ``timeout``."""
+        listener = self.listener
+        if not listener.sessions:
+            return defer.succeed(None)
+        self.log.info("listener {name}: waiting up to {timeout:g}s for {n} connection(s)",
+                      name=listener.config.name, timeout=timeout, n=len(listener.sessions))
+        done = listener.wait_idle()
+
+        def cut() -> None:
+            for session in list(listener.sessions):
+                session.abort("shutdown")
+
+        timer = listener.reactor.callLater(timeout, cut)
+
+        def finished(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+        return done.addBoth(finished)

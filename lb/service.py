@@ -1,0 +1,197 @@
+"""The composition root: a service tree built from a config, and config reloads as diffs.
+
+Everything gets the reactor from here; only ``lb.tap`` imports the global one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.application.service import IService, MultiService
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from lb import config as lbconfig
+from lb.config import Config, PoolConfig
+from lb.discovery import static
+from lb.pool import Pool
+from lb.proxy.listener import Listener, ListenerService
+
+# Builders of per-pool services (health monitor, discovery watchers). Each takes the root
+# service, the pool and its config and returns a service or None; later parts register here.
+PoolPart = Callable[["LBService", Pool, PoolConfig], Optional[IService]]
+
+
+class PoolService(MultiService):
+    """A pool and the services that keep it current (health checks, discovery)."""
+
+    def __init__(self, pool: Pool) -> None:
+        super().__init__()
+        self.pool = pool
+        self.parts: Dict[str, IService] = {}
+
+    def set_part(self, kind: str, service: Optional[IService]) -> None:
+        old = self.parts.pop(kind, None)
+        if old is not None:
+            self.removeService(old)  # stops it when running
+        if service is not None:
+            service.setName(f"{self.pool.name}:{kind}")
+            self.parts[kind] = service
+            service.setServiceParent(self)
+
+    def stopService(self) -> Any:
+        d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda r: (self.pool.stop(), r)[1])
+        return d
+
+
+class LBService(MultiService):
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any, *,
+                 pool_parts: Optional[Dict[str, PoolPart]] = None,
+                 http_client: Any = None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.http_client = http_client
+        self.pool_parts: Dict[str, PoolPart] = dict(default_pool_parts() if pool_parts is None
+                                                    else pool_parts)
+        self.pools: Dict[str, PoolService] = {}
+        self.listeners: Dict[str, ListenerService] = {}
+        self._stopping = False
+        # callables (service, old, new) run after a reload for top-level sections
+        self.global_hooks: List[Callable[["LBService", Config, Config], None]] = []
+        for name, pool_config in config.pools.items():
+            self._add_pool(pool_config)
+        for name, listener_config in config.listeners.items():
+            self._add_listener(ListenerService(
+                Listener(listener_config, self.pools[listener_config.pool].pool, reactor),
+                config.shutdown_timeout))
+
+    # --- building ---------------------------------------------------------------------------
+
+    def _add_pool(self, pool_config: PoolConfig) -> PoolService:
+        pool = Pool(pool_config, self.reactor)
+        service = PoolService(pool)
+        self.pools[pool.name] = service
+        static.apply(pool, pool_config)
+        self._build_parts(service, pool_config)
+        service.setServiceParent(self)
+        return service
+
+    def _build_parts(self, service: PoolService, pool_config: PoolConfig,
+                     only: Optional[List[str]] = None) -> None:
+        for kind, build in self.pool_parts.items():
+            if only is None or kind in only:
+                service.set_part(kind, build(self, service.pool, pool_config))
+
+    def _add_listener(self, service: ListenerService) -> None:
+        self.listeners[service.listener.config.name] = service
+        service.setServiceParent(self)
+
+    def pool(self, name: str) -> Pool:
+        return self.pools[name].pool
+
+    # --- reload -----------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the config file and apply it; a bad file is logged and ignored."""
+        try:
+            new = lbconfig.load(self.config.path)
+        except lbconfig.ConfigError as e:
+            self.log.error("reload rejected, the running config stays:\n{problems}",
+                           problems="\n".join(e.lines()))
+            return False
+        try:
+            self.apply(new)
+        except Exception as e:
+            self.log.failure("reload rejected, the running config stays: {error}", error=e)
+            return False
+        self.log.info("reloaded {path}: {summary}", path=new.path, summary=new.summary())
+        return True
+
+    def apply(self, new: Config) -> None:
+        """Apply ``new`` as a diff. New sockets are opened first, so a bind that fails
+        leaves everything as it was; unchanged listeners keep their sockets and connections."""
+        old = self.config
+        opened: List[ListenerService] = []
+        try:
+            for name, lc in new.listeners.items():
+                current = self.listeners.get(name)
+                if current is not None and current.listener.config.bind == lc.bind:
+                    continue
+                service = ListenerService(Listener(lc, None, self.reactor),  # type: ignore
+                                          new.shutdown_timeout)
+                if self.running:
+                    service.listen()
+                opened.append(service)
+        except Exception:
+            for service in opened:
+                service.stop_accepting()
+            raise
+
+        # pools first: listeners point at them
+        for name in list(self.pools):
+            if name not in new.pools:
+                self.removeService(self.pools.pop(name))
+        for name, pc in new.pools.items():
+            service = self.pools.get(name)
+            if service is None:
+                self._add_pool(pc)
+                continue
+            before = service.pool.config
+            service.pool.reconfigure(pc)
+            if before.peers != pc.peers:
+                static.apply(service.pool, pc)
+            changed = [kind for kind in self.pool_parts
+                       if _part_config(kind, before) != _part_config(kind, pc)]
+            if changed:
+                self._build_parts(service, pc, only=changed)
+
+        # Removed or re-bound listeners stop accepting; their open connections get
+        # shutdown_timeout, like an old HAProxy process after a reload.
+        for name in list(self.listeners):
+            lc = new.listeners.get(name)
+            if lc is None or lc.bind != self.listeners[name].listener.config.bind:
+                self.removeService(self.listeners.pop(name))
+        for service in opened:
+            self._add_listener(service)  # already bound: startService does not bind again
+        for name, lc in new.listeners.items():
+            service = self.listeners[name]
+            service.listener.reconfigure(lc, self.pools[lc.pool].pool)
+            service.shutdown_timeout = new.shutdown_timeout
+        self.config = new
+        self._apply_global(old, new)
+
+    def _apply_global(self, old: Config, new: Config) -> None:
+        """Hook for top-level sections (admin, consul) that later parts reconfigure."""
+        for hook in self.global_hooks:
+            hook(self, old, new)
+
+    # --- stop -------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        """Stop accepting everywhere, give open connections ``shutdown_timeout``, then stop
+        the rest (health checks, discovery, admin)."""
+        self._stopping = True
+        listeners = list(self.listeners.values())
+        yield defer.gatherResults([s.stop_accepting() for s in listeners])
+        timeout = self.config.shutdown_timeout
+        yield defer.gatherResults([s.drain(timeout) for s in listeners])
+        yield defer.maybeDeferred(super().stopService)
+
+
+def _part_config(kind: str, pc: PoolConfig) -> Any:
+    """The slice of a pool's config that a part depends on; a change restarts the part."""
+    return {
+        "health": (pc.health, pc.peers),
+        "consul": (pc.consul,),
+    }.get(kind, pc)
+
+
+def default_pool_parts() -> Dict[str, PoolPart]:
+    """The per-pool parts that exist in this build."""
+    parts: Dict[str, PoolPart] = {}
+    return parts

@@ -1,0 +1,35 @@
+"""twistd glue: ``twistd -n lb -c etc/lb.yaml``. The only module that imports the reactor."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from lb import config as lbconfig
+from lb.service import LBService
+
+
+class Options(usage.Options):
+    optParameters = [["config", "c", "etc/lb.yaml", "The YAML config file."]]
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    try:
+        config = lbconfig.load(options["config"])
+    except lbconfig.ConfigError as e:
+        for line in e.lines():
+            print(line, file=sys.stderr)
+        raise SystemExit(1)
+    service = LBService(config, reactor)
+
+    def on_hup(signum: int, frame: Any) -> None:
+        reactor.callFromThread(service.reload)
+
+    signal.signal(signal.SIGHUP, on_hup)
+    return service
