@@ -1,0 +1,19 @@
+"""Shared fixtures. pytest-twisted runs the global reactor for integration tests."""
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+
+
+@pytest.fixture
+def repo_dir() -> str:
+    return REPO
+
+
+@pytest.fixture
+def python_bin() -> str:
+    return sys.executable
