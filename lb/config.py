@@ -408,28 +408,44 @@ def _check_health(c: _Checker, path: str, raw: Any) -> Optional[HealthConfig]:
             if key in m:
                 c.fail(f"{path}.{key}", "only applies to type: http")
 
+    def printable(value: str) -> bool:  # goes into the request line or a header
+        return all(" " < ch < "\x7f" or ord(ch) > 0x9f for ch in value)
+
     def http_path(value: Any) -> str:
-        if not isinstance(value, str) or not value.startswith("/") or any(
-                ch.isspace() for ch in value):
+        if not isinstance(value, str) or not value.startswith("/") or not printable(value):
             raise ValueError(f"{value!r} is not an absolute request path like '/health'")
         return value
 
+    def host_header(value: Any) -> str:
+        value = _str(value)
+        if not printable(value):
+            raise ValueError(f"{value!r} is not a Host header value like 'www.example.com'")
+        return value
+
+    seen = len(c.problems)
+    interval = c.get(path, m, "interval", 2.0, _duration(positive=True))
+    interval_ok, seen = len(c.problems) == seen, len(c.problems)
+    timeout = c.get(path, m, "timeout", 1.0, _duration(positive=True))
+    timeout_ok = len(c.problems) == seen
     health = HealthConfig(
         type=kind,
         path=c.get(path, m, "path", "/health", http_path),
-        host=c.get(path, m, "host", None, _str),
+        host=c.get(path, m, "host", None, host_header),
         expect_status=c.get(path, m, "expect_status", ((200, 200),), _status_ranges),
-        interval=c.get(path, m, "interval", 2.0, _duration(positive=True)),
-        timeout=c.get(path, m, "timeout", 1.0, _duration(positive=True)),
+        interval=interval,
+        timeout=timeout,
         rise=c.get(path, m, "rise", 2, _int(1, 100)),
         fall=c.get(path, m, "fall", 3, _int(1, 100)),
         concurrency=c.get(path, m, "concurrency", 10, _int(1, 10000)),
     )
-    if "timeout" in m and "interval" in m and health.timeout >= health.interval > 0:
-        c.fail(f"{path}.timeout", "must be shorter than interval")
-    elif health.timeout >= health.interval > 0:
-        c.fail(f"{path}.timeout", f"{health.timeout:g}s must be shorter than interval "
-                                  f"({health.interval:g}s)")
+    # a probe must end before the next one of the same peer is due
+    if interval_ok and timeout_ok and timeout >= interval:
+        if m.get("timeout") is None:
+            c.fail(f"{path}.interval", f"{interval:g}s must be longer than timeout "
+                                       f"({timeout:g}s by default)")
+        else:
+            c.fail(f"{path}.timeout", f"{timeout:g}s must be shorter than interval "
+                                      f"({interval:g}s)")
     return health
 
 
@@ -489,7 +505,11 @@ def _check_peers(c: _Checker, path: str, raw: Any) -> Tuple[StaticPeer, ...]:
             address = c.get(item_path, m, "address", None, parse_address)
             weight = c.get(item_path, m, "weight", 1, _int(0, MAX_WEIGHT))
         else:
-            address = c.get(path, {f"[{i}]": item}, f"[{i}]", None, parse_address)
+            try:
+                address = parse_address(item)
+            except ValueError as e:
+                c.fail(item_path, str(e))
+                continue
             weight = 1
         if address is None:
             continue

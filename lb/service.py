@@ -156,6 +156,7 @@ class LBService(MultiService):
             if lc is None or lc.bind != self.listeners[name].listener.config.bind:
                 self.removeService(self.listeners.pop(name))
         for service in opened:
+            service.listener.pool = self.pools[service.listener.config.pool].pool
             self._add_listener(service)  # already bound: startService does not bind again
         for name, lc in new.listeners.items():
             service = self.listeners[name]

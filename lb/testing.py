@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List, Optional
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from lb import config as lbconfig
@@ -101,3 +102,23 @@ def listening_port(service: Any) -> int:
     """The port a started ListenerService (or an IListeningPort) is bound to."""
     port: Optional[Any] = getattr(service, "port", service)
     return port.getHost().port  # type: ignore[union-attr]
+
+
+class FakeTCPTransport(StringTransport):
+    """A StringTransport with the TCP extras the proxy uses (no-delay, half-close) and
+    Twisted's lenient producer unregistering."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.no_delay = False
+        self.write_closed = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.streaming = None

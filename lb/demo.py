@@ -1,0 +1,104 @@
+"""Demo backends for the README's run command and for process-level tests.
+
+``python -m lb.demo --ports 9001,9002 [--consul URL --register 9003,9004 --service web]``
+serves small HTTP backends on 127.0.0.1 that answer ``GET /`` with their own address and
+``GET /health`` with 200, and optionally registers some of them in a Consul agent (with an
+HTTP check) until stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, List, Optional
+
+from twisted.internet import defer
+from twisted.web import resource, server
+
+
+class Backend(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.healthy = True
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        if request.path == b"/health":
+            if not self.healthy:
+                request.setResponseCode(503)
+                return b"unhealthy\n"
+            return b"ok\n"
+        if request.path == b"/fail":  # flips health: lets a demo show a check failing
+            self.healthy = not self.healthy
+            return f"healthy={self.healthy}\n".encode()
+        return f"hello from backend {self.name}\n".encode()
+
+
+def _ports(text: str) -> List[int]:
+    return [int(p) for p in text.split(",") if p.strip()]
+
+
+@defer.inlineCallbacks
+def _register(reactor: Any, consul: str, service: str, ports: List[int]) -> Any:
+    import treq
+
+    for port in ports:
+        body = {
+            "ID": f"{service}-{port}", "Name": service, "Address": "127.0.0.1", "Port": port,
+            "Check": {"HTTP": f"http://127.0.0.1:{port}/health", "Interval": "2s",
+                      "Timeout": "1s"},
+        }
+        response = yield treq.put(f"{consul}/v1/agent/service/register",
+                                  data=json.dumps(body).encode())
+        yield response.content()
+        if response.code != 200:
+            raise RuntimeError(f"Consul refused registration of port {port}: {response.code}")
+        print(f"registered {service}-{port} in Consul at {consul}", flush=True)
+
+
+@defer.inlineCallbacks
+def _deregister(consul: str, service: str, ports: List[int]) -> Any:
+    import treq
+
+    for port in ports:
+        try:
+            response = yield treq.put(f"{consul}/v1/agent/service/deregister/{service}-{port}")
+            yield response.content()
+        except Exception:
+            pass
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from twisted.internet import reactor
+
+    parser = argparse.ArgumentParser(prog="python -m lb.demo", description=__doc__)
+    parser.add_argument("--ports", default="9001,9002", help="backends to serve")
+    parser.add_argument("--register", default="", help="ports to serve AND register in Consul")
+    parser.add_argument("--consul", default="http://127.0.0.1:8500")
+    parser.add_argument("--service", default="web")
+    args = parser.parse_args(argv)
+    served = _ports(args.ports)
+    registered = _ports(args.register)
+    for port in served + registered:
+        reactor.listenTCP(port, server.Site(Backend(f"127.0.0.1:{port}")),
+                          interface="127.0.0.1")
+        print(f"demo backend listening on 127.0.0.1:{port}", flush=True)
+
+    def failed(f: Any) -> None:
+        print(f"demo: {f.getErrorMessage()}", file=sys.stderr, flush=True)
+
+    if registered:
+        reactor.callWhenRunning(lambda: _register(reactor, args.consul, args.service,
+                                                  registered).addErrback(failed))
+        reactor.addSystemEventTrigger("before", "shutdown", _deregister, args.consul,
+                                      args.service, registered)
+    reactor.run()  # SIGTERM/SIGINT stop it; registrations are removed on the way out
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
