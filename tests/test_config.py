@@ -1,0 +1,283 @@
+"""Config validation: every error class names its key path, and all are reported at once."""
+
+import os
+from typing import Any, Dict, List
+
+import pytest
+
+from lb import config as lbconfig
+from lb.config import Address, ConfigError, parse_address, parse_duration
+
+
+def problems(raw: Any, environ: Dict[str, str] = None, path: str = "/etc/lb/lb.yaml"
+             ) -> List[str]:
+    with pytest.raises(ConfigError) as info:
+        lbconfig.check(raw, path=path, environ=environ or {})
+    return info.value.problems
+
+
+def minimal(**pool: Any) -> Dict[str, Any]:
+    return {"listeners": {"web": {"bind": "127.0.0.1:8080", "pool": "web"}},
+            "pools": {"web": {"peers": ["127.0.0.1:9001"], **pool}}}
+
+
+def test_minimal_config_gets_spec_defaults() -> None:
+    """A config with only a listener and a peer gets the defaults SPEC documents."""
+    cfg = lbconfig.check(minimal(), path="/srv/lb/lb.yaml", environ={})
+    listener, pool = cfg.listeners["web"], cfg.pools["web"]
+    assert (listener.mode, listener.accept_proxy, listener.max_connections,
+            listener.idle_timeout, listener.allow) == ("tcp", False, 10000, 300.0, ())
+    assert (pool.balance, pool.slow_start, pool.connect_timeout, pool.retries,
+            pool.drain_timeout, pool.send_proxy, pool.health, pool.consul) == (
+        "roundrobin", 0.0, 2.0, 2, 30.0, "off", None, None)
+    assert cfg.admin.bind == Address("127.0.0.1", 9901)
+    assert cfg.state_dir == "/srv/lb/var/lb"
+    assert cfg.shutdown_timeout == 30.0
+    assert cfg.consul is None
+
+
+def test_shipped_default_config_is_valid(repo_dir: str) -> None:
+    """etc/lb.yaml, which the README's run command uses, validates."""
+    cfg = lbconfig.load(os.path.join(repo_dir, "etc", "lb.yaml"), environ={})
+    assert "web" in cfg.listeners and cfg.pools["web"].consul is not None
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ({**minimal(), "colour": 1}, "colour: unknown key"),
+    ({"listeners": {"web": {"bind": "127.0.0.1:1", "pool": "web", "port": 1}},
+      "pools": {"web": {}}}, "listeners.web.port: unknown key"),
+    (minimal(weight=2), "pools.web.weight: unknown key"),
+    (minimal(health={"kind": "http"}), "pools.web.health.kind: unknown key"),
+    (minimal(peers=[{"address": "127.0.0.1:1", "wieght": 2}]),
+     "pools.web.peers[0].wieght: unknown key"),
+])
+def test_unknown_keys_are_named(raw: Any, expected: str) -> None:
+    """Typos in keys are errors at their full path, not silently ignored."""
+    assert any(p.startswith(expected) for p in problems(raw)), problems(raw)
+
+
+@pytest.mark.parametrize("pool,expected", [
+    ({"retries": "two"}, "pools.web.retries: expected an integer"),
+    ({"retries": True}, "pools.web.retries: expected an integer"),
+    ({"retries": -1}, "pools.web.retries: -1 is out of range"),
+    ({"peers": "127.0.0.1:1"}, "pools.web.peers: expected a list"),
+    ({"peers": [{"address": "127.0.0.1:1", "weight": 1.5}]},
+     "pools.web.peers[0].weight: expected an integer"),
+    ({"peers": [{"address": "127.0.0.1:1", "weight": -1}]},
+     "pools.web.peers[0].weight: -1 is out of range"),
+    ({"balance": "fastest"}, "pools.web.balance: 'fastest' is not one of"),
+    ({"send_proxy": "v3"}, "pools.web.send_proxy: 'v3' is not one of"),
+    ({"hash_balance_factor": 1.0, "balance": "source"},
+     "pools.web.hash_balance_factor: 1.0 must be a number greater than 1"),
+    ({"hash_balance_factor": 1.5}, "pools.web.hash_balance_factor: only applies"),
+])
+def test_wrong_types_and_values_are_named(pool: Dict[str, Any], expected: str) -> None:
+    """Wrong types and out-of-range values name the key and what was expected."""
+    found = problems(minimal(**pool))
+    assert any(p.startswith(expected) for p in found), found
+
+
+@pytest.mark.parametrize("value", ["5 minutes", "-1s", "1d", "10", True, [1]])
+def test_bad_durations(value: Any) -> None:
+    """Durations need a unit (ms, s, m, h); anything else is an error at the key."""
+    found = problems(minimal(connect_timeout=value))
+    assert any(p.startswith("pools.web.connect_timeout:") for p in found), found
+
+
+def test_zero_connect_timeout_is_rejected() -> None:
+    """A connect timeout of 0 would fail every connect: rejected."""
+    assert "pools.web.connect_timeout: must be greater than 0" in problems(
+        minimal(connect_timeout="0s"))
+
+
+@pytest.mark.parametrize("text,seconds", [("500ms", 0.5), ("2s", 2.0), ("5m", 300.0),
+                                          ("1h", 3600.0), ("1.5s", 1.5), (0, 0.0)])
+def test_duration_units(text: Any, seconds: float) -> None:
+    """The duration spellings SPEC uses parse to seconds."""
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["localhost", "127.0.0.1", "127.0.0.1:", ":80",
+                                  "127.0.0.1:70000", "::1:80", "[::1]80", "[nothost]:80",
+                                  "bad host:80", "127.0.0.1:0"])
+def test_bad_peer_addresses(text: str) -> None:
+    """Peer addresses must be host:port with a port 1-65535 and IPv6 in brackets."""
+    found = problems(minimal(peers=[text]))
+    assert any(p.startswith("pools.web.peers[0]:") for p in found), found
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("127.0.0.1:80", "127.0.0.1:80"), ("[::1]:80", "[::1]:80"),
+    ("[0:0:0:0:0:0:0:1]:80", "[::1]:80"), ("Backend.Example:8080", "backend.example:8080"),
+])
+def test_addresses_are_normalised(text: str, expected: str) -> None:
+    """One peer has one key however it is spelled."""
+    assert str(parse_address(text)) == expected
+
+
+def test_listener_bind_must_be_an_ip() -> None:
+    """A listener binds an IP address, not a host name."""
+    raw = minimal()
+    raw["listeners"]["web"]["bind"] = "example.com:80"
+    assert any(p.startswith("listeners.web.bind:") for p in problems(raw))
+
+
+@pytest.mark.parametrize("allow", [["10.0.0.0/33"], ["banana"], "10.0.0.0/8", [None]])
+def test_bad_cidrs(allow: Any) -> None:
+    """allow must be a list of CIDRs."""
+    raw = minimal()
+    raw["listeners"]["web"]["allow"] = allow
+    assert any(p.startswith("listeners.web.allow:") for p in problems(raw))
+
+
+def test_cidrs_parse_v4_and_v6() -> None:
+    """Valid CIDRs of both families are accepted (host bits allowed, as nginx does)."""
+    raw = minimal()
+    raw["listeners"]["web"]["allow"] = ["10.0.0.1/8", "::1/128", "192.168.0.0/16"]
+    cfg = lbconfig.check(raw, environ={})
+    assert [str(n) for n in cfg.listeners["web"].allow] == ["10.0.0.0/8", "::1/128",
+                                                             "192.168.0.0/16"]
+
+
+def test_listener_naming_missing_pool() -> None:
+    """A listener pointing at a pool that does not exist is an error listing the pools."""
+    raw = minimal()
+    raw["listeners"]["web"]["pool"] = "api"
+    assert "listeners.web.pool: no pool named 'api' (pools: web)" in problems(raw)
+
+
+@pytest.mark.parametrize("a,b", [("127.0.0.1:8080", "127.0.0.1:8080"),
+                                 ("0.0.0.0:8080", "127.0.0.1:8080"),
+                                 ("127.0.0.1:8080", "0.0.0.0:8080"),
+                                 ("[::]:8080", "127.0.0.1:8080"),
+                                 ("127.0.0.1:9901", "127.0.0.1:1")])
+def test_two_listeners_on_one_address(a: str, b: str) -> None:
+    """Two listeners (or a listener and the admin server) cannot share an address,
+    including a wildcard bind that covers a specific one."""
+    raw = {"listeners": {"one": {"bind": a, "pool": "web"}, "two": {"bind": b, "pool": "web"}},
+           "pools": {"web": {}}}
+    if a.endswith(":9901"):
+        raw["listeners"].pop("two")
+        raw["admin"] = {"bind": a}
+    found = problems(raw)
+    assert any("conflicts with" in p for p in found), found
+
+
+def test_different_ports_do_not_conflict() -> None:
+    """Listeners on different ports or distinct addresses are fine."""
+    raw = {"listeners": {"one": {"bind": "127.0.0.1:8080", "pool": "web"},
+                         "two": {"bind": "127.0.0.2:8080", "pool": "web"},
+                         "three": {"bind": "127.0.0.1:8081", "pool": "web"}},
+           "pools": {"web": {}}}
+    assert len(lbconfig.check(raw, environ={}).listeners) == 3
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """One pass reports every problem in the file, not just the first."""
+    raw = {
+        "listeners": {"a": {"bind": "nowhere", "pool": "missing", "idle_timeout": "x"},
+                      "b": {"pool": "web"}},
+        "pools": {"web": {"peers": ["bad"], "retries": "x", "balance": "nope",
+                          "health": {"rise": 0, "interval": "-1s"}}},
+        "shutdown_timeout": "soon",
+    }
+    found = problems(raw)
+    for key in ("listeners.a.bind", "listeners.a.pool", "listeners.a.idle_timeout",
+                "listeners.b.bind: missing", "pools.web.peers[0]", "pools.web.retries",
+                "pools.web.balance", "pools.web.health.rise", "pools.web.health.interval",
+                "shutdown_timeout"):
+        assert any(p.startswith(key) for p in found), (key, found)
+
+
+def test_yaml_off_means_off_for_send_proxy() -> None:
+    """YAML 1.1 reads `send_proxy: off` as false; it still means off."""
+    cfg = lbconfig.parse(
+        "listeners: {web: {bind: '127.0.0.1:1', pool: web}}\npools: {web: {send_proxy: off}}\n",
+        environ={})
+    assert cfg.pools["web"].send_proxy == "off"
+
+
+def test_invalid_yaml_names_line_and_column() -> None:
+    """A YAML syntax error is reported with its position."""
+    with pytest.raises(ConfigError) as info:
+        lbconfig.parse("listeners: {web: [}\n", path="x.yaml", environ={})
+    assert info.value.lines()[0].startswith("x.yaml: line 1, column")
+
+
+def test_empty_file_and_missing_sections() -> None:
+    """An empty file or one without listeners says what is missing."""
+    assert problems(None) == ["(top level): the file is empty; expected listeners and pools"]
+    assert "listeners: at least one listener is required" in problems({"pools": {}})
+
+
+def test_relative_paths_and_token_files(tmp_path: Any) -> None:
+    """state_dir and token files resolve against the config's folder; tokens are stripped."""
+    (tmp_path / "admin.token").write_text("  s3cret\n")
+    (tmp_path / "consul.token").write_text("abc-123\n")
+    raw = {**minimal(), "state_dir": "state", "admin": {"token_file": "admin.token"},
+           "consul": {"token_file": "consul.token"}}
+    cfg = lbconfig.check(raw, path=str(tmp_path / "lb.yaml"), environ={})
+    assert cfg.state_dir == str(tmp_path / "state")
+    assert cfg.admin.token == "s3cret"
+    assert cfg.consul.token == "abc-123"
+    assert "abc-123" not in repr(cfg)
+
+
+def test_unreadable_token_file_is_an_error(tmp_path: Any) -> None:
+    """A token file that cannot be read is an error at its key."""
+    raw = {**minimal(), "admin": {"token_file": "nope.token"}}
+    found = problems(raw, path=str(tmp_path / "lb.yaml"))
+    assert any(p.startswith("admin.token_file: cannot read token file") for p in found)
+
+
+def test_consul_defaults_from_environment() -> None:
+    """consul.url and the token default to $CONSUL_HTTP_ADDR / $CONSUL_HTTP_TOKEN."""
+    raw = {**minimal(), "consul": {}}
+    cfg = lbconfig.check(raw, environ={"CONSUL_HTTP_ADDR": "10.1.2.3:8500",
+                                       "CONSUL_HTTP_TOKEN": "tok"})
+    assert cfg.consul.url == "http://10.1.2.3:8500" and cfg.consul.token == "tok"
+    cfg = lbconfig.check(raw, environ={})
+    assert cfg.consul.url == "http://127.0.0.1:8500" and cfg.consul.token is None
+
+
+@pytest.mark.parametrize("consul,expected", [
+    ({"consistency": "eventual"}, "consul.consistency"),
+    ({"wait": "11m"}, "consul.wait"),
+    ({"url": "ftp://x"}, "consul.url"),
+    ({"poll_interval": "0s"}, "consul.poll_interval"),
+])
+def test_bad_consul_section(consul: Dict[str, Any], expected: str) -> None:
+    """Consul settings are validated like the rest (wait is capped at Consul's 10m)."""
+    found = problems({**minimal(), "consul": consul})
+    assert any(p.startswith(expected) for p in found), found
+
+
+@pytest.mark.parametrize("pool_consul,expected", [
+    ({}, "needs exactly one of 'service' or 'kv_prefix'"),
+    ({"service": "web", "kv_prefix": "upstreams/web"}, "needs exactly one"),
+    ({"kv_prefix": "upstreams/web", "tags": ["a"]}, "'tags' and 'passing_only' only apply"),
+    ({"service": "web", "tags": "a"}, "expected a list of tag strings"),
+])
+def test_bad_pool_consul_section(pool_consul: Dict[str, Any], expected: str) -> None:
+    """A pool's consul section names a service or a KV prefix, not both."""
+    found = problems({**minimal(consul=pool_consul), "consul": {}})
+    assert any(expected in p and p.startswith("pools.web.consul") for p in found), found
+
+
+def test_pool_consul_needs_top_level_consul() -> None:
+    """Discovery without the top-level consul section is reported, not silently off."""
+    found = problems(minimal(consul={"service": "web"}))
+    assert any("needs the top-level 'consul' section" in p for p in found)
+
+
+def test_mode_http_is_not_yet_available() -> None:
+    """mode: http is reserved by SPEC; until it exists it is a clear error."""
+    raw = minimal()
+    raw["listeners"]["web"]["mode"] = "http"
+    assert any("not implemented yet" in p for p in problems(raw))
+
+
+def test_duplicate_static_peer() -> None:
+    """The same peer listed twice (however spelled) is an error."""
+    found = problems(minimal(peers=["127.0.0.1:9001", {"address": "127.0.0.1:9001"}]))
+    assert any(p.startswith("pools.web.peers[1]: 127.0.0.1:9001 is already listed") for p in found)
