@@ -11,6 +11,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import implementer
 
+from lb.proxy.pump import HAVE_SPLICE, Pump
 from lb.service import LBService
 from lb.testing import EchoFactory, free_port, make_config, poll_until
 
@@ -51,10 +52,37 @@ class Client(protocol.Protocol):
             self.done.callback(b"".join(self.received))
 
 
+DATA_PATHS = ["splice", "copy", "twisted"] if HAVE_SPLICE else ["copy", "twisted"]
+
+
+@pytest.fixture(params=DATA_PATHS)
+def data_path(request: Any) -> Any:
+    """Runs a test over each data path: the pump with splice(2), the pump with recv/send,
+    and Twisted's transports (the path for anything that must see the bytes)."""
+    mode = request.param
+    pump = Pump(reactor, splice=(mode == "splice")) if mode != "twisted" else None
+    yield pump
+    if pump is not None:
+        pump.stop()
+
+
+_data_path: List[Any] = [None]
+
+
+@pytest.fixture(autouse=True)
+def _use_data_path(request: Any) -> Any:
+    _data_path[0] = request.getfixturevalue("data_path") if "data_path" in \
+        request.fixturenames else "default"
+    yield
+
+
 def start_lb(listeners: Dict[str, Dict[str, Any]], pools: Dict[str, Dict[str, Any]],
              **top: Any) -> LBService:
     service = LBService(make_config(listeners, pools, **top), reactor)
     service.startService()
+    if _data_path[0] != "default":
+        for listener_service in service.listeners.values():
+            listener_service.listener.pump = _data_path[0]
     return service
 
 
@@ -83,7 +111,7 @@ def cleanup() -> Any:
 
 
 @pytest_twisted.inlineCallbacks
-def test_20mb_random_payload_round_trips_identically(cleanup: List[Any]) -> Any:
+def test_20mb_random_payload_round_trips_identically(cleanup: List[Any], data_path: Any) -> Any:
     """20 MB of random bytes through the proxy to an echo peer come back byte-identical."""
     echo = listen(EchoFactory())
     cleanup.append(echo)
@@ -102,7 +130,7 @@ def test_20mb_random_payload_round_trips_identically(cleanup: List[Any]) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
-def test_100_concurrent_clients_all_complete(cleanup: List[Any]) -> Any:
+def test_100_concurrent_clients_all_complete(cleanup: List[Any], data_path: Any) -> Any:
     """100 clients at once over three echo peers each get exactly their own bytes back."""
     echoes = [listen(EchoFactory()) for _ in range(3)]
     cleanup.extend(echoes)
@@ -138,7 +166,7 @@ class ReplyAfterEOF(protocol.Protocol):
 
 
 @pytest_twisted.inlineCallbacks
-def test_half_closed_client_still_gets_the_whole_reply(cleanup: List[Any]) -> Any:
+def test_half_closed_client_still_gets_the_whole_reply(cleanup: List[Any], data_path: Any) -> Any:
     """A client that shuts down its sending side still receives the peer's full reply."""
     factory = protocol.Factory.forProtocol(ReplyAfterEOF)
     server = listen(factory)
@@ -211,7 +239,7 @@ def buffered(transport: Any) -> int:
 
 
 @pytest_twisted.inlineCallbacks
-def test_slow_reader_keeps_proxy_buffers_bounded(cleanup: List[Any]) -> Any:
+def test_slow_reader_keeps_proxy_buffers_bounded(cleanup: List[Any], data_path: Any) -> Any:
     """A peer pushing 200 MB to a client that reads slowly: the proxy throttles the peer,
     so what it buffers stays under a small bound the whole time and every byte arrives."""
     factory = protocol.Factory.forProtocol(Firehose)
@@ -226,10 +254,7 @@ def test_slow_reader_keeps_proxy_buffers_bounded(cleanup: List[Any]) -> Any:
 
     def sample() -> None:
         for session in list(listener.sessions):
-            total = buffered(session.transport)
-            if session.backend is not None and session.backend.transport.connected:
-                total += buffered(session.backend.transport)
-            samples.append(total)
+            samples.append(session.buffered_bytes())
 
     sampler = task.LoopingCall(sample)
     sampler.start(0.005)
@@ -297,7 +322,7 @@ class ResetAfter(protocol.Protocol):
 
 
 @pytest_twisted.inlineCallbacks
-def test_peer_reset_mid_stream_closes_that_client_only(cleanup: List[Any]) -> Any:
+def test_peer_reset_mid_stream_closes_that_client_only(cleanup: List[Any], data_path: Any) -> Any:
     """A peer that resets mid-stream: its client is closed after receiving what was sent,
     the end is counted as peer_reset, and another client's connection keeps working."""
     resetter = listen(protocol.Factory.forProtocol(ResetAfter))
@@ -346,3 +371,61 @@ def test_max_connections_refuses_excess_over_real_sockets(cleanup: List[Any]) ->
     for c in held:
         c.transport.loseConnection()
         yield c.done
+
+
+class Recorder(protocol.Protocol):
+    """Keeps what it receives; answers nothing."""
+
+    def connectionMade(self) -> None:
+        self.factory.instances.append(self)
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+@pytest_twisted.inlineCallbacks
+def test_idle_timeout_and_send_proxy_on_every_path(cleanup: List[Any], data_path: Any) -> Any:
+    """On each data path the peer first gets a PROXY v1 header with the real client
+    address, byte counters move, and a connection idle for idle_timeout is closed."""
+    factory = protocol.Factory.forProtocol(Recorder)
+    factory.instances = []
+    server = listen(factory)
+    cleanup.append(server)
+    lb = start_lb({"l": {"bind": "127.0.0.1:0", "pool": "p", "idle_timeout": "300ms"}},
+                  {"p": {"peers": [f"127.0.0.1:{server.getHost().port}"],
+                         "send_proxy": "v1"}})
+    cleanup.append(lb)
+    client = Client(half_close=False)
+    yield connect(lb_port(lb), client)
+    client.transport.write(b"abc")
+    yield poll_until(reactor, lambda: factory.instances and factory.instances[0].data.endswith(
+        b"abc"), what="bytes at the peer")
+    local = client.transport.getHost()
+    assert factory.instances[0].data == (
+        f"PROXY TCP4 127.0.0.1 127.0.0.1 {local.port} {lb_port(lb)}\r\nabc".encode())
+    started = reactor.seconds()
+    yield client.done
+    assert reactor.seconds() - started >= 0.2
+    listener = lb.listeners["l"].listener
+    yield poll_until(reactor, lambda: listener.ended["idle_timeout"] == 1, what="idle end")
+    peer = lb.pool("p").peers[f"127.0.0.1:{server.getHost().port}"]
+    assert peer.bytes_in == 3 and peer.active_connections == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_maint_cuts_open_connections_on_every_path(cleanup: List[Any], data_path: Any) -> Any:
+    """maint closes a peer's open connections after drain_timeout, on every data path."""
+    echo = listen(EchoFactory())
+    cleanup.append(echo)
+    lb = start_lb({"l": {"bind": "127.0.0.1:0", "pool": "p"}},
+                  {"p": {"peers": [f"127.0.0.1:{echo.getHost().port}"],
+                         "drain_timeout": "100ms"}})
+    cleanup.append(lb)
+    client = Client(half_close=False)
+    yield connect(lb_port(lb), client)
+    client.transport.write(b"x")
+    yield poll_until(reactor, lambda: client.count == 1, what="echo")
+    lb.pool("p").set_admin_state(f"127.0.0.1:{echo.getHost().port}", "maint")
+    yield client.done
+    assert lb.listeners["l"].listener.ended["maint"] == 1

@@ -56,6 +56,7 @@ class Frontend(Protocol):
         self._client_gone = self._peer_gone = False
         self._idle: Any = None
         self._finished = False
+        self._pair: Any = None  # set while the pump moves this connection's bytes
 
     # --- client events ---------------------------------------------------------------------
 
@@ -167,14 +168,26 @@ class Frontend(Protocol):
         self.pool.connection_established(peer)
         self.listener.connected(peer)
         bt, ct = backend.transport, self.transport
+        first = b""
         if self.pool.config.send_proxy != "off":
-            bt.write(proxyprotocol.build_header(self.pool.config.send_proxy, self.client,
-                                                self.destination))
+            first = proxyprotocol.build_header(self.pool.config.send_proxy, self.client,
+                                               self.destination)
         for chunk in self._pending:
             self.bytes_in += len(chunk)
             peer.bytes_in += len(chunk)
-            bt.write(chunk)
+        first += b"".join(self._pending)
         self._pending = []
+        pump = self.listener.pump
+        if pump is not None and not self._client_eof and hasattr(ct, "socket") and hasattr(
+                bt, "socket"):
+            # Both sockets leave Twisted's reactor; the pump moves the bytes from here on.
+            for transport in (ct, bt):
+                transport.stopReading()  # type: ignore[attr-defined]
+                transport.stopWriting()  # type: ignore[attr-defined]
+            self._pair = pump.adopt(self, ct.socket, bt.socket, first)  # type: ignore
+            return
+        if first:
+            bt.write(first)
         bt.registerProducer(ct, True)
         ct.registerProducer(bt, True)  # type: ignore[attr-defined]
         if self._client_eof:
@@ -243,6 +256,9 @@ class Frontend(Protocol):
         """Cut both sides now (idle timeout, maint, shutdown timeout)."""
         if self.end_reason is None:
             self.end_reason = reason
+        if self._pair is not None:
+            self._pair.abort(reason)
+            return
         if self._connecting is not None:
             self._connecting.cancel()
         if self.backend is not None and not self._peer_gone:
@@ -257,6 +273,27 @@ class Frontend(Protocol):
             self._idle = self.clock.callLater(remaining, self._idle_check)
         else:
             self.abort("idle_timeout")
+
+    def pump_closed(self, reason: str) -> None:
+        """The pump closed both sockets (both directions done, a reset, or an abort)."""
+        self._pair = None
+        if self.end_reason is None and reason != "closed":
+            self.end_reason = reason
+        self._client_gone = self._peer_gone = True
+        if self.peer is not None:
+            self.pool.connection_ended(self.peer, self)
+        self._maybe_finish()
+
+    def buffered_bytes(self) -> int:
+        """Bytes this connection holds in user space or pipes (flow-control checks)."""
+        if self._pair is not None:
+            return self._pair.buffered()
+        total = 0
+        for transport in (self.transport, getattr(self.backend, "transport", None)):
+            if transport is not None and hasattr(transport, "dataBuffer"):
+                total += (len(transport.dataBuffer) - transport.offset
+                          + transport._tempDataLen)
+        return total
 
     def _maybe_finish(self) -> None:
         if self._finished or not self._client_gone or self._connecting is not None:

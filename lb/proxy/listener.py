@@ -16,6 +16,7 @@ from lb.config import ListenerConfig
 from lb.peer import Peer
 from lb.pool import Pool
 from lb.proxy.frontend import Frontend
+from lb.proxy.pump import pump_for
 
 BACKLOG = 1024
 
@@ -37,6 +38,7 @@ class Listener(Factory):
         self.refused: Counter = Counter()  # reason → count
         self.ended: Counter = Counter()  # how connections ended → count
         self.per_peer: Dict[str, List[int]] = {}  # peer key → [total, active]
+        self.pump = pump_for(reactor)  # the fast data path, None where it cannot run
         self._idle_waiters: List[defer.Deferred] = []
 
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:

@@ -1,0 +1,420 @@
+"""The fast data path: once a client and its peer are connected, one epoll set moves the bytes.
+
+Twisted keeps accept, connect and timers. After the connect, both sockets leave Twisted's
+reactor and join the ``Pump``: one epoll file descriptor, itself a reader in the reactor, whose
+events are handled in a tight loop. That removes Twisted's per-event dispatch (the logging
+context wrappers, two epoll_ctl calls per buffered write) which dominated the cost of a proxied
+request. Bytes are moved either with ``splice(2)`` (socket → pipe → socket, never entering
+Python; pipes are pooled and only held while a destination is full) or, where splice is not
+available, with ``recv`` and an eager ``send``.
+
+Flow control: a direction whose destination does not take everything stops reading its source
+until the destination drains, so at most one chunk (or one pipe) per direction is buffered.
+Half-close: a FIN from one side becomes ``shutdown(SHUT_WR)`` towards the other once that
+direction's buffer is flushed; the pair closes when both directions are done.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import struct
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import Logger
+from zope.interface import implementer
+
+CHUNK = 65536
+PIPE_SIZE = 65536
+MAX_POOLED_PIPES = 256
+
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_ERR = select.EPOLLERR | select.EPOLLHUP
+
+HAVE_SPLICE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
+if HAVE_SPLICE:
+    _SPLICE_FLAGS = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
+_RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN,
+                 errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH}
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+class _Flow:
+    """One direction: bytes read from ``src`` are written to ``dst``."""
+
+    __slots__ = ("src", "dst", "src_fd", "dst_fd", "pending", "pipe", "piped", "eof", "shut",
+                 "inbound")
+
+    def __init__(self, src: socket.socket, dst: socket.socket, inbound: bool) -> None:
+        self.src = src
+        self.dst = dst
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.pending: Optional[memoryview] = None  # copy mode: bytes dst has not taken
+        self.pipe: Optional[Tuple[int, int]] = None  # splice mode: pipe holding bytes
+        self.piped = 0  # bytes in that pipe
+        self.eof = False  # src sent FIN
+        self.shut = False  # FIN passed on to dst
+        self.inbound = inbound  # client → peer
+
+    @property
+    def blocked(self) -> bool:
+        return self.pending is not None or self.piped > 0
+
+
+class Pair:
+    """A client socket and its peer socket, joined."""
+
+    __slots__ = ("pump", "session", "client", "peer", "up", "down", "masks", "closed")
+
+    def __init__(self, pump: "Pump", session: Any, client: socket.socket,
+                 peer: socket.socket) -> None:
+        self.pump = pump
+        self.session = session
+        self.client = client
+        self.peer = peer
+        self.up = _Flow(client, peer, True)  # client → peer
+        self.down = _Flow(peer, client, False)  # peer → client
+        self.masks: Dict[int, int] = {}
+        self.closed = False
+
+    def buffered(self) -> int:
+        """Bytes held in user space or pipes for this pair (for tests and status)."""
+        total = 0
+        for flow in (self.up, self.down):
+            if flow.pending is not None:
+                total += len(flow.pending)
+            total += flow.piped
+        return total
+
+    def abort(self, reason: str) -> None:
+        self.pump.close(self, reason, reset=True)
+
+
+@implementer(IReadDescriptor)
+class Pump:
+    """One epoll set for all joined pairs of a reactor."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, splice: Optional[bool] = None) -> None:
+        self.reactor = reactor
+        self.splice = HAVE_SPLICE if splice is None else (splice and HAVE_SPLICE)
+        self._epoll = select.epoll()
+        self._fds: Dict[int, Tuple[Pair, bool]] = {}  # fd → (pair, is_client)
+        self._pipes: List[Tuple[int, int]] = []
+        self._registered = False
+        self.pairs = 0
+
+    # --- IReadDescriptor -----------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def logPrefix(self) -> str:
+        return "pump"
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+    def doRead(self) -> None:
+        now = self.reactor.seconds()
+        fds = self._fds
+        for fd, events in self._epoll.poll(0, 256):
+            entry = fds.get(fd)
+            if entry is None:
+                continue
+            pair, is_client = entry
+            if pair.closed:
+                continue
+            session = pair.session
+            session._last = now
+            try:
+                if events & (_IN | _ERR):
+                    flow = pair.up if is_client else pair.down
+                    if not flow.eof and not flow.blocked:
+                        self._read(pair, flow)
+                if events & _OUT and not pair.closed:
+                    flow = pair.down if is_client else pair.up
+                    if flow.blocked:
+                        self._flush(pair, flow)
+                if events & _ERR and not pair.closed:
+                    self._check_error(pair, is_client)
+            except Exception:
+                self.log.failure("pump: error on a connection; closing it")
+                self.close(pair, "error", reset=True)
+
+    # --- adopting and releasing ----------------------------------------------------------------
+
+    def adopt(self, session: Any, client: socket.socket, peer: socket.socket,
+              first: bytes = b"") -> Pair:
+        """Take over two connected non-blocking sockets; ``first`` goes to the peer first."""
+        pair = Pair(self, session, client, peer)
+        self._fds[pair.up.src_fd] = (pair, True)
+        self._fds[pair.down.src_fd] = (pair, False)
+        self._epoll.register(pair.up.src_fd, 0)
+        self._epoll.register(pair.down.src_fd, 0)
+        pair.masks[pair.up.src_fd] = 0
+        pair.masks[pair.down.src_fd] = 0
+        self.pairs += 1
+        if not self._registered:
+            self.reactor.addReader(self)
+            self._registered = True
+        if first:
+            self._send_first(pair, first)
+        if not pair.closed:
+            self._update(pair)
+        return pair
+
+    def _send_first(self, pair: Pair, data: bytes) -> None:
+        flow = pair.up
+        try:
+            sent = flow.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self._failed(pair, flow, e, sending=True)
+            return
+        if sent < len(data):
+            flow.pending = memoryview(data)[sent:]
+
+    def close(self, pair: Pair, reason: str, reset: bool = False) -> None:
+        if pair.closed:
+            return
+        pair.closed = True
+        self.pairs -= 1
+        for flow in (pair.up, pair.down):
+            self._release_pipe(flow, drop=True)
+            fd = flow.src_fd
+            self._fds.pop(fd, None)
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        for sock in (pair.client, pair.peer):
+            try:
+                if reset:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            except OSError:
+                pass
+            sock.close()
+        pair.session.pump_closed(reason)
+
+    # --- moving bytes --------------------------------------------------------------------------
+
+    def _read(self, pair: Pair, flow: _Flow) -> None:
+        if self.splice:
+            pipe = flow.pipe
+            if pipe is None:
+                pipe = flow.pipe = self._pipes.pop() if self._pipes else self._new_pipe()
+            try:
+                n = os.splice(flow.src_fd, pipe[1], CHUNK, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                self._release_pipe(flow)
+                return
+            except OSError as e:
+                self._release_pipe(flow)
+                self._failed(pair, flow, e, sending=False)
+                return
+            if n == 0:
+                self._release_pipe(flow)
+                self._eof(pair, flow)
+                return
+            flow.piped = n
+            self._count(pair, flow, n)
+            self._flush(pair, flow)
+            return
+        try:
+            data = flow.src.recv(CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._failed(pair, flow, e, sending=False)
+            return
+        if not data:
+            self._eof(pair, flow)
+            return
+        n = len(data)
+        self._count(pair, flow, n)
+        try:
+            sent = flow.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self._failed(pair, flow, e, sending=True)
+            return
+        if sent < n:
+            flow.pending = memoryview(data)[sent:]
+            self._update(pair)
+
+    def _flush(self, pair: Pair, flow: _Flow) -> None:
+        """Push what ``flow`` holds into its destination; resume reading when empty."""
+        was_blocked = flow.blocked
+        if flow.piped:
+            try:
+                m = os.splice(flow.pipe[0], flow.dst_fd, flow.piped,  # type: ignore[index]
+                              flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                m = 0
+            except OSError as e:
+                self._failed(pair, flow, e, sending=True)
+                return
+            flow.piped -= m
+            if flow.piped == 0:
+                self._release_pipe(flow)
+        elif flow.pending is not None:
+            try:
+                sent = flow.dst.send(flow.pending)
+            except BlockingIOError:
+                sent = 0
+            except OSError as e:
+                self._failed(pair, flow, e, sending=True)
+                return
+            if sent >= len(flow.pending):
+                flow.pending = None
+            else:
+                flow.pending = flow.pending[sent:]
+        if flow.blocked != was_blocked or flow.blocked:
+            if not flow.blocked and flow.eof:
+                self._shutdown(pair, flow)
+                return
+            self._update(pair)
+
+    def _count(self, pair: Pair, flow: _Flow, n: int) -> None:
+        session = pair.session
+        if flow.inbound:
+            session.bytes_in += n
+            session.peer.bytes_in += n
+        else:
+            session.bytes_out += n
+            session.peer.bytes_out += n
+
+    def _eof(self, pair: Pair, flow: _Flow) -> None:
+        flow.eof = True
+        if not flow.blocked:
+            self._shutdown(pair, flow)
+        else:
+            self._update(pair)
+
+    def _shutdown(self, pair: Pair, flow: _Flow) -> None:
+        flow.shut = True
+        try:
+            flow.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        other = pair.down if flow is pair.up else pair.up
+        if other.shut:
+            self.close(pair, "closed")
+        else:
+            self._update(pair)
+
+    def _failed(self, pair: Pair, flow: _Flow, e: OSError, sending: bool) -> None:
+        # which socket failed: the source when reading, the destination when sending
+        client_side = (flow.inbound and not sending) or (not flow.inbound and sending)
+        if e.errno in _RESET_ERRNOS or isinstance(e, ConnectionError):
+            reason = "client_reset" if client_side else "peer_reset"
+        else:
+            reason = f"{'client' if client_side else 'peer'}_error"
+        if not client_side:
+            # give the client what the peer already sent, then close it
+            self._drain_towards_client(pair)
+        self.close(pair, reason, reset=client_side)
+
+    def _drain_towards_client(self, pair: Pair) -> None:
+        flow = pair.down
+        if flow.blocked:
+            try:
+                if flow.piped:
+                    os.splice(flow.pipe[0], flow.dst_fd, flow.piped,  # type: ignore[index]
+                              flags=_SPLICE_FLAGS)
+                elif flow.pending is not None:
+                    flow.dst.send(flow.pending)
+            except OSError:
+                pass
+
+    def _check_error(self, pair: Pair, is_client: bool) -> None:
+        sock = pair.client if is_client else pair.peer
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            return
+        if err:
+            reason = "client_reset" if is_client else "peer_reset"
+            if not is_client:
+                self._drain_towards_client(pair)
+            self.close(pair, reason, reset=is_client)
+
+    # --- epoll bookkeeping ---------------------------------------------------------------------
+
+    def _update(self, pair: Pair) -> None:
+        """Set each socket's interest: read while its outgoing flow can take more, write
+        while its incoming flow holds bytes."""
+        up, down = pair.up, pair.down
+        client_mask = ((_IN if not up.eof and not up.blocked else 0)
+                       | (_OUT if down.blocked else 0))
+        peer_mask = ((_IN if not down.eof and not down.blocked else 0)
+                     | (_OUT if up.blocked else 0))
+        masks = pair.masks
+        if masks[up.src_fd] != client_mask:
+            masks[up.src_fd] = client_mask
+            self._epoll.modify(up.src_fd, client_mask)
+        if masks[down.src_fd] != peer_mask:
+            masks[down.src_fd] = peer_mask
+            self._epoll.modify(down.src_fd, peer_mask)
+
+    # --- pipes ---------------------------------------------------------------------------------
+
+    def _new_pipe(self) -> Tuple[int, int]:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            import fcntl
+            fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+        except OSError:
+            pass
+        return r, w
+
+    def _release_pipe(self, flow: _Flow, drop: bool = False) -> None:
+        pipe = flow.pipe
+        if pipe is None:
+            return
+        flow.pipe = None
+        if flow.piped and drop:
+            flow.piped = 0
+            os.close(pipe[0])
+            os.close(pipe[1])
+            return
+        if len(self._pipes) < MAX_POOLED_PIPES and not flow.piped:
+            self._pipes.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def stop(self) -> None:
+        """Close the epoll set and pooled pipes (the reactor is going away)."""
+        if self._registered:
+            self.reactor.removeReader(self)
+            self._registered = False
+        for r, w in self._pipes:
+            os.close(r)
+            os.close(w)
+        self._pipes = []
+
+
+_pumps: Dict[int, Pump] = {}
+
+
+def pump_for(reactor: Any) -> Optional[Pump]:
+    """The reactor's pump, or None when this reactor cannot host one (tests' fake reactors,
+    non-epoll reactors, non-Linux)."""
+    key = id(reactor)
+    pump = _pumps.get(key)
+    if pump is None:
+        if not hasattr(select, "epoll") or not hasattr(reactor, "addReader") or \
+                type(reactor).__name__ != "EPollReactor":
+            return None
+        pump = _pumps[key] = Pump(reactor)
+    return pump
