@@ -57,6 +57,7 @@ class Frontend(Protocol):
         self._idle: Any = None
         self._finished = False
         self._pair: Any = None  # set while the pump moves this connection's bytes
+        self.joined = False  # connected to a peer (either data path)
 
     # --- client events ---------------------------------------------------------------------
 
@@ -155,28 +156,55 @@ class Frontend(Protocol):
         self._tried.add(peer)
         self.peer = peer
         self.pool.connection_started(peer, self)
+        pump = self.listener.pump
+        address = peer.address
+        timeout = self.pool.config.connect_timeout
+        if pump is not None and address.is_ip and hasattr(self.transport, "socket"):
+            self._connecting = pump.connect(
+                address.host, address.port, timeout, address.is_ipv6, self._pump_connected,
+                lambda exc: self._connect_failed(Failure(exc), peer))
+            return
         backend = Backend(self)
-        d = self._connecting = connect(self.listener.reactor, peer.address,
-                                       self.pool.config.connect_timeout, backend)
+        d = self._connecting = connect(self.listener.reactor, address, timeout, backend)
         d.addCallbacks(self._connected, self._connect_failed, errbackArgs=(peer,))
 
-    def _connected(self, backend: Backend) -> None:
-        self._connecting = None
+    def _first_bytes(self) -> bytes:
+        """The PROXY header (if any) and whatever the client sent before the connect."""
         peer = self.peer
-        assert peer is not None
-        self.backend = backend
-        self.pool.connection_established(peer)
-        self.listener.connected(peer)
-        bt, ct = backend.transport, self.transport
         first = b""
         if self.pool.config.send_proxy != "off":
             first = proxyprotocol.build_header(self.pool.config.send_proxy, self.client,
                                                self.destination)
         for chunk in self._pending:
             self.bytes_in += len(chunk)
-            peer.bytes_in += len(chunk)
+            peer.bytes_in += len(chunk)  # type: ignore[union-attr]
         first += b"".join(self._pending)
         self._pending = []
+        return first
+
+    def _pump_connected(self, sock: Any) -> None:
+        """The pump's own connect succeeded: hand both sockets to the pump."""
+        self._connecting = None
+        peer = self.peer
+        self.joined = True
+        self.pool.connection_established(peer)  # type: ignore[arg-type]
+        self.listener.connected(peer)  # type: ignore[arg-type]
+        ct = self.transport
+        ct.stopReading()  # type: ignore[attr-defined]
+        ct.stopWriting()  # type: ignore[attr-defined]
+        self._pair = self.listener.pump.adopt(self, ct.socket, sock,  # type: ignore
+                                              self._first_bytes())
+
+    def _connected(self, backend: Backend) -> None:
+        self._connecting = None
+        peer = self.peer
+        assert peer is not None
+        self.backend = backend
+        self.joined = True
+        self.pool.connection_established(peer)
+        self.listener.connected(peer)
+        bt, ct = backend.transport, self.transport
+        first = self._first_bytes()
         pump = self.listener.pump
         if pump is not None and not self._client_eof and hasattr(ct, "socket") and hasattr(
                 bt, "socket"):

@@ -86,16 +86,19 @@ class Listener(Factory):
     def session_ended(self, frontend: Frontend, reason: str) -> None:
         self.sessions.discard(frontend)
         self.ended[reason] += 1
-        if frontend.backend is not None and frontend.peer is not None:
+        if frontend.joined and frontend.peer is not None:
             counts = self.per_peer.get(frontend.peer.key)
             if counts is not None:
                 counts[1] -= 1
         info = frontend.describe(reason)
-        self.log.info(
-            "{client} -> {listener} -> {peer}: in={bytes_in} out={bytes_out} "
-            "duration={duration:.3f}s end={end}{failures_text}",
-            failures_text=f" failures=[{info['failures']}]" if info["failures"] else "",
-            **info)
+        # Formatted here, once: the logger then only substitutes one field (cheaper per
+        # connection); the fields stay in the event for structured observers.
+        line = (f"{info['client']} -> {info['listener']} -> {info['peer']}: "
+                f"in={info['bytes_in']} out={info['bytes_out']} "
+                f"duration={info['duration']:.3f}s end={reason}")
+        if info["failures"]:
+            line += f" failures=[{info['failures']}]"
+        self.log.info("{line}", line=line, **info)
         if not self.sessions and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:

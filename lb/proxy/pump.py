@@ -106,6 +106,7 @@ class Pump:
         self.splice = HAVE_SPLICE if splice is None else (splice and HAVE_SPLICE)
         self._epoll = select.epoll()
         self._fds: Dict[int, Tuple[Pair, bool]] = {}  # fd → (pair, is_client)
+        self._connects: Dict[int, "Connect"] = {}  # fd → connect in progress
         self._pipes: List[Tuple[int, int]] = []
         self._registered = False
         self.pairs = 0
@@ -127,6 +128,9 @@ class Pump:
         for fd, events in self._epoll.poll(0, 256):
             entry = fds.get(fd)
             if entry is None:
+                connect = self._connects.get(fd)
+                if connect is not None:
+                    connect.finish()
                 continue
             pair, is_client = entry
             if pair.closed:
@@ -150,6 +154,18 @@ class Pump:
 
     # --- adopting and releasing ----------------------------------------------------------------
 
+    def connect(self, host: str, port: int, timeout: float, ipv6: bool,
+                connected: Callable[[socket.socket], None],
+                failed: Callable[[Exception], None]) -> "Connect":
+        """Start a non-blocking connect; exactly one of the callbacks runs, unless the
+        returned handle is cancelled first."""
+        return Connect(self, host, port, timeout, ipv6, connected, failed)
+
+    def _register(self) -> None:
+        if not self._registered:
+            self.reactor.addReader(self)
+            self._registered = True
+
     def adopt(self, session: Any, client: socket.socket, peer: socket.socket,
               first: bytes = b"") -> Pair:
         """Take over two connected non-blocking sockets; ``first`` goes to the peer first."""
@@ -161,9 +177,7 @@ class Pump:
         pair.masks[pair.up.src_fd] = 0
         pair.masks[pair.down.src_fd] = 0
         self.pairs += 1
-        if not self._registered:
-            self.reactor.addReader(self)
-            self._registered = True
+        self._register()
         if first:
             self._send_first(pair, first)
         if not pair.closed:
@@ -402,6 +416,81 @@ class Pump:
             os.close(r)
             os.close(w)
         self._pipes = []
+
+
+class Connect:
+    """A connect in progress on the pump: writable means done (SO_ERROR says how)."""
+
+    __slots__ = ("pump", "sock", "fd", "timer", "connected", "failed", "timeout")
+
+    def __init__(self, pump: Pump, host: str, port: int, timeout: float, ipv6: bool,
+                 connected: Callable[[socket.socket], None],
+                 failed: Callable[[Exception], None]) -> None:
+        self.pump = pump
+        self.connected = connected
+        self.failed = failed
+        self.timeout = timeout
+        sock = self.sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET,
+                                         socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fd = sock.fileno()
+        self.timer: Any = None
+        err = sock.connect_ex((host, port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self.fd = -1
+            pump.reactor.callLater(0, failed, _connect_error(err, timeout))
+            return
+        pump._connects[self.fd] = self
+        pump._epoll.register(self.fd, _OUT)
+        pump._register()
+        self.timer = pump.reactor.callLater(timeout, self._timed_out)
+
+    def _forget(self) -> None:
+        self.pump._connects.pop(self.fd, None)
+        try:
+            self.pump._epoll.unregister(self.fd)
+        except (OSError, ValueError):
+            pass
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def finish(self) -> None:
+        self._forget()
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.sock.close()
+            self.failed(_connect_error(err, self.timeout))
+        else:
+            self.connected(self.sock)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self._forget()
+        self.sock.close()
+        self.failed(_connect_error(errno.ETIMEDOUT, self.timeout))
+
+    def cancel(self) -> None:
+        """Give up (the client left): the failure callback hears CancelledError."""
+        if self.fd == -1 or self.fd not in self.pump._connects:
+            return
+        self._forget()
+        self.sock.close()
+        from twisted.internet.defer import CancelledError
+        self.failed(CancelledError())
+
+
+def _connect_error(err: int, timeout: float) -> Exception:
+    from twisted.internet import error
+    if err == errno.ECONNREFUSED:
+        return error.ConnectionRefusedError()
+    if err == errno.ETIMEDOUT:
+        return error.TimeoutError()
+    if err in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return error.NoRouteError()
+    return error.ConnectError(string=os.strerror(err))
 
 
 _pumps: Dict[int, Pump] = {}
