@@ -1,10 +1,12 @@
 """The per-pool health monitor: schedules probes and hands their verdicts to the pool.
 
 One monitor per pool, on an injected clock. Each watched peer has its own next-due time,
-``interval`` apart; first probes after a start (or a reload, which builds a new monitor)
-are spread evenly over one interval so a pool of many peers is not probed all at once.
-At most ``concurrency`` probes run at a time, the rest wait in line; each probe is
-cancelled when it reaches ``timeout``; ``stopService`` cancels every timer and probe.
+``interval`` apart, and its own phase within the interval: on start (or a reload, which
+builds a new monitor) the peers' phases are spread evenly over one interval, so a pool of
+many peers is never probed in bursts. A peer without a verdict yet (``unknown``) is probed
+at once and settles into its phase after that. At most ``concurrency`` probes run at a
+time, the rest wait in line; each probe is cancelled when it reaches ``timeout``;
+``stopService`` cancels every timer and probe.
 
 Health state lives on the peers, not here: a new monitor picks up where the old one left
 off, and a peer that is re-announced keeps its counters. The monitor follows the pool's
@@ -18,31 +20,35 @@ that are not up with a TCP probe at the default interval.
 from __future__ import annotations
 
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional
 
+from treq.client import HTTPClient
 from twisted.application.service import IService, Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import Agent
 
 from lb.config import HealthConfig, PoolConfig
-from lb.health.probes import (HTTPProbe, Probe, ProbeResult, TCPProbe, format_seconds,
-                              unexpected)
+from lb.health.probes import (HTTPProbe, Probe, ProbeResult, QuietHTTPConnectionPool,
+                              TCPProbe, format_seconds, unexpected)
 from lb.peer import Peer
 from lb.pool import PASSIVE_DEFAULTS, Pool
+from lb.proxy.backend import endpoint_for
 
 if TYPE_CHECKING:
     from lb.service import LBService
 
 PASS = "pass"
 FAIL = "fail"
+_GOLDEN = 0.6180339887498949  # phases k·φ mod 1 spread any run of additions evenly
 
 
 class _Slot:
     """One watched peer: its next-due timer or its place in line or its running probe."""
 
-    __slots__ = ("peer", "timer", "queued", "in_flight", "started", "dropped")
+    __slots__ = ("peer", "timer", "queued", "in_flight", "started", "anchor", "dropped")
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
@@ -50,6 +56,7 @@ class _Slot:
         self.queued = False
         self.in_flight: Optional[defer.Deferred] = None
         self.started = 0.0
+        self.anchor = 0.0  # an early first probe counts as run here, for the next one's time
         self.dropped = False
 
 
@@ -78,6 +85,7 @@ class HealthMonitor(Service):
         self._running = 0
         self._stopping = False
         self._starting_next = False
+        self._added = 0
         self.checks: Counter = Counter()  # (peer key, "pass" | "fail") → probes run
 
     # --- what tests and the status page may read -------------------------------------------
@@ -92,7 +100,7 @@ class HealthMonitor(Service):
         """Probes due but held back by ``concurrency``."""
         return sum(1 for slot in self._queue if not slot.dropped)
 
-    def watched(self) -> list:
+    def watched(self) -> List[str]:
         """Keys of the peers this monitor probes."""
         return list(self._slots)
 
@@ -104,7 +112,7 @@ class HealthMonitor(Service):
         self.pool.subscribe(self._peer_event)
         peers = [peer for peer in self.pool.peers.values() if self._wants(peer)]
         for i, peer in enumerate(peers):
-            # spread over one interval: no burst of probes after a start or reload
+            # phases spread over one interval: no burst of probes after a start or reload
             self._watch(peer, self.interval * i / len(peers))
         self.log.info("pool {pool}: health monitor started ({what}, every {interval}, timeout "
                       "{timeout}, {concurrency} at a time, {n} peer(s) watched)",
@@ -141,18 +149,25 @@ class HealthMonitor(Service):
             self._unwatch(slot)
             slot = None
         if event == "removed":
+            for result in (PASS, FAIL):  # metric labels of gone peers go too
+                self.checks.pop((peer.key, result), None)
             return
         wants = self._wants(peer)
         if wants and slot is None:
-            # a new peer has no verdict yet: probe it now; a peer that just went down
-            # (passive checks) was just seen failing: give it one interval
-            self._watch(peer, 0.0 if peer.is_unknown else self.interval)
+            if peer.is_unknown:
+                self._added += 1
+                self._watch(peer, self.interval * ((self._added * _GOLDEN) % 1.0))
+            else:  # just went down by passive checks: it was just seen failing
+                self._watch(peer, self.interval)
         elif not wants and slot is not None:
             self._unwatch(slot)
 
-    def _watch(self, peer: Peer, delay: float) -> None:
+    def _watch(self, peer: Peer, phase: float) -> None:
+        """Probe ``peer`` at ``phase`` from now, then every interval; a peer without a
+        verdict is probed at once and its next probe keeps the phase."""
         slot = self._slots[peer.key] = _Slot(peer)
-        self._schedule(slot, delay)
+        slot.anchor = self.clock.seconds() + phase
+        self._schedule(slot, 0.0 if peer.is_unknown else phase)
 
     def _unwatch(self, slot: _Slot) -> None:
         slot.dropped = True
@@ -197,14 +212,15 @@ class HealthMonitor(Service):
         d.addBoth(self._finished, slot)
 
     def _finished(self, result: Any, slot: _Slot) -> None:
+        """Every probe ends here, whatever happened: report, plan the next, free a slot."""
         self._running -= 1
         slot.in_flight = None
         try:
             if not slot.dropped and not self._stopping:
                 self._report(slot, self._verdict(result, slot))
                 if self._slots.get(slot.peer.key) is slot:
-                    next_due = slot.started + self.interval - self.clock.seconds()
-                    self._schedule(slot, next_due)
+                    next_due = max(slot.started, slot.anchor) + self.interval
+                    self._schedule(slot, next_due - self.clock.seconds())
         except Exception:
             self.log.failure("pool {pool}: health check bookkeeping failed for {peer}",
                              pool=self.pool.name, peer=slot.peer.key)
@@ -244,11 +260,6 @@ class HealthMonitor(Service):
 
 def build_part(root: "LBService", pool: Pool, config: PoolConfig) -> IService:
     """The ``health`` part of a pool: always a monitor (see the module docstring)."""
-    from twisted.web.client import Agent, HTTPConnectionPool
-    from treq.client import HTTPClient
-
-    from lb.proxy.backend import endpoint_for
-
     reactor = root.reactor
     health = config.health
     settings = health or PASSIVE_DEFAULTS
@@ -257,7 +268,7 @@ def build_part(root: "LBService", pool: Pool, config: PoolConfig) -> IService:
     if health is not None and health.type == "http":
         client = root.http_client
         if client is None:
-            connections = HTTPConnectionPool(reactor, persistent=False)
+            connections = QuietHTTPConnectionPool(reactor, persistent=False)
             client = HTTPClient(Agent(reactor, pool=connections,
                                       connectTimeout=settings.timeout))
             on_stop = connections.closeCachedConnections

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, NamedTuple
 
+from hyperlink import EncodedURL
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -23,7 +24,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived
-from twisted.web.client import ResponseDone
+from twisted.web.client import HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 
 from lb.config import Address, HealthConfig
 
@@ -158,9 +159,30 @@ class _Discard(Protocol):
         self.transport.stopProducing()
 
 
-def request_url(address: Address, path: str) -> str:
+class _IPLiteralURL(EncodedURL):
+    """hyperlink's ``to_uri`` (which treq calls on every URL) IDNA-encodes the host, and
+    that fails for IPv6 literals (python-hyper/hyperlink#68, #188): leave the host alone."""
+
+    def to_uri(self) -> EncodedURL:
+        uri = EncodedURL.from_text(self.to_text()).replace(host="ip.invalid").to_uri()
+        return uri.replace(host=self.host)
+
+
+def request_url(address: Address, path: str) -> EncodedURL:
+    """The check URL for a peer (an IPv6 host in brackets)."""
     host = f"[{address.host}]" if address.is_ipv6 else address.host
-    return f"http://{host}:{address.port}{path}"
+    url_type = _IPLiteralURL if address.is_ip else EncodedURL
+    return url_type.from_text(f"http://{host}:{address.port}{path}")
+
+
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    noisy = False  # Twisted logs two lines per connection otherwise: one per probe
+
+
+class QuietHTTPConnectionPool(HTTPConnectionPool):
+    """A connection pool for probes that does not log every connection it opens."""
+
+    _factory = _QuietHTTP11ClientFactory
 
 
 class HTTPProbe:
@@ -214,6 +236,11 @@ class _Connected(Protocol):
     """Just connects: the probe closes it as soon as it is up."""
 
 
+class _ConnectOnly(Factory):
+    protocol = _Connected
+    noisy = False  # no "Starting factory" line per probe
+
+
 class TCPProbe:
     """Healthy when a TCP connection to the peer opens within the timeout; it is closed at
     once (HAProxy's plain ``check``)."""
@@ -228,7 +255,7 @@ class TCPProbe:
     async def _run(self, address: Address) -> ProbeResult:
         try:
             endpoint = self.endpoint_for(address, self.timeout)
-            protocol = await endpoint.connect(Factory.forProtocol(_Connected))
+            protocol = await endpoint.connect(_ConnectOnly())
         except Exception:
             failure = Failure()
             if _is_cancel(failure):
