@@ -1,0 +1,317 @@
+"""Mapping Consul answers to peers, from the recorded payloads in ../shared/consul-vectors."""
+
+import base64
+import copy
+import json
+import os
+from typing import Any, Dict, List
+
+import pytest
+from twisted.web.http_headers import Headers
+
+from lb.config import Address, PoolConsulConfig, parse_address
+from lb.discovery import consul
+from lb.discovery.consul import (InvalidAnswer, ConsulHTTPError, ServiceQuery,
+                                 parse_health_service, parse_index, peer_address)
+from lb.discovery.consul_kv import KVQuery, decode_value, parse_kv_upstreams
+from lb.peer import DRAIN, READY, PeerSpec
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VECTORS = os.path.join(os.path.dirname(REPO), "shared", "consul-vectors")
+
+
+def vector(name: str) -> Any:
+    with open(os.path.join(VECTORS, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def wire_case(i: int) -> List[Dict[str, Any]]:
+    """A byte-exact body captured from Consul 1.16.2, decoded."""
+    return json.loads(vector("02-health-service-wire-capture-consul-1.16.2.json")
+                      ["cases"][i]["response"]["body_raw"])
+
+
+def docs_sample() -> List[Dict[str, Any]]:
+    return vector("01-health-service-docs-sample.json")["response"]["body"]
+
+
+def maintenance_check() -> Dict[str, Any]:
+    return copy.deepcopy(vector("10-errors-blocking-maintenance-ttl.json")
+                         ["maintenance_check_shape"]["appears_in_health_service_Checks"])
+
+
+def spec(address: str, weight: int = 1, state: str = READY) -> PeerSpec:
+    return PeerSpec(parse_address(address), weight, state)
+
+
+# --- health/service --------------------------------------------------------------------------
+
+
+def test_empty_service_address_falls_back_to_node_address() -> None:
+    """Service.Address "" (wire capture 1) means the instance listens on Node.Address."""
+    parsed = parse_health_service(wire_case(0))
+    assert parsed.specs == [spec("192.168.133.223:27017")]
+    assert parsed.skipped == []
+
+
+def test_service_address_and_port_used_for_each_instance() -> None:
+    """Two instances on one node (wire capture 2) are two peers on their own ports."""
+    parsed = parse_health_service(wire_case(1))
+    assert parsed.specs == [spec("192.168.133.223:20395"), spec("192.168.133.223:39677")]
+
+
+def test_passing_weight_from_service_weights() -> None:
+    """A passing instance's weight is Weights.Passing (10 in the docs sample)."""
+    assert parse_health_service(docs_sample()).specs == [spec("10.1.10.12:8000", 10)]
+
+
+def test_missing_weights_default_to_one() -> None:
+    """Weights are optional in older payloads: an instance without them weighs 1."""
+    body = docs_sample()
+    del body[0]["Service"]["Weights"]
+    assert parse_health_service(body).specs == [spec("10.1.10.12:8000", 1)]
+
+
+def test_weights_clamped_to_max_weight() -> None:
+    """A Consul weight above lb's maximum (256) is clamped, not rejected."""
+    body = docs_sample()
+    body[0]["Service"]["Weights"]["Passing"] = 1000
+    assert parse_health_service(body).specs == [spec("10.1.10.12:8000", 256)]
+
+
+def with_status(body: List[Dict[str, Any]], check_id: str, status: str) -> List[Dict[str, Any]]:
+    for check in body[0]["Checks"]:
+        if check["CheckID"] == check_id:
+            check["Status"] = status
+            return body
+    raise AssertionError(f"no check {check_id}")
+
+
+def test_warning_instance_excluded_when_passing_only() -> None:
+    """passing_only keeps only instances whose checks all pass (Consul's ?passing rule)."""
+    body = with_status(docs_sample(), "service:redis", "warning")
+    assert parse_health_service(body, passing_only=True).specs == []
+
+
+def test_warning_instance_uses_warning_weight_without_passing_only() -> None:
+    """Without passing_only a warning instance stays, weighted by Weights.Warning (1, not
+    the passing 10), as Consul's DNS interface does."""
+    body = with_status(docs_sample(), "service:redis", "warning")
+    assert parse_health_service(body, passing_only=False).specs == [spec("10.1.10.12:8000", 1)]
+
+
+def test_critical_instance_excluded_even_without_passing_only() -> None:
+    """A critical instance (here: its node's serfHealth) never becomes a peer."""
+    body = with_status(docs_sample(), "serfHealth", "critical")
+    assert parse_health_service(body, passing_only=False).specs == []
+
+
+def test_unknown_check_status_counts_as_critical() -> None:
+    """A status Consul might add later is not mistaken for passing."""
+    body = with_status(docs_sample(), "service:redis", "maintenance-ish")
+    assert parse_health_service(body, passing_only=False).specs == []
+
+
+def test_service_maintenance_becomes_drain() -> None:
+    """A critical _service_maintenance:<id> check (consul maint -enable -service) keeps the
+    instance as a drain peer instead of removing it, even with passing_only."""
+    body = docs_sample()
+    check = maintenance_check()
+    check["CheckID"] = "_service_maintenance:redis"
+    body[0]["Checks"].append(check)
+    assert parse_health_service(body, passing_only=True).specs == [
+        spec("10.1.10.12:8000", 10, DRAIN)]
+
+
+def test_node_maintenance_becomes_drain() -> None:
+    """_node_maintenance (consul maint -enable on the node) drains every instance there."""
+    body = wire_case(1)
+    for entry in body:
+        entry["Checks"].append({"CheckID": "_node_maintenance", "Status": "critical",
+                                "Name": "Node Maintenance Mode", "ServiceID": ""})
+    specs = parse_health_service(body).specs
+    assert [s.state for s in specs] == [DRAIN, DRAIN]
+
+
+def test_maintenance_with_failing_service_check_still_drains() -> None:
+    """Maintenance wins over the other checks: the peer stays listed as drain."""
+    body = with_status(docs_sample(), "service:redis", "critical")
+    body[0]["Checks"].append(maintenance_check())
+    assert parse_health_service(body).specs[0].state == DRAIN
+
+
+def test_unusable_instances_are_skipped_with_a_reason() -> None:
+    """An instance without any address or with port 0 is reported and left out; the rest
+    of the answer still counts."""
+    body = wire_case(1)
+    body[0]["Service"]["Address"] = ""
+    body[0]["Node"]["Address"] = ""
+    body[1]["Service"]["Port"] = 0
+    parsed = parse_health_service(body + wire_case(0))
+    assert parsed.specs == [spec("192.168.133.223:27017")]
+    assert len(parsed.skipped) == 2
+    assert "no address" in parsed.skipped[0] and "port 0" in parsed.skipped[1]
+
+
+def test_duplicate_addresses_merge_preferring_ready() -> None:
+    """Two instances on one address make one peer; a ready one wins over a drained one."""
+    body = docs_sample() + docs_sample()
+    body[0]["Checks"].append(maintenance_check())
+    assert parse_health_service(body).specs == [spec("10.1.10.12:8000", 10)]
+
+
+def test_ipv6_and_hostname_addresses() -> None:
+    """IPv6 addresses are normalised (one peer, one key); host names are kept."""
+    body = docs_sample() + docs_sample()
+    body[0]["Service"]["Address"] = "2001:DB8:0:0::1"
+    body[1]["Service"]["Address"] = "Redis-1.Example.com"
+    specs = parse_health_service(body).specs
+    assert sorted(str(s.address) for s in specs) == ["[2001:db8::1]:8000",
+                                                    "redis-1.example.com:8000"]
+
+
+@pytest.mark.parametrize("body", [{}, "[]", [1], [{"Node": {}}], [{"Service": {},
+                                                                  "Checks": {}}]])
+def test_garbage_is_invalid_not_empty(body: Any) -> None:
+    """A body that is not a list of instances is rejected (the pool keeps its last set)
+    rather than read as "no instances"."""
+    with pytest.raises(InvalidAnswer):
+        parse_health_service(body)
+
+
+def test_empty_list_is_an_empty_set() -> None:
+    """Consul's answer for an unknown service ([] with 200) is a valid empty set."""
+    assert parse_health_service(vector("03-health-service-unknown-and-filters.json")
+                                ["cases"][0]["response"]["body"]).specs == []
+
+
+def test_peer_address_validation() -> None:
+    """Ports outside 1-65535 and non-strings are refused with a reason."""
+    assert peer_address("10.0.0.1", 80) == Address("10.0.0.1", 80)
+    assert peer_address("[::1]", 80) == Address("::1", 80)
+    for host, port in (("10.0.0.1", 0), ("10.0.0.1", 70000), ("10.0.0.1", "80"),
+                       (None, 80), ("bad host", 80), ("10.0.0.1", True)):
+        with pytest.raises(ValueError):
+            peer_address(host, port)
+
+
+# --- headers and queries ---------------------------------------------------------------------
+
+
+def test_index_header_is_read_case_insensitively() -> None:
+    """X-Consul-Index is found however the server spells the header name."""
+    for name in (b"X-Consul-Index", b"x-consul-index", b"X-CONSUL-INDEX"):
+        assert parse_index(Headers({name: [b"5100254"]})) == 5100254
+
+
+@pytest.mark.parametrize("value", [None, b"", b"abc", b"-3", b"1.5"])
+def test_missing_or_bad_index_is_none(value: Any) -> None:
+    """Without a usable index the watch cannot block (and falls back to polling)."""
+    headers = Headers({b"X-Consul-Index": [value]} if value is not None else {})
+    assert parse_index(headers) is None
+
+
+def test_service_query_shape() -> None:
+    """One tag= per configured tag, the service name percent-encoded into the path."""
+    query = ServiceQuery(PoolConsulConfig(service="my web", tags=("a", "b")))
+    assert query.path == "/v1/health/service/my%20web"
+    assert query.params == [("tag", "a"), ("tag", "b")]
+
+
+def test_service_query_rejects_non_200() -> None:
+    """Only 200 is a service answer; 404 from a misrouted URL is an error, not empty."""
+    query = ServiceQuery(PoolConsulConfig(service="web"))
+    for status in (403, 404, 500):
+        with pytest.raises(ConsulHTTPError):
+            query.parse(status, b"Permission denied")
+
+
+def test_http_error_hints_at_the_token_on_403() -> None:
+    """A 403 says to check the ACL token (without showing it) and quotes Consul's text."""
+    error = ConsulHTTPError(403, b"ACL not found")
+    assert "ACL token" in str(error) and "ACL not found" in str(error)
+
+
+# --- KV (nginx-upsync layout) ----------------------------------------------------------------
+
+
+def upsync_sample() -> Dict[str, Any]:
+    return vector("samples/nginx-upsync-kv-layout.json")
+
+
+def test_upsync_layout_maps_weight_and_down() -> None:
+    """The recorded upsync listing: weight from the JSON value, down: 1 → drain, a null
+    value → defaults (weight 1, ready)."""
+    parsed = parse_kv_upstreams(upsync_sample()["consul_recurse_response_example"],
+                                "upstreams/test")
+    assert parsed.specs == [spec("10.0.0.7:80", 2, DRAIN), spec("127.0.0.1:8088", 10),
+                            spec("127.0.0.1:8089", 1)]
+
+
+def test_prefix_does_not_match_a_longer_sibling() -> None:
+    """upstreams/web must not pick up upstreams/web2/... (Consul matches prefixes as
+    strings) nor the folder key itself."""
+    entries = [{"Key": "upstreams/web/", "Value": None},
+               {"Key": "upstreams/web/10.0.0.1:80", "Value": None},
+               {"Key": "upstreams/web2/10.0.0.2:80", "Value": None},
+               {"Key": "upstreams/webby", "Value": None}]
+    assert parse_kv_upstreams(entries, "upstreams/web").specs == [spec("10.0.0.1:80")]
+    assert parse_kv_upstreams(entries, "/upstreams/web/").specs == [spec("10.0.0.1:80")]
+
+
+def encode(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_upsync_values_accept_numeric_strings_and_backup() -> None:
+    """upsync accepts "10" for 10; backup: 1 has no lb equivalent and becomes drain."""
+    entries = [{"Key": "u/10.0.0.1:80", "Value": encode('{"weight": "10", "down": "0"}')},
+               {"Key": "u/10.0.0.2:80", "Value": encode('{"backup": 1}')},
+               {"Key": "u/10.0.0.3:80", "Value": encode('{"weight": 999}')}]
+    assert parse_kv_upstreams(entries, "u").specs == [
+        spec("10.0.0.1:80", 10), spec("10.0.0.2:80", 1, DRAIN), spec("10.0.0.3:80", 256)]
+
+
+def test_bad_kv_entries_are_skipped_with_reasons() -> None:
+    """A key that is not host:port, a value that is not JSON or base64, a nested key and a
+    negative weight are each reported and left out."""
+    entries = [{"Key": "u/not-an-address", "Value": None},
+               {"Key": "u/10.0.0.1:80", "Value": encode("weight=2")},
+               {"Key": "u/10.0.0.2:80", "Value": "%%%"},
+               {"Key": "u/sub/10.0.0.3:80", "Value": None},
+               {"Key": "u/10.0.0.4:80", "Value": encode('{"weight": -1}')},
+               {"Key": "u/10.0.0.5:80", "Value": encode("  ")}]
+    parsed = parse_kv_upstreams(entries, "u")
+    assert parsed.specs == [spec("10.0.0.5:80")]
+    assert len(parsed.skipped) == 5
+
+
+def test_kv_garbage_is_invalid() -> None:
+    """A KV answer that is not a list of {Key: ...} objects keeps the last set."""
+    for body in ({"Key": "u/1.2.3.4:80"}, [{"Value": None}], ["u/1.2.3.4:80"]):
+        with pytest.raises(InvalidAnswer):
+            parse_kv_upstreams(body, "u")
+
+
+def test_kv_query_blocks_on_the_folder_and_reads_404_as_empty() -> None:
+    """The request path ends in '/' with ?recurse; a 404 (empty folder) is an empty set;
+    other statuses are errors."""
+    query = KVQuery("upstreams/web")
+    assert query.path == "/v1/kv/upstreams/web/"
+    assert query.params == [("recurse", "")]
+    assert query.parse(404, b"").specs == []
+    with pytest.raises(ConsulHTTPError):
+        query.parse(500, b"No cluster leader")
+
+
+def test_kv_value_from_vector_08() -> None:
+    """The canonical upsync value from vector 08 decodes to its options."""
+    v = vector("08-kv-get-put-recurse-and-upsync-layout.json")["upsync_value_examples"]
+    assert decode_value(v["canonical_base64"]) == {"weight": 1, "max_fails": 2,
+                                                   "fail_timeout": 10, "down": 0}
+
+
+def test_make_query_picks_kv_or_service() -> None:
+    """kv_prefix pools watch the KV folder; service pools watch health/service."""
+    assert isinstance(consul.make_query(PoolConsulConfig(kv_prefix="u/w")), KVQuery)
+    assert isinstance(consul.make_query(PoolConsulConfig(service="w")), ServiceQuery)

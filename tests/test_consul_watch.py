@@ -1,0 +1,652 @@
+"""The Consul watch loop, driven by a Clock and an in-memory Consul (StubTreq): blocking
+query parameters, index rules, backoff, outages, snapshots and stopping cleanly."""
+
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet import defer
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from lb.config import ConsulConfig, PoolConfig, PoolConsulConfig, parse_address
+from lb.discovery import consul, snapshot
+from lb.discovery.consul import ConsulWatcher, ServiceQuery, backoff_delay
+from lb.discovery.consul_kv import KVQuery
+from lb.peer import DRAIN, READY, PeerSpec
+from lb.pool import Pool
+
+TOKEN = "s3cret-token-value"
+
+
+def instance(address: str, port: int, *, status: str = "passing", weight: int = 1,
+             maintenance: bool = False, sid: Optional[str] = None) -> Dict[str, Any]:
+    """One /v1/health/service entry shaped like Consul's (see consul-vectors 02)."""
+    sid = sid or f"web-{port}"
+    checks = [{"CheckID": "serfHealth", "Status": "passing", "ServiceID": ""},
+              {"CheckID": f"service:{sid}", "Status": status, "ServiceID": sid}]
+    if maintenance:
+        checks.append({"CheckID": f"_service_maintenance:{sid}", "Status": "critical",
+                       "ServiceID": sid})
+    return {"Node": {"Node": "n1", "Address": "10.9.9.9"},
+            "Service": {"ID": sid, "Service": "web", "Address": address, "Port": port,
+                        "Weights": {"Passing": weight, "Warning": 1}},
+            "Checks": checks}
+
+
+class FakeConsul(Resource):
+    """Holds every request open until the test answers it, like a blocking query."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: List[Any] = []
+        self.seen: List[Any] = []
+        self.lost: List[Any] = []
+
+    def render_GET(self, request: Any) -> Any:
+        self.pending.append(request)
+        self.seen.append(request)
+        request.notifyFinish().addErrback(lambda f: self.lost.append(request))
+        return NOT_DONE_YET
+
+
+class FailingHTTP:
+    """A client whose every request fails before any HTTP answer (agent down)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def get(self, url: str, **kwargs: Any) -> defer.Deferred:
+        self.calls += 1
+        return defer.fail(ConnectionRefusedError("Connection refused"))
+
+
+class Harness:
+    """A pool, a watcher on a Clock, and the fake Consul behind StubTreq."""
+
+    def __init__(self, tmp_path: Any, *, query: Any = None, http: Any = None,
+                 pool_consul: Optional[PoolConsulConfig] = None, **settings: Any) -> None:
+        self.clock = Clock()
+        self.fake = FakeConsul()
+        self.stub = StubTreq(self.fake)
+        self.state_dir = str(tmp_path / "state")
+        pool_consul = pool_consul or PoolConsulConfig(service="web", tags=("v1",))
+        self.pool = Pool(PoolConfig(name="web", consul=pool_consul, drain_timeout=30.0),
+                         self.clock)
+        values = dict(url="http://consul.test:8500", token=TOKEN, wait=10.0,
+                      poll_interval=5.0)
+        values.update(settings)
+        self.settings = ConsulConfig(**values)
+        self.jitter = 0.0
+        self.watcher = ConsulWatcher(
+            self.pool, query or consul.make_query(pool_consul), lambda: self.settings,
+            reactor=self.clock, http=http or self.stub, state_dir=lambda: self.state_dir,
+            jitter=lambda: self.jitter)
+        self.events: List[str] = []
+        self.pool.subscribe(lambda pool, peer, event: self.events.append(f"{event} {peer.key}"))
+
+    def start(self) -> None:
+        self.watcher.startService()
+        self.clock.advance(0)
+
+    def request(self) -> Any:
+        assert self.fake.pending, "no request is waiting for an answer"
+        return self.fake.pending[0]
+
+    def args(self) -> Dict[str, List[str]]:
+        return {k.decode(): [v.decode() for v in vs] for k, vs in self.request().args.items()}
+
+    def answer(self, body: Any = None, index: Optional[Any] = 1, status: int = 200,
+               raw: Optional[bytes] = None, header: bytes = b"X-Consul-Index") -> None:
+        request = self.fake.pending.pop(0)
+        request.setResponseCode(status)
+        if index is not None:
+            request.responseHeaders.setRawHeaders(header, [str(index).encode()])
+        request.write(raw if raw is not None else json.dumps(body).encode())
+        request.finish()
+        self.stub.flush()
+
+    def peers(self) -> Dict[str, str]:
+        return {key: f"{p.admin_state}/{p.weight}" for key, p in self.pool.peers.items()}
+
+
+@pytest.fixture
+def h(tmp_path: Any) -> Any:
+    harness = Harness(tmp_path)
+    yield harness
+    if harness.watcher.running:
+        harness.watcher.stopService()
+
+
+@pytest.fixture
+def logs() -> Any:
+    events: List[str] = []
+
+    def observer(event: Dict[str, Any]) -> None:
+        events.append(formatEvent(event))
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+def test_first_request_is_a_plain_read_with_filters_and_token(h: Harness) -> None:
+    """The first query has no index/wait, carries one tag= per tag and the ACL token as
+    X-Consul-Token (never in the URL), and asks for every instance (health is filtered
+    here so maintenance can become drain)."""
+    h.start()
+    assert h.request().path == b"/v1/health/service/web"
+    assert h.args() == {"tag": ["v1"]}
+    assert h.request().requestHeaders.getRawHeaders(b"X-Consul-Token") == [TOKEN.encode()]
+    assert TOKEN.encode() not in h.request().uri
+
+
+def test_datacenter_and_consistency_are_sent(tmp_path: Any) -> None:
+    """consul.datacenter becomes dc=, consistency stale/consistent the matching flag."""
+    h = Harness(tmp_path, datacenter="dc2", consistency="stale", token=None)
+    h.start()
+    assert h.args() == {"tag": ["v1"], "dc": ["dc2"], "stale": [""]}
+    assert h.request().requestHeaders.getRawHeaders(b"X-Consul-Token") is None
+    h.watcher.stopService()
+
+
+def test_answer_applies_peers_then_blocks_on_its_index(h: Harness) -> None:
+    """A 200 sets the pool's Consul peers; the next request sends the index and the wait
+    (in ms, as Go's ParseDuration needs a unit) and is sent at once."""
+    h.settings = ConsulConfig(url=h.settings.url, wait=2.5, poll_interval=5.0)
+    h.start()
+    h.answer([instance("10.0.0.1", 80, weight=3), instance("10.0.0.2", 80)], index=42)
+    assert h.peers() == {"10.0.0.1:80": "ready/3", "10.0.0.2:80": "ready/1"}
+    assert h.watcher.requests == {"ok": 1}
+    assert h.watcher.last_success == h.clock.seconds()
+    h.clock.advance(0)
+    assert h.args() == {"tag": ["v1"], "index": ["42"], "wait": ["2500ms"]}
+
+
+def test_same_index_changes_nothing(h: Harness) -> None:
+    """An answer with the index we sent (the wait ran out) is not applied even if its body
+    differs, counts as unchanged, and the next request blocks on the same index."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=7)
+    h.clock.advance(0)
+    h.events.clear()
+    h.answer([], index=7)
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
+    assert h.events == []
+    assert h.watcher.requests == {"ok": 1, "unchanged": 1}
+    h.clock.advance(0)
+    assert h.args()["index"] == ["7"]
+
+
+def test_new_index_with_same_set_is_unchanged(h: Harness) -> None:
+    """A new index whose instances map to the same peers (say a check's output changed)
+    touches no peer and is counted unchanged."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=7)
+    h.clock.advance(0)
+    h.events.clear()
+    h.answer([instance("10.0.0.1", 80)], index=9)
+    assert h.events == [] and h.watcher.requests["unchanged"] == 1
+    h.clock.advance(0)
+    assert h.args()["index"] == ["9"]
+
+
+def test_index_going_backwards_resets_to_a_plain_read(h: Harness) -> None:
+    """An index lower than the one sent (Consul restored or restarted) is applied and the
+    next request is a plain read (no index, no wait)."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=100)
+    h.clock.advance(0)
+    h.answer([instance("10.0.0.2", 80)], index=5)
+    assert h.peers() == {"10.0.0.2:80": "ready/1"}
+    assert h.watcher.index == 0
+    h.clock.advance(0)
+    assert "index" not in h.args() and "wait" not in h.args()
+
+
+@pytest.mark.parametrize("index", [None, 0, "garbage"])
+def test_unusable_index_falls_back_to_polling(h: Harness, index: Any) -> None:
+    """Without an index >= 1 the watch cannot block: the answer is applied, and the next
+    plain read waits poll_interval instead of hammering Consul."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=index)
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
+    h.clock.advance(4.9)
+    assert h.fake.pending == []
+    h.clock.advance(0.1)
+    assert "index" not in h.args()
+
+
+def test_lowercase_index_header_is_honoured(h: Harness) -> None:
+    """The index header is matched case-insensitively."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=31, header=b"x-consul-index")
+    h.clock.advance(0)
+    assert h.args()["index"] == ["31"]
+
+
+def test_churning_index_is_rate_limited(h: Harness) -> None:
+    """When every answer comes back at once with a new index, a burst of 5 requests goes
+    out back to back, then at most one per second."""
+    h.start()
+    for i in range(consul.BURST):
+        assert h.fake.pending, f"request {i} should have gone out at once"
+        h.answer([instance("10.0.0.1", 80 + i)], index=10 + i)
+        h.clock.advance(0)
+    assert h.fake.pending == []
+    h.clock.advance(consul.REFILL - 0.01)
+    assert h.fake.pending == []
+    h.clock.advance(0.01)
+    assert len(h.fake.pending) == 1
+
+
+# --- outages ---------------------------------------------------------------------------------
+
+
+def test_errors_keep_the_last_good_set_and_back_off(h: Harness, logs: List[str]) -> None:
+    """500, 403 and garbage never change the pool; each is counted by kind, resets the
+    index, and the retries wait poll_interval doubling per failure up to the cap."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=50)
+    h.clock.advance(0)
+    h.events.clear()
+    failures = [dict(status=500, raw=b"No cluster leader"),
+                dict(status=403, raw=b"ACL not found"),
+                dict(raw=b"<html>proxy error</html>"),
+                dict(status=502, raw=b""),
+                dict(status=429, raw=b"rate limited")]
+    expected_delays = [5.0, 10.0, 20.0, 30.0, 30.0]
+    for failure, delay in zip(failures, expected_delays):
+        h.answer(index=50, **failure)
+        assert h.peers() == {"10.0.0.1:80": "ready/1"}
+        assert h.watcher.index == 0
+        h.clock.advance(delay - 0.01)
+        assert h.fake.pending == [], f"retried before {delay}s"
+        h.clock.advance(0.02)
+        assert "index" not in h.args(), "a retry after an error is a plain read"
+    assert h.events == []
+    assert h.watcher.requests == {"ok": 1, "http_error": 4, "invalid": 1}
+    assert h.watcher.failures == 5
+    assert "ACL token" in " ".join(logs)
+    assert all(TOKEN not in line for line in logs)
+
+
+def test_success_after_errors_resets_backoff_and_error(h: Harness) -> None:
+    """The first good answer after failures clears last_error and the failure count, so
+    the next outage starts again at poll_interval."""
+    h.start()
+    h.answer(status=500, raw=b"No known Consul servers", index=None)
+    assert h.watcher.last_error == "HTTP 500: No known Consul servers"
+    h.clock.advance(5)
+    h.answer([instance("10.0.0.1", 80)], index=3)
+    assert h.watcher.last_error is None and h.watcher.failures == 0
+    h.clock.advance(0)
+    h.answer(status=500, raw=b"x", index=None)
+    h.clock.advance(4.99)
+    assert h.fake.pending == []
+    h.clock.advance(0.01)
+    assert h.fake.pending
+
+
+def test_backoff_jitter_only_shortens_within_bounds() -> None:
+    """Jitter cuts each pause by up to 25% and never exceeds the cap; the cap is 30s, or
+    8 × poll_interval when that is shorter, but never below poll_interval."""
+    assert backoff_delay(1, 5.0, 0.0) == 5.0
+    assert backoff_delay(1, 5.0, 1.0) == 3.75
+    assert backoff_delay(50, 5.0, 0.0) == 30.0
+    assert backoff_delay(50, 0.2, 0.0) == pytest.approx(1.6)
+    assert backoff_delay(50, 60.0, 0.0) == 60.0
+    assert all(3.75 <= backoff_delay(n, 5.0, j) <= 30.0 for n in range(1, 40)
+               for j in (0.0, 0.5, 0.999))
+
+
+def test_connection_refused_is_an_error_and_never_stops(tmp_path: Any) -> None:
+    """With the agent down every attempt fails at once; the loop keeps retrying on its
+    backoff schedule (bounded here) and never gives up."""
+    http = FailingHTTP()
+    h = Harness(tmp_path, http=http)
+    h.start()
+    assert http.calls == 1
+    for _ in range(20):
+        h.clock.advance(30)
+    assert http.calls == 21
+    assert h.watcher.requests == {"error": 21}
+    assert "Connection refused" in (h.watcher.last_error or "")
+    assert h.watcher.running
+    h.watcher.stopService()
+
+
+def test_request_timeout_cancels_and_retries(h: Harness) -> None:
+    """A blocking request unanswered after wait × 17/16 + margin is cancelled (the
+    connection is dropped), counted as a timeout, and retried after backoff."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=9)
+    h.clock.advance(0)
+    hung = h.request()
+    limit = 10.0 * 17 / 16 + consul.TIMEOUT_MARGIN
+    h.clock.advance(limit - 0.01)
+    assert h.watcher.requests.get("timeout") is None
+    h.clock.advance(0.02)
+    h.stub.flush()
+    assert h.watcher.requests["timeout"] == 1
+    assert hung in h.fake.lost
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
+    h.fake.pending.clear()
+    h.clock.advance(5)
+    assert len(h.fake.pending) == 1
+
+
+def test_empty_successful_answer_empties_the_pool(h: Harness) -> None:
+    """Unlike an error, a healthy Consul saying "no instances" removes the peers (idle
+    ones at once)."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=3)
+    h.clock.advance(0)
+    h.answer([], index=4)
+    assert h.pool.peers == {}
+    assert h.watcher.requests == {"ok": 2}
+
+
+def test_maintenance_drains_and_comes_back(h: Harness) -> None:
+    """Maintenance turns a peer to drain (kept, with its counters); leaving maintenance
+    makes the same peer ready again."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=3)
+    peer = h.pool.peers["10.0.0.1:80"]
+    peer.total_connections = 7
+    h.clock.advance(0)
+    h.answer([instance("10.0.0.1", 80, maintenance=True)], index=4)
+    assert h.pool.peers["10.0.0.1:80"] is peer and peer.admin_state == DRAIN
+    h.clock.advance(0)
+    h.answer([instance("10.0.0.1", 80)], index=5)
+    assert h.pool.peers["10.0.0.1:80"] is peer and peer.admin_state == READY
+    assert peer.total_connections == 7
+
+
+def test_disappeared_peer_with_connections_drains_until_drain_timeout(h: Harness) -> None:
+    """A peer Consul no longer lists keeps its open connection (drain) and is removed once
+    drain_timeout passes; discovery never closes it."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80), instance("10.0.0.2", 80)], index=3)
+    peer = h.pool.peers["10.0.0.2:80"]
+    conn = object()
+    h.pool.connection_started(peer, conn)
+    h.clock.advance(0)
+    h.answer([instance("10.0.0.1", 80)], index=4)
+    assert peer.admin_state == DRAIN and "10.0.0.2:80" in h.pool.peers
+    assert conn in peer.connections
+    h.clock.advance(30)
+    assert "10.0.0.2:80" not in h.pool.peers
+
+
+# --- the watchdog and stopping ---------------------------------------------------------------
+
+
+def test_watchdog_rearms_a_lost_watch(h: Harness, logs: List[str]) -> None:
+    """If the chain of requests is ever lost (no request and none scheduled), the
+    LoopingCall starts it again within poll_interval."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=3)
+    h.watcher._next.cancel()  # simulate a bug losing the next request
+    h.clock.advance(5)
+    h.clock.advance(0)
+    assert len(h.fake.pending) == 1
+    assert any("re-arming" in line for line in logs)
+
+
+def test_watchdog_cancels_a_stalled_request(h: Harness, logs: List[str]) -> None:
+    """A request in flight longer than its own timeout + poll_interval (as if its timer had
+    been lost) is cancelled by the watchdog, counted as a timeout and retried."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=3)
+    h.clock.advance(0)
+    stalled = h.request()
+    h.watcher._inflight_timeout = 1.0  # pretend it should have ended after 1s
+    h.clock.advance(5)
+    assert h.watcher.requests.get("timeout") is None
+    h.clock.advance(5)  # well before the real timer (wait × 17/16 + margin)
+    h.stub.flush()
+    assert h.watcher.requests["timeout"] == 1
+    assert stalled in h.fake.lost
+    assert any("stalled" in line for line in logs)
+
+
+def test_stop_cancels_request_and_timers(h: Harness) -> None:
+    """stopService cancels the in-flight blocking query and every timer it started and
+    leaves nothing scheduled on the clock."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=3)
+    h.clock.advance(0)
+    pending = h.request()
+    h.watcher.stopService()
+    h.stub.flush()
+    assert pending in h.fake.lost
+    assert h.clock.getDelayedCalls() == []
+    assert h.watcher.requests == {"ok": 1}
+
+
+def test_stop_during_backoff_leaves_no_timer(tmp_path: Any) -> None:
+    """Stopping while waiting to retry cancels the retry."""
+    h = Harness(tmp_path, http=FailingHTTP())
+    h.start()
+    h.watcher.stopService()
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_poll_interval_change_restarts_the_loop(h: Harness) -> None:
+    """A reload that changes poll_interval takes effect on the watchdog loop too."""
+    h.start()
+    h.settings = ConsulConfig(url=h.settings.url, wait=10.0, poll_interval=1.0)
+    h.clock.advance(5)
+    assert h.watcher._loop_interval == 1.0
+
+
+# --- snapshots -------------------------------------------------------------------------------
+
+
+def test_change_is_written_to_the_snapshot(h: Harness) -> None:
+    """Every applied change is saved (atomically) with the query it answers."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80, weight=4), instance("10.0.0.2", 80,
+                                                            maintenance=True)], index=3)
+    document = snapshot.load(snapshot.path_for(h.state_dir, "web"))
+    assert document["query"] == {"service": "web", "tags": ["v1"], "passing_only": True,
+                                 "datacenter": None}
+    assert document["peers"] == [
+        {"address": "10.0.0.1:80", "weight": 4, "state": "ready"},
+        {"address": "10.0.0.2:80", "weight": 1, "state": "drain"}]
+    assert document["index"] == 3
+    assert [n for n in os.listdir(h.state_dir) if ".tmp" in n] == []
+
+
+def test_snapshot_served_at_start_while_consul_is_down(tmp_path: Any) -> None:
+    """A new watcher loads the last good set before Consul answers, and keeps serving it
+    while every request fails."""
+    first = Harness(tmp_path)
+    first.start()
+    first.answer([instance("10.0.0.1", 80), instance("10.0.0.2", 80)], index=3)
+    first.watcher.stopService()
+
+    second = Harness(tmp_path, http=FailingHTTP())
+    second.watcher.startService()
+    assert second.peers() == {"10.0.0.1:80": "ready/1", "10.0.0.2:80": "ready/1"}
+    assert second.pool.peers["10.0.0.1:80"].sources == ["consul"]
+    for _ in range(5):
+        second.clock.advance(30)
+    assert set(second.peers()) == {"10.0.0.1:80", "10.0.0.2:80"}
+    second.watcher.stopService()
+
+
+def test_first_answer_replaces_the_snapshot(tmp_path: Any) -> None:
+    """Once Consul answers, its set wins over the snapshot (and is saved)."""
+    first = Harness(tmp_path)
+    first.start()
+    first.answer([instance("10.0.0.1", 80)], index=3)
+    first.watcher.stopService()
+    second = Harness(tmp_path)
+    second.start()
+    assert second.peers() == {"10.0.0.1:80": "ready/1"}
+    second.answer([instance("10.0.0.3", 80)], index=1)
+    assert second.peers() == {"10.0.0.3:80": "ready/1"}
+    saved = snapshot.load(snapshot.path_for(second.state_dir, "web"))
+    assert [p["address"] for p in saved["peers"]] == ["10.0.0.3:80"]
+    second.watcher.stopService()
+
+
+def test_snapshot_of_another_query_is_ignored(tmp_path: Any) -> None:
+    """A snapshot taken for other tags (or service, or datacenter) is not served."""
+    first = Harness(tmp_path)
+    first.start()
+    first.answer([instance("10.0.0.1", 80)], index=3)
+    first.watcher.stopService()
+    other = Harness(tmp_path, http=FailingHTTP(),
+                    pool_consul=PoolConsulConfig(service="web", tags=("v2",)))
+    other.watcher.startService()
+    assert other.pool.peers == {}
+    other.watcher.stopService()
+
+
+def test_corrupt_snapshot_is_ignored(tmp_path: Any, logs: List[str]) -> None:
+    """A damaged snapshot file is logged and not used; the watch starts empty."""
+    h = Harness(tmp_path, http=FailingHTTP())
+    os.makedirs(h.state_dir)
+    with open(snapshot.path_for(h.state_dir, "web"), "w") as f:
+        f.write('{"version": 1, "query": ')
+    h.watcher.startService()
+    assert h.pool.peers == {}
+    assert any("snapshot not used" in line for line in logs)
+    h.watcher.stopService()
+
+
+def test_unchanged_first_answer_does_not_rewrite_snapshot(tmp_path: Any,
+                                                          monkeypatch: Any) -> None:
+    """When Consul's first answer equals the loaded snapshot, nothing is applied or
+    written."""
+    first = Harness(tmp_path)
+    first.start()
+    first.answer([instance("10.0.0.1", 80)], index=3)
+    first.watcher.stopService()
+    saves: List[str] = []
+    monkeypatch.setattr(snapshot, "save", lambda path, doc: saves.append(path))
+    second = Harness(tmp_path)
+    second.start()
+    second.events.clear()
+    second.answer([instance("10.0.0.1", 80)], index=8)
+    assert saves == [] and second.events == []
+    assert second.watcher.requests == {"unchanged": 1}
+    second.watcher.stopService()
+
+
+def test_unwritable_state_dir_does_not_stop_discovery(tmp_path: Any, logs: List[str]) -> None:
+    """If the snapshot cannot be written the change still applies; the error is logged
+    and counted."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    h = Harness(tmp_path)
+    h.state_dir = str(blocker / "state")
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=3)
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
+    assert h.watcher.snapshot_errors == 1
+    assert any("cannot write the Consul snapshot" in line for line in logs)
+    h.watcher.stopService()
+
+
+def test_reload_keeps_the_pools_consul_peers(tmp_path: Any) -> None:
+    """A watcher started for a pool that already holds Consul peers (a reload replaced the
+    watcher) takes them as its last good set instead of loading the snapshot."""
+    h = Harness(tmp_path, http=FailingHTTP())
+    h.pool.apply("consul", [PeerSpec(parse_address("10.0.0.5:80"))])
+    os.makedirs(h.state_dir)
+    snapshot.save(snapshot.path_for(h.state_dir, "web"), {
+        "version": 1, "query": {"service": "web", "tags": ["v1"], "passing_only": True,
+                                "datacenter": None},
+        "peers": [{"address": "10.0.0.9:80", "weight": 1, "state": "ready"}]})
+    h.watcher.startService()
+    assert set(h.peers()) == {"10.0.0.5:80"}
+    assert h.watcher.peers == [PeerSpec(parse_address("10.0.0.5:80"))]
+    h.watcher.stopService()
+
+
+def test_release_drains_consul_peers_and_forgets_the_snapshot(h: Harness) -> None:
+    """When a reload drops the pool's consul section, release() lets go of its peers and
+    deletes the snapshot so it is not served later."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=3)
+    path = snapshot.path_for(h.state_dir, "web")
+    assert os.path.exists(path)
+    h.watcher.stopService()
+    h.watcher.release()
+    assert h.pool.peers == {} and not os.path.exists(path)
+
+
+# --- KV --------------------------------------------------------------------------------------
+
+
+def test_kv_watch_blocks_on_a_404_index(tmp_path: Any) -> None:
+    """An empty KV folder answers 404 with an index: an empty set, and the next request
+    blocks on that index; keys appearing later become peers."""
+    h = Harness(tmp_path, pool_consul=PoolConsulConfig(kv_prefix="upstreams/web"))
+    h.start()
+    assert h.request().path == b"/v1/kv/upstreams/web/"
+    assert h.args() == {"recurse": [""]}
+    h.answer(status=404, raw=b"", index=12)
+    assert h.pool.peers == {} and h.watcher.requests == {"ok": 1}
+    h.clock.advance(0)
+    assert h.args()["index"] == ["12"]
+    h.answer([{"Key": "upstreams/web/10.0.0.1:80", "Value": None},
+              {"Key": "upstreams/web2/10.0.0.2:80", "Value": None}], index=13)
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
+    h.watcher.stopService()
+
+
+# --- build_part ------------------------------------------------------------------------------
+
+
+class FakeRoot:
+    def __init__(self, clock: Clock, state_dir: str) -> None:
+        from lb.testing import make_config
+        self.reactor = clock
+        self.http_client = StubTreq(FakeConsul())
+        self.config = make_config({"l": {"bind": "127.0.0.1:0", "pool": "web"}},
+                                  {"web": {"consul": {"service": "web"}}, "plain": {}},
+                                  consul={"url": "http://127.0.0.1:1"}, state_dir=state_dir)
+
+
+def test_build_part_only_for_consul_pools(tmp_path: Any) -> None:
+    """Pools with a consul section get a watcher using the root's client and settings
+    (read live, so a reload's new settings apply); others get nothing."""
+    root = FakeRoot(Clock(), str(tmp_path))
+    pool = Pool(root.config.pools["web"], root.reactor)
+    part = consul.build_part(root, pool, root.config.pools["web"])
+    assert isinstance(part, ConsulWatcher)
+    assert isinstance(part.query, ServiceQuery)
+    assert part.settings().url == "http://127.0.0.1:1"
+    assert consul.build_part(root, Pool(root.config.pools["plain"], root.reactor),
+                             root.config.pools["plain"]) is None
+
+
+def test_kv_query_watcher_type() -> None:
+    """A kv_prefix pool's watcher queries the KV folder."""
+    assert isinstance(consul.make_query(PoolConsulConfig(kv_prefix="a/b")), KVQuery)
+
+
+def test_unusable_instance_is_logged_once_per_problem(h: Harness, logs: List[str]) -> None:
+    """An instance lb cannot use (no port) is reported once, not on every answer, while
+    the usable ones are applied."""
+    h.start()
+    bad = instance("10.0.0.2", 0)
+    for index in (3, 4, 5):
+        h.answer([instance("10.0.0.1", 80), bad], index=index)
+        h.clock.advance(0)
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
+    assert len([line for line in logs if "ignored instance web-0" in line]) == 1
