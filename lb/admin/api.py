@@ -132,7 +132,7 @@ def write_json(request: Request, status: int, body: Any,
     request.setHeader(b"x-content-type-options", b"nosniff")
     for name, value in (headers or {}).items():
         request.setHeader(name.encode("ascii"), value.encode("utf-8"))
-    pretty = request.args.get(b"pretty", [b"0"])[-1] not in (b"0", b"false", b"")
+    pretty = (request.args or {}).get(b"pretty", [b"0"])[-1] not in (b"0", b"false", b"")
     text = json.dumps(body, indent=2 if pretty else None, allow_nan=False)
     return text.encode("utf-8") + b"\n"
 
@@ -245,6 +245,10 @@ class ApiResource(Resource):
             status, body, headers = e.status, {"error": e.message}, e.headers
         except PoolError as e:
             status, body = e.status, {"error": str(e)}
+        except Exception:
+            self.log.failure("admin API: {method} {path} failed", method=method,
+                             path=request.uri.decode("ascii", "replace"))
+            status, body = 500, {"error": "internal error (see the balancer's log)"}
         if method in MUTATING:
             client = request.getClientAddress()
             self.log.info("admin API: {method} {path} from {client}: {status}{error}",
@@ -256,7 +260,7 @@ class ApiResource(Resource):
     def _dispatch(self, request: Request,
                   method: str) -> Tuple[int, Any, Dict[str, str]]:
         try:
-            segments = [s.decode("utf-8") for s in request.postpath]
+            segments = [s.decode("utf-8") for s in request.postpath or []]
         except UnicodeDecodeError:
             raise ApiError(400, "the path is not valid UTF-8") from None
         if segments and segments[-1] == "":
@@ -359,8 +363,7 @@ class ApiResource(Resource):
             raise ApiError(400, "expected 'admin_state' and/or 'weight'")
         state = _admin_state(body["admin_state"]) if "admin_state" in body else None
         weight = _weight(body["weight"]) if "weight" in body else None
-        pool.get(key)  # 404 before anything changes
-        if weight is not None:
+        if weight is not None:  # an unknown peer fails here (404), before any change
             pool.set_weight(key, weight, reason="admin API")
         if state is not None:
             pool.set_admin_state(key, state, reason="admin API")

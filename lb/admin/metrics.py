@@ -14,7 +14,8 @@ in the reactor thread, which is cheap at these sizes.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+import sys
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -31,7 +32,6 @@ from lb.config import ADMIN_STATES
 from lb.health.risefall import UP
 
 REFUSE_REASONS = ("allow", "max_connections")
-CHECK_RESULTS = ("ok", "fail")
 
 
 class LBCollector(Collector):
@@ -150,9 +150,9 @@ class LBCollector(Collector):
                 up.add_metric(labels, 1 if peer.health == UP else 0)
                 by_health[peer.health] = by_health.get(peer.health, 0) + 1
                 if results is not None:
-                    for result in CHECK_RESULTS:
-                        checks.add_metric(labels + [result],
-                                          results.get((peer.key, result), 0))
+                    counted = {**results[""], **results.get(peer.key, {})}
+                    for result, count in sorted(counted.items()):
+                        checks.add_metric(labels + [result], count)
                 state = peer.admin_state
                 for name in ADMIN_STATES:
                     admin.add_metric(labels + [name], 1 if state == name else 0)
@@ -174,31 +174,54 @@ class LBCollector(Collector):
         last = GaugeMetricFamily(
             "lb_consul_last_success_timestamp_seconds",
             "When Consul last answered this pool's query successfully.", labels=["pool"])
+        failing = GaugeMetricFamily(
+            "lb_consul_consecutive_failures",
+            "Consul queries failed in a row for this pool (0 once one succeeds).",
+            labels=["pool"])
         for service in pools:
             watcher = getattr(service, "parts", {}).get("consul")
             if watcher is None:
                 continue
-            counts = getattr(watcher, "requests", None) or {}
-            for result, count in sorted(dict(counts).items(), key=lambda kv: str(kv[0])):
-                requests.add_metric([service.pool.name, str(result)], count)
+            raw = dict(getattr(watcher, "requests", None) or {})
+            counts = {str(k): v for k, v in raw.items()}
+            # every result the watcher can count shows from the start (rate() needs a zero)
+            module = sys.modules.get(type(watcher).__module__)
+            for result in getattr(module, "RESULTS", ()):
+                counts.setdefault(str(result), 0)
+            for result, count in sorted(counts.items()):
+                requests.add_metric([service.pool.name, result], count)
             when = getattr(watcher, "last_success", None)
             if when is not None:
                 last.add_metric([service.pool.name], when)
-        yield from (requests, last)
+            failures = getattr(watcher, "failures", None)
+            if isinstance(failures, int):
+                failing.add_metric([service.pool.name], failures)
+        yield from (requests, last, failing)
 
 
-def _check_results(monitor: Any) -> Optional[Dict[Tuple[str, str], int]]:
-    """The health part's per-probe counters, keyed (peer key, "ok"/"fail"), if it has any."""
+def _check_results(monitor: Any) -> Optional[Dict[str, Dict[str, int]]]:
+    """The health part's per-probe counters as {peer key: {result: count}}, or None when the
+    pool has no monitor. The monitor counts in ``checks`` (or ``results``), a Counter keyed
+    (peer key, result); every peer shows at least the monitor's pass and fail labels."""
     if monitor is None:
         return None
-    results = getattr(monitor, "results", None)
-    if results is None:
+    counts = getattr(monitor, "checks", None)
+    if counts is None:
+        counts = getattr(monitor, "results", None)
+    if counts is None:
         return None
+    module = sys.modules.get(type(monitor).__module__)
+    labels = (getattr(module, "PASS", "pass"), getattr(module, "FAIL", "fail"))
+    out: Dict[str, Dict[str, int]] = {}
     try:
-        return {key: count for key, count in dict(results).items()
-                if isinstance(key, tuple) and len(key) == 2}
+        items = list(dict(counts).items())
     except (TypeError, ValueError):
         return None
+    for key, count in items:
+        if isinstance(key, tuple) and len(key) == 2:
+            out.setdefault(str(key[0]), {})[str(key[1])] = count
+    out[""] = {label: 0 for label in labels}  # the labels every peer shows
+    return out
 
 
 def make_registry(root: Any, process: bool = True) -> CollectorRegistry:
@@ -211,6 +234,21 @@ def make_registry(root: Any, process: bool = True) -> CollectorRegistry:
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
     return registry
+
+
+class _Only:
+    """The families of ``registry`` named in ``names`` (by family or sample name). Unlike
+    ``restricted_registry`` it needs no ``describe``, which would walk the pools."""
+
+    def __init__(self, registry: CollectorRegistry, names: Iterable[str]) -> None:
+        self.registry = registry
+        self.names = set(names)
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            known = {metric.name, f"{metric.name}_total"} | {s.name for s in metric.samples}
+            if known & self.names:
+                yield metric
 
 
 class MetricsResource(Resource):
@@ -226,9 +264,9 @@ class MetricsResource(Resource):
         accept = (request.getHeader(b"accept") or b"").decode("latin-1")
         encoder, content_type = choose_encoder(accept)
         registry: Any = self.registry
-        names = [n.decode("utf-8", "replace") for n in request.args.get(b"name[]", [])]
+        names = [n.decode("utf-8", "replace") for n in (request.args or {}).get(b"name[]", [])]
         if names:
-            registry = registry.restricted_registry(names)
+            registry = _Only(registry, names)
         body = encoder(registry)
         request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")

@@ -1,0 +1,264 @@
+"""``GET /``: the HTML status page, in the spirit of HAProxy's stats page.
+
+One table per pool (address, sources, admin state, coloured health, weight, connections,
+bytes, last check with its age, buttons) and one table of listeners. The page is complete
+as served (it works without JavaScript, refreshing with a meta tag); with JavaScript it
+re-fetches itself every few seconds and swaps the content in place, and its buttons call the
+JSON API (with the bearer token typed into the page when ``admin.token_file`` is set).
+No external assets: the CSS and script are inline in ``status.html``.
+"""
+
+from __future__ import annotations
+
+import time
+from html import escape
+from importlib import resources
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+import lb
+from lb.peer import Peer
+from lb.pool import Pool
+
+REFRESH_SECONDS = 5
+MAX_REFRESH_SECONDS = 3600
+ADMIN_ACTIONS = ("ready", "drain", "maint")
+
+# the page may run its own inline script and style and talk to this server only
+CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+       "connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; "
+       "frame-ancestors 'none'")
+
+
+def _template() -> str:
+    return resources.files("lb.admin").joinpath("status.html").read_text(encoding="utf-8")
+
+
+def _e(value: Any) -> str:
+    return escape(str(value), quote=True)
+
+
+def human_bytes(n: int) -> str:
+    """1536 → '1.5 KiB': bytes as an operator reads them."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_age(seconds: float) -> str:
+    """How long ago, to the precision that matters: '4s', '2m 5s', '3h 10m', '2d 4h'."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def _when(now: float, at: Optional[float]) -> str:
+    if at is None:
+        return "never"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+    return f'<span title="{_e(stamp)}">{_e(human_age(now - at))} ago</span>'
+
+
+class StatusPage(Resource):
+    """Renders the page from the live objects on every request (cheap: no I/O)."""
+
+    isLeaf = True
+
+    def __init__(self, root: Any, clock: Any,
+                 token: Optional[Callable[[], Optional[str]]] = None,
+                 refresh: int = REFRESH_SECONDS) -> None:
+        super().__init__()
+        self.root = root
+        self.clock = clock
+        self.token = token or (lambda: root.config.admin.token)
+        self.refresh = refresh
+        self.started = clock.seconds()
+        self._template = _template()
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"content-security-policy", CSP.encode("ascii"))
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        host = (request.getHeader(b"host") or b"").decode("latin-1")
+        return self.render_page(host, self._refresh(request)).encode("utf-8")
+
+    def _refresh(self, request: Request) -> int:
+        """``?refresh=N`` sets the period in seconds (1-3600), as HAProxy's stats URI does."""
+        value = (request.args or {}).get(b"refresh", [b""])[-1]
+        if value.isdigit():
+            return max(1, min(int(value), MAX_REFRESH_SECONDS))
+        return self.refresh
+
+    def render_page(self, host: str = "", refresh: Optional[int] = None) -> str:
+        now = self.clock.seconds()
+        root = self.root
+        subtitle = (f"{lb.__version__} · {len(root.pools)} pool(s), {len(root.listeners)} "
+                    f"listener(s) · up {human_age(now - self.started)}")
+        parts = [self._summary(now), self._listeners()]
+        for name, service in list(root.pools.items()):
+            parts.append(self._pool(service.pool, getattr(service, "parts", {}), now))
+        if not root.pools:
+            parts.append('<p class="empty">no pools configured</p>')
+        page = self._template
+        title = f"lb status · {host or self.root.config.admin.bind}"
+        for marker, value in (("title", _e(title)),
+                              ("subtitle", _e(subtitle)),
+                              ("auth", "token" if self.token() else "open"),
+                              ("refresh", str(int(refresh or self.refresh))),
+                              ("content", "\n".join(parts))):
+            page = page.replace(f"<!--lb:{marker}-->", value)
+        return page
+
+    def _summary(self, now: float) -> str:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        changes = ("changes need the admin token" if self.token()
+                   else "changes are open to anyone who can reach this address")
+        return (f'<p class="meta">config <b>{_e(self.root.config.path)}</b> · generated '
+                f'<span id="generated">{_e(stamp)}</span> · {_e(changes)}</p>')
+
+    # listeners
+
+    def _listeners(self) -> str:
+        rows: List[str] = []
+        for service in list(self.root.listeners.values()):
+            listener = service.listener
+            config = listener.config
+            refused = ", ".join(f"{_e(reason)} {count}" for reason, count in
+                                sorted(listener.refused.items()) if count) or "0"
+            ended = ", ".join(f"{_e(reason)} {count}" for reason, count in
+                              sorted(listener.ended.items())) or "—"
+            pool_name = listener.pool.name if listener.pool is not None else config.pool
+            rows.append(
+                f'<tr data-listener="{_e(config.name)}"><td>{_e(config.name)}</td>'
+                f'<td class="addr">{_e(service.address())}</td>'
+                f'<td><a href="#pool-{_e(pool_name)}">{_e(pool_name)}</a></td>'
+                f'<td class="num">{len(listener.sessions)} / {config.max_connections}</td>'
+                f'<td class="num">{listener.total}</td>'
+                f'<td class="num">{listener.no_peer}</td>'
+                f'<td class="num">{refused}</td><td>{ended}</td></tr>')
+        if not rows:
+            rows.append('<tr><td colspan="8" class="empty">no listeners</td></tr>')
+        return ('<h2>listeners</h2><table id="listeners"><thead><tr><th>name</th>'
+                '<th>address</th><th>pool</th><th class="num">active / max</th>'
+                '<th class="num">total</th><th class="num">no peer</th>'
+                '<th class="num">refused</th><th>ended</th></tr></thead><tbody>'
+                + "".join(rows) + "</tbody></table>")
+
+    # pools
+
+    def _pool(self, pool: Pool, parts: Dict[str, Any], now: float) -> str:
+        peers = list(pool.peers.values())
+        up = sum(1 for p in peers if p.health == "up")
+        active = sum(p.active_connections for p in peers)
+        meta = [f"balance <b>{_e(pool.config.balance)}</b>",
+                f"<b>{up}</b> of {len(peers)} peer(s) up",
+                f"<b>{active}</b> active connection(s)",
+                self._checks(pool), *self._consul(pool, parts, now)]
+        if pool.config.slow_start > 0:
+            meta.append(f"slow start {pool.config.slow_start:g}s")
+        rows = [self._peer_row(pool, peer, now) for peer in peers]
+        if not rows:
+            rows.append('<tr><td colspan="11" class="empty">no peers: clients of this pool are '
+                        'closed at once</td></tr>')
+        name = _e(pool.name)
+        return (f'<section class="pool" id="pool-{name}" data-pool="{name}">'
+                f'<h2><span class="kind">pool</span> {name}</h2>'
+                f'<p class="meta">{" · ".join(meta)}</p>'
+                '<table class="peers"><thead><tr><th>peer</th><th>sources</th>'
+                '<th>admin state</th><th>health</th><th class="num">weight</th>'
+                '<th class="num">active / total</th><th class="num">bytes in / out</th>'
+                '<th class="num">connect failures</th><th>last check</th><th>checked</th>'
+                '<th>actions</th></tr></thead><tbody>' + "".join(rows) + '</tbody></table>'
+                f'<form class="add" data-pool="{name}">add a peer: '
+                '<input name="address" placeholder="host:port" required aria-label="address"> '
+                'weight <input name="weight" type="number" min="0" max="256" value="1" '
+                'aria-label="weight"> <button type="submit">add</button></form></section>')
+
+    @staticmethod
+    def _checks(pool: Pool) -> str:
+        health = pool.config.health
+        if health is None:
+            return "no active checks (connect failures count)"
+        what = f"{health.type} {health.path}" if health.type == "http" else health.type
+        return (f"checks <b>{_e(what)}</b> every {health.interval:g}s, timeout "
+                f"{health.timeout:g}s, rise {health.rise}, fall {health.fall}")
+
+    @staticmethod
+    def _consul(pool: Pool, parts: Dict[str, Any], now: float) -> List[str]:
+        consul = pool.config.consul
+        if consul is None:
+            return []
+        what = consul.service or f"kv {consul.kv_prefix}"
+        watcher = parts.get("consul")
+        last = getattr(watcher, "last_success", None) if watcher is not None else None
+        if last is None:
+            answer = '<span class="check-fail">no answer yet</span>'
+        else:
+            answer = f"last answer {_when(now, last)}"
+        error = getattr(watcher, "last_error", None) if watcher is not None else None
+        if error:
+            failures = getattr(watcher, "failures", None)
+            times = f" ({failures}× in a row)" if isinstance(failures, int) else ""
+            answer += f' · <span class="check-fail">error{times}: {_e(error)}</span>'
+        return [f"Consul <b>{_e(what)}</b>: {answer}"]
+
+    def _peer_row(self, pool: Pool, peer: Peer, now: float) -> str:
+        state = peer.admin_state
+        health = peer.health
+        why = [f"operator: {peer.operator_state}"] + [
+            f"{source}: {spec.state}" for source, spec in sorted(peer.wants.items())]
+        state_html = f'<span class="badge s-{_e(state)}" title="{_e("; ".join(why))}">' \
+                     f'{_e(state)}</span>'
+        if peer.removing:
+            state_html += ' <span class="badge s-removing" title="no source wants it: ' \
+                          'removed once idle or after drain_timeout">removing</span>'
+        weight = f"{peer.weight}"
+        if peer.ramp < 1.0:
+            weight += f' <span class="muted">(slow start {peer.ramp:.0%})</span>'
+        check = peer.last_check
+        if check is None:
+            detail = ('<span class="muted">none yet</span>' if pool.config.health is not None
+                      else '<span class="muted">—</span>')
+            checked = "—"
+        else:
+            cls = "check-ok" if check.ok else "check-fail"
+            mark = "✔" if check.ok else "✘"
+            detail = f'<span class="{cls}">{mark} {_e(check.detail)}</span>'
+            checked = _when(now, check.at)
+        return (f'<tr class="health-{_e(health)} state-{_e(state)}" data-peer="{_e(peer.key)}" '
+                f'data-admin-state="{_e(state)}" data-health="{_e(health)}">'
+                f'<td class="addr">{_e(peer.key)}</td>'
+                f'<td>{_e(", ".join(peer.sources)) or "—"}</td>'
+                f'<td class="state">{state_html}</td>'
+                f'<td class="health"><span class="badge h-{_e(health)}">{_e(health)}</span></td>'
+                f'<td class="num">{weight}</td>'
+                f'<td class="num">{peer.active_connections} / {peer.total_connections}</td>'
+                f'<td class="num"><span title="{peer.bytes_in} bytes client → peer">'
+                f'{human_bytes(peer.bytes_in)}</span> / <span title="{peer.bytes_out} bytes '
+                f'peer → client">{human_bytes(peer.bytes_out)}</span></td>'
+                f'<td class="num">{peer.connect_failures}</td>'
+                f'<td class="detail">{detail}</td><td>{checked}</td>'
+                f'<td class="actions">{self._buttons(pool, peer)}</td></tr>')
+
+    @staticmethod
+    def _buttons(pool: Pool, peer: Peer) -> str:
+        data = f'data-pool="{_e(pool.name)}" data-peer="{_e(peer.key)}"'
+        buttons = [f'<button type="button" class="{state}" data-action="state" '
+                   f'data-state="{state}" {data}>{state}</button>'
+                   for state in ADMIN_ACTIONS if state != peer.operator_state]
+        if "admin" in peer.wants and not peer.removing:
+            buttons.append(f'<button type="button" class="remove" data-action="remove" '
+                           f'{data}>remove</button>')
+        return " ".join(buttons)
