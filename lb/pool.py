@@ -266,6 +266,9 @@ class Pool:
                 ("admin_state", "health", "weight"), before, after) if a != b)
             self.log.info("pool {pool}: peer {peer} {changes} ({reason})", pool=self.name,
                           peer=peer.key, changes=changes, reason=reason)
+        if (before[0] == MAINT and after[0] == READY and self.config.slow_start > 0
+                and peer.is_up):
+            self._start_ramp(peer)  # back from maintenance: ramp up like HAProxy
         if before[0] != MAINT and after[0] == MAINT:
             self._schedule((peer.key, "maint"), self.config.drain_timeout,
                            self._close_connections, peer)
@@ -345,12 +348,20 @@ class Pool:
         if duration <= 0:
             self._set_ramp(peer, 1.0)
             return
-        progress = (self.clock.seconds() - started) / duration
-        ramp = min(1.0, SLOW_START_FLOOR + (1 - SLOW_START_FLOOR) * progress)
-        self._set_ramp(peer, ramp)
-        if ramp < 1.0:
-            self._schedule((peer.key, "ramp"), duration / SLOW_START_STEPS,
-                           self._ramp_tick, peer, started)
+        # Whole steps from the start time, however late a tick fires: every ramping peer
+        # takes one of the same 21 ramp values, so balancers indexing peers by weight
+        # (roundrobin's weight groups) stay small however many peers ramp at once.
+        # A tick counts as on time within a millionth of a step (float sums of delays).
+        period = duration / SLOW_START_STEPS
+        step = int((self.clock.seconds() - started) / period + 1e-6)
+        if step >= SLOW_START_STEPS:
+            self._set_ramp(peer, 1.0)
+            return
+        self._set_ramp(peer, SLOW_START_FLOOR
+                       + (1 - SLOW_START_FLOOR) * step / SLOW_START_STEPS)
+        due = started + (step + 1) * period - period * 1e-7
+        self._schedule((peer.key, "ramp"), max(0.0, due - self.clock.seconds()),
+                       self._ramp_tick, peer, started)
 
     def _set_ramp(self, peer: Peer, ramp: float) -> None:
         if peer.ramp != ramp:

@@ -7,14 +7,14 @@ Adding an algorithm is a new module here with a ``Balancer`` class and its name 
 from __future__ import annotations
 
 import importlib
-import random
+import random as _random
 from typing import Optional
 
 from lb.interfaces import IBalancer
 
 
-def create(name: str, *, rng: Optional[random.Random] = None,
+def create(name: str, *, rng: Optional[_random.Random] = None,
            hash_balance_factor: Optional[float] = None) -> IBalancer:
     """Build the balancer called ``name`` (a validated ``balance`` value)."""
     module = importlib.import_module(f"lb.balancer.{name}")
-    return module.Balancer(rng=rng or random.Random(), hash_balance_factor=hash_balance_factor)
+    return module.Balancer(rng=rng or _random.Random(), hash_balance_factor=hash_balance_factor)

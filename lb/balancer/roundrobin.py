@@ -7,18 +7,49 @@ share a heap. Between two of its own picks a peer's ``current`` grows by ``w`` p
 pick, so ``current = key + w * T`` where ``T`` counts picks and ``key`` changes only when
 the peer itself is picked. Within a weight group the order by ``key`` is fixed, so a pick
 compares the tops of the groups: O(groups + log n), and pools have few distinct weights.
+
+Peers already tried for a client (``exclude``, connect retries) are skipped the way nginx
+skips ``tried`` peers: they neither win nor gain weight in that pick, and the total that
+the winner pays is the sum of the weights that took part.
 """
 
 from __future__ import annotations
 
 import heapq
-from typing import AbstractSet, Any, Dict, List, Optional
+from typing import AbstractSet, Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 from zope.interface import implementer
 
 from lb.interfaces import IBalancer
 
 _SCALE = 1000  # effective weights are floats (slow start); integers keep the sums exact
+
+T = TypeVar("T")
+
+
+def heap_in_order(heap: Sequence[T]) -> Iterator[T]:
+    """Yield a binary heap's items smallest first without popping them.
+
+    Best-first walk from the root: costs O(k log k) for the first k items, so finding the
+    best item that is not excluded (connect retries) stays cheap in a big heap.
+    """
+    if not heap:
+        return
+    size = len(heap)
+    frontier: List[tuple] = [(heap[0], 0)]
+    while frontier:
+        item, i = heapq.heappop(frontier)
+        yield item
+        left = 2 * i + 1
+        if left < size:
+            heapq.heappush(frontier, (heap[left], left))
+            if left + 1 < size:
+                heapq.heappush(frontier, (heap[left + 1], left + 1))
+
+
+def scaled_weight(peer: Any) -> int:
+    """A peer's effective weight as an integer in thousandths (0 for no weight)."""
+    return max(0, int(round(peer.effective_weight * _SCALE)))
 
 
 class _Entry:
@@ -48,9 +79,18 @@ class _Group:
             heapq.heappop(heap)
         return heap[0] if heap else None
 
+    def first(self, usable: Callable[[_Entry], bool]) -> Optional[_Entry]:
+        """The best live entry that ``usable`` accepts."""
+        for entry in heap_in_order(self.heap):
+            if entry.alive and usable(entry):
+                return entry
+        return None
+
 
 @implementer(IBalancer)
 class Balancer:
+    """nginx's smooth weighted round-robin (``balance: roundrobin``)."""
+
     def __init__(self, rng: Any = None, hash_balance_factor: Optional[float] = None) -> None:
         self._groups: Dict[int, _Group] = {}
         self._entries: Dict[Any, _Entry] = {}
@@ -62,11 +102,8 @@ class Balancer:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _weight(self, peer: Any) -> int:
-        return max(0, int(round(peer.effective_weight * _SCALE)))
-
     def _insert(self, peer: Any, current: int) -> None:
-        weight = self._weight(peer)
+        weight = scaled_weight(peer)
         order = self._order.get(peer)
         if order is None:
             order = self._order[peer] = self._next_order
@@ -105,7 +142,7 @@ class Balancer:
 
     def reweight(self, peer: Any) -> None:
         entry = self._entries.get(peer)
-        if entry is not None and entry.weight != self._weight(peer):
+        if entry is not None and entry.weight != scaled_weight(peer):
             current = self._discard(peer)
             self._insert(peer, current or 0)
 
@@ -113,6 +150,11 @@ class Balancer:
              exclude: AbstractSet[Any] = frozenset()) -> Optional[Any]:
         if not self._entries:
             return None
+        skipped: List[_Entry] = []
+        if exclude:
+            skipped = [e for e in map(self._entries.get, exclude) if e is not None]
+            if len(skipped) == len(self._entries):
+                return None
         self._picks += 1
         picks = self._picks
         best: Optional[_Entry] = None
@@ -123,9 +165,8 @@ class Balancer:
             entry = group.top()
             if entry is None:
                 continue
-            if exclude and entry.peer in exclude:
-                entry = next((e for e in heapq.nsmallest(len(exclude) + 1, group.heap)
-                              if e.alive and e.peer not in exclude), None)
+            if skipped and entry.peer in exclude:
+                entry = group.first(lambda e: e.peer not in exclude)
                 if entry is None:
                     continue
             current = -entry.neg_key + weight * picks
@@ -133,11 +174,16 @@ class Balancer:
                     current == best_current and entry.order < best.order):
                 best, best_current = entry, current
         if best is None:
+            self._picks -= 1  # nothing took part: nobody's current moves
             return None
+        total = self._total - sum(e.weight for e in skipped)
         peer = best.peer
         self._discard(peer)
-        self._insert(peer, best_current - self._total - best.weight)
-        # _insert adds the weight back to the total; `current - total` is nginx's step.
+        self._insert(peer, best_current - total)
+        for entry in skipped:
+            # nginx does not add weight to tried peers: undo this pick's growth
+            grown = self._discard(entry.peer)
+            self._insert(entry.peer, (grown or 0) - entry.weight)
         return peer
 
     def connection_opened(self, peer: Any) -> None:

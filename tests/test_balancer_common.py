@@ -1,0 +1,143 @@
+"""What every balancing algorithm owes the pool (lb.interfaces.IBalancer), checked for
+each name in lb.config.BALANCE_ALGORITHMS."""
+
+from __future__ import annotations
+
+import importlib
+import random
+from typing import Any, Optional
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from lb.balancer import create
+from lb.config import BALANCE_ALGORITHMS
+from lb.interfaces import IBalancer
+
+ALGORITHMS = [(name, None) for name in BALANCE_ALGORITHMS] + [("source", 1.25)]
+IDS = [name if factor is None else f"{name}-bounded" for name, factor in ALGORITHMS]
+
+
+class FakePeer:
+    def __init__(self, key: str, weight: float = 1.0) -> None:
+        self.key = key
+        self.effective_weight = float(weight)
+        self.active_connections = 0
+
+    def __repr__(self) -> str:
+        return self.key
+
+
+class CountingPeer:
+    """Counts reads of the attributes a balancer uses, to show picks do not scan."""
+
+    reads = 0
+
+    def __init__(self, key: str, weight: float) -> None:
+        self.key = key
+        self._weight = weight
+        self._active = 0
+
+    @property
+    def effective_weight(self) -> float:
+        CountingPeer.reads += 1
+        return self._weight
+
+    @property
+    def active_connections(self) -> int:
+        CountingPeer.reads += 1
+        return self._active
+
+    @active_connections.setter
+    def active_connections(self, value: int) -> None:
+        self._active = value
+
+
+def make(name: str, factor: Optional[float], seed: int = 1) -> Any:
+    return create(name, rng=random.Random(seed), hash_balance_factor=factor)
+
+
+@pytest.mark.parametrize("name", BALANCE_ALGORITHMS)
+def test_create_without_an_rng(name: str) -> None:
+    """``create`` works for every algorithm with no rng given, whatever was imported
+    before (lb.balancer.random shadows the stdlib name inside the package)."""
+    importlib.import_module("lb.balancer.random")  # the import that shadows the name
+    balancer = create(name)
+    assert verifyObject(IBalancer, balancer)
+    peer = FakePeer("10.0.0.1:80")
+    balancer.add(peer)
+    assert balancer.pick("192.0.2.1", frozenset()) is peer
+
+
+@pytest.mark.parametrize("name,factor", ALGORITHMS, ids=IDS)
+def test_contract(name: str, factor: Optional[float]) -> None:
+    """Empty gives None; every added peer gets picked; removed and tried peers are not;
+    picks work with and without a client address; len counts peers in rotation."""
+    b = make(name, factor)
+    assert b.pick(None, frozenset()) is None and b.pick("192.0.2.1", frozenset()) is None
+    ps = [FakePeer(f"10.0.0.{i}:80") for i in range(1, 5)]
+    for p in ps:
+        b.add(p)
+        b.add(p)  # idempotent
+    assert len(b) == 4
+    clients = [f"192.0.2.{i}" for i in range(200)] + [None] * 200
+    seen = set()
+    for client in clients:
+        peer = b.pick(client, frozenset())
+        peer.active_connections += 1
+        b.connection_opened(peer)
+        seen.add(peer)
+        peer.active_connections -= 1
+        b.connection_closed(peer)
+    assert seen == set(ps)
+    b.remove(ps[0])
+    b.remove(ps[0])  # idempotent
+    assert len(b) == 3
+    for client in clients:
+        got = b.pick(client, {ps[1]})
+        assert got in (ps[2], ps[3])
+    assert b.pick("192.0.2.1", set(ps)) is None
+    assert b.pick(None, set(ps[1:])) is None
+
+
+@pytest.mark.parametrize("name,factor", ALGORITHMS, ids=IDS)
+def test_reweight_to_a_tiny_share(name: str, factor: Optional[float]) -> None:
+    """A weight change reaches the algorithm: at 0.1 against 1, a peer gets a small share
+    (the slow-start floor)."""
+    b = make(name, factor, seed=3)
+    a, small = FakePeer("10.0.0.1:80"), FakePeer("10.0.0.2:80")
+    b.add(a)
+    b.add(small)
+    small.effective_weight = 0.1
+    b.reweight(small)
+    hits = 0
+    for i in range(2000):
+        peer = b.pick(f"198.51.{i >> 8}.{i & 255}", frozenset())
+        peer.active_connections += 1
+        b.connection_opened(peer)
+        peer.active_connections -= 1
+        b.connection_closed(peer)
+        hits += peer is small
+    assert 0.03 * 2000 < hits < 0.16 * 2000
+
+
+@pytest.mark.parametrize("name,factor", ALGORITHMS, ids=IDS)
+def test_picks_do_not_scan_the_pool(name: str, factor: Optional[float]) -> None:
+    """With 2,000 peers, a pick (with its connection opening and closing) reads the
+    weights and connection counts of a handful of peers, not of the whole pool."""
+    b = make(name, factor)
+    ps = [CountingPeer(f"10.1.{i >> 8}.{i & 255}:80", 1 + i % 3) for i in range(2000)]
+    for p in ps:
+        b.add(p)
+    b.pick("192.0.2.1", frozenset())  # lazy index building happens here, once
+    CountingPeer.reads = 0
+    held = []
+    for i in range(500):
+        peer = b.pick(f"192.0.{i >> 8}.{i & 255}", frozenset())
+        peer.active_connections += 1
+        b.connection_opened(peer)
+        held.append(peer)
+    for peer in held:
+        peer.active_connections -= 1
+        b.connection_closed(peer)
+    assert CountingPeer.reads < 20 * 500, CountingPeer.reads

@@ -1,0 +1,281 @@
+"""Consistent hashing of the client address, with bounded load, in lb.balancer.source."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from typing import Dict, List, Optional
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from lb.balancer import create, source
+from lb.balancer.source import Balancer
+from lb.interfaces import IBalancer
+
+CLIENTS = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(20000)]
+
+
+class FakePeer:
+    def __init__(self, key: str, weight: float = 1.0) -> None:
+        self.key = key
+        self.effective_weight = float(weight)
+        self.active_connections = 0
+
+    def __repr__(self) -> str:
+        return self.key
+
+
+def make_peers(n: int, weight: float = 1.0) -> List[FakePeer]:
+    return [FakePeer(f"192.168.0.{i + 1}:8080", weight) for i in range(n)]
+
+
+def balancer_with(*members: FakePeer, factor: Optional[float] = None,
+                  seed: int = 1) -> Balancer:
+    b = Balancer(rng=random.Random(seed), hash_balance_factor=factor)
+    for peer in members:
+        b.add(peer)
+    return b
+
+
+def mapping(b: Balancer, clients: List[str] = CLIENTS) -> Dict[str, str]:
+    return {c: b.pick(c).key for c in clients}
+
+
+def test_provides_the_interface() -> None:
+    """The module's Balancer is an IBalancer and ``create`` finds it by name."""
+    assert verifyObject(IBalancer, Balancer())
+    b = create("source", hash_balance_factor=1.5)
+    assert isinstance(b, Balancer) and b._factor == 1.5
+
+
+def test_same_client_same_peer_whatever_the_order_peers_arrive() -> None:
+    """The ring is a function of the peer addresses and weights only: two balancers (two
+    lb instances, or a restart) that learn the peers in a different order agree."""
+    ps = make_peers(8)
+    first = mapping(balancer_with(*ps), CLIENTS[:3000])
+    shuffled = list(ps)
+    random.Random(3).shuffle(shuffled)
+    assert mapping(balancer_with(*shuffled), CLIENTS[:3000]) == first
+    b = balancer_with(*ps)
+    assert all(b.pick(c).key == first[c] for c in CLIENTS[:3000])
+
+
+def test_clients_spread_evenly() -> None:
+    """20,000 clients over 10 equal peers: every peer within 25% of its fair share."""
+    counts = Counter(mapping(balancer_with(*make_peers(10))).values())
+    assert len(counts) == 10
+    for n in counts.values():
+        assert 0.75 * 2000 < n < 1.25 * 2000, counts
+
+
+def test_weights_set_the_share() -> None:
+    """A weight-3 peer gets about three times the clients of a weight-1 peer."""
+    ps = make_peers(4)
+    ps[0].effective_weight = 3.0
+    counts = Counter(mapping(balancer_with(*ps)).values())
+    share = counts[ps[0].key] / len(CLIENTS)
+    assert abs(share - 0.5) < 0.06, counts
+
+
+@pytest.mark.parametrize("n", [5, 10, 20])
+def test_removing_a_peer_moves_only_its_clients_and_adding_it_back_restores_them(
+        n: int) -> None:
+    """Removing one of N peers remaps only the clients it had (about 1/N of all); adding
+    it back returns every client to where it was."""
+    ps = make_peers(n)
+    b = balancer_with(*ps)
+    before = mapping(b)
+    gone = ps[n // 2]
+    b.remove(gone)
+    during = mapping(b)
+    moved = [c for c in CLIENTS if before[c] != during[c]]
+    assert all(before[c] == gone.key for c in moved)
+    assert all(during[c] != gone.key for c in CLIENTS)
+    fraction = len(moved) / len(CLIENTS)
+    assert 0.6 / n < fraction < 1.4 / n, fraction
+    b.add(gone)
+    assert mapping(b) == before
+
+
+def test_adding_a_peer_takes_about_one_share_from_the_others() -> None:
+    """A new (N+1)th peer takes about 1/(N+1) of the clients, and only moves clients to
+    itself."""
+    ps = make_peers(10)
+    b = balancer_with(*ps)
+    before = mapping(b)
+    newcomer = FakePeer("192.168.1.99:8080")
+    b.add(newcomer)
+    after = mapping(b)
+    moved = [c for c in CLIENTS if before[c] != after[c]]
+    assert all(after[c] == newcomer.key for c in moved)
+    assert 0.6 / 11 < len(moved) / len(CLIENTS) < 1.4 / 11
+
+
+def test_weight_ramp_moves_clients_only_onto_the_ramping_peer() -> None:
+    """Slow start raises a peer's weight step by step; each step only moves clients from
+    other peers onto it, never between the others."""
+    ps = make_peers(6)
+    ramping = ps[0]
+    ramping.effective_weight = 0.1
+    b = balancer_with(*ps)
+    previous = mapping(b, CLIENTS[:5000])
+    shares = []
+    for step in range(1, 11):
+        ramping.effective_weight = 0.1 + 0.09 * step
+        b.reweight(ramping)
+        now = mapping(b, CLIENTS[:5000])
+        assert all(now[c] == ramping.key for c in now if now[c] != previous[c])
+        shares.append(sum(1 for v in now.values() if v == ramping.key) / 5000)
+        previous = now
+    assert shares == sorted(shares)
+    assert shares[0] < 0.1 < 1 / 6 - 0.04 < shares[-1]
+
+
+def test_ipv4_mapped_ipv6_client_hashes_like_ipv4() -> None:
+    """A client seen on a dual-stack listener as ::ffff:a.b.c.d maps like a.b.c.d."""
+    b = balancer_with(*make_peers(5))
+    for client in CLIENTS[:200]:
+        assert b.pick("::ffff:" + client) is b.pick(client)
+
+
+def test_without_a_client_address_it_falls_back_to_weighted_random() -> None:
+    """No client address: a random point of the ring, so peers share by weight."""
+    ps = make_peers(3)
+    ps[0].effective_weight = 2.0
+    b = balancer_with(*ps, seed=9)
+    counts = Counter(b.pick(None).key for _ in range(8000))
+    assert abs(counts[ps[0].key] / 8000 - 0.5) < 0.06, counts
+
+
+def test_exclude_walks_to_the_next_peer_on_the_ring() -> None:
+    """A retry after the hashed peer failed goes to another peer, the same one each time
+    for a client, and never to a tried peer."""
+    ps = make_peers(5)
+    b = balancer_with(*ps)
+    for client in CLIENTS[:300]:
+        first = b.pick(client)
+        second = b.pick(client, {first})
+        assert second is not None and second is not first
+        assert b.pick(client, {first}) is second
+        third = b.pick(client, {first, second})
+        assert third not in (first, second)
+    assert b.pick(CLIENTS[0], set(ps)) is None
+
+
+def test_bounded_load_caps_every_peer() -> None:
+    """With hash_balance_factor 1.25 no peer ever holds more than
+    ceil(1.25 × connections / peers), even when every client has the same address."""
+    ps = make_peers(4)
+    b = balancer_with(*ps, factor=1.25)
+    for total in range(1, 401):
+        peer = b.pick("203.0.113.7")
+        peer.active_connections += 1
+        b.connection_opened(peer)
+        cap = math.ceil(1.25 * total / 4)
+        assert max(p.active_connections for p in ps) <= cap, total
+    assert sum(p.active_connections for p in ps) == 400
+
+
+def test_without_the_factor_the_same_load_piles_onto_one_peer() -> None:
+    """The cap is what spreads it: unbounded, one hot client address uses one peer."""
+    ps = make_peers(4)
+    b = balancer_with(*ps)
+    for _ in range(100):
+        peer = b.pick("203.0.113.7")
+        peer.active_connections += 1
+        b.connection_opened(peer)
+    assert sorted(p.active_connections for p in ps) == [0, 0, 0, 100]
+
+
+def test_bounded_load_keeps_affinity_below_the_cap() -> None:
+    """Below the cap the bounded ring maps clients exactly like the plain ring, and
+    closed connections free capacity again."""
+    ps = make_peers(6)
+    plain, bounded = balancer_with(*ps), balancer_with(*ps, factor=2.0)
+    assert mapping(bounded, CLIENTS[:2000]) == mapping(plain, CLIENTS[:2000])
+    hot = bounded.pick("203.0.113.7")
+    opened = []
+    for _ in range(12):
+        peer = bounded.pick("203.0.113.7")
+        peer.active_connections += 1
+        bounded.connection_opened(peer)
+        opened.append(peer)
+    assert hot.active_connections < 12  # spilled
+    for peer in opened:
+        peer.active_connections -= 1
+        bounded.connection_closed(peer)
+    assert bounded.pick("203.0.113.7") is hot
+
+
+def test_bounded_load_cap_is_weighted() -> None:
+    """A heavier peer's cap is proportionally larger: weights 3,1 with all traffic from
+    one address end near 3:1 rather than 1:1."""
+    ps = make_peers(2)
+    ps[0].effective_weight = 3.0
+    b = balancer_with(*ps, factor=1.1)
+    for _ in range(400):
+        peer = b.pick("198.51.100.1")
+        peer.active_connections += 1
+        b.connection_opened(peer)
+    assert 280 <= ps[0].active_connections <= 330  # 1:1 caps would stop it at 220
+
+
+def test_ring_updates_in_place_match_a_fresh_ring() -> None:
+    """However the ring got here (in-place inserts, merge passes, removals of many peers
+    at once), it maps every client like a ring built from scratch for the same peers."""
+    rng = random.Random(11)
+    pool = [FakePeer(f"172.16.{i // 250}.{i % 250}:80", rng.choice([1, 2, 3, 0.1, 0.37]))
+            for i in range(300)]
+    b = balancer_with(*pool[:200])
+    inside = set(pool[:200])
+    for round_ in range(12):
+        changes = rng.choice([1, 3, 40, 150])
+        for peer in rng.sample(pool, changes):
+            if peer in inside and rng.random() < 0.7:
+                b.remove(peer)
+                inside.discard(peer)
+            elif peer in inside:
+                peer.effective_weight = rng.choice([1, 2, 0.5, 0.13])
+                b.reweight(peer)
+            else:
+                b.add(peer)
+                inside.add(peer)
+        fresh = balancer_with(*sorted(inside, key=lambda p: p.key))
+        assert len(b) == len(inside)
+        assert mapping(b, CLIENTS[:1500]) == mapping(fresh, CLIENTS[:1500]), round_
+        assert len(b._ring) == len(fresh._ring)
+
+
+def test_ring_size_is_bounded_with_hysteresis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_POINTS the points per weight halve (and double back only once the ring
+    is well below the bound), so big pools keep a bounded ring."""
+    monkeypatch.setattr(source, "MAX_POINTS", 4000)
+    ps = make_peers(60)
+    b = balancer_with(*ps)
+    b.pick(CLIENTS[0])
+    assert len(b._ring) <= 4000
+    assert b._per_weight == source.MAX_POINTS_PER_WEIGHT / 4  # 60 × 40 = 2400 points
+    for peer in ps[:50]:
+        b.remove(peer)
+    b.pick(CLIENTS[0])
+    assert b._per_weight == source.MAX_POINTS_PER_WEIGHT  # 10 × 160 = 1600 points
+    assert len(b._ring) == 1600
+    assert mapping(b, CLIENTS[:2000]) == mapping(balancer_with(*ps[50:]), CLIENTS[:2000])
+
+
+def test_empty_zero_weight_and_len() -> None:
+    """No peers: None; a weightless peer owns no points; len counts peers in rotation."""
+    b = Balancer(rng=random.Random(1))
+    assert b.pick("10.0.0.1") is None and b.pick(None) is None
+    z = FakePeer("10.9.9.9:80", 0)
+    b.add(z)
+    assert b.pick("10.0.0.1") is None
+    p = FakePeer("10.9.9.8:80")
+    b.add(p)
+    assert len(b) == 2
+    assert {b.pick(c) for c in CLIENTS[:50]} == {p}
+    b.remove(p)
+    b.remove(z)
+    assert len(b) == 0 and b.pick("10.0.0.1") is None
