@@ -8,6 +8,7 @@ and ``haproxy -c`` report.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -530,7 +531,8 @@ def _check_pool(c: _Checker, name: str, raw: Any, have_consul: bool) -> PoolConf
         c.fail(path, "expected a mapping with peers and/or consul")
 
     def factor(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 1:
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value <= 1):
             raise ValueError(f"{value!r} must be a number greater than 1 (e.g. 1.25)")
         return float(value)
 

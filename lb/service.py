@@ -34,6 +34,8 @@ class PoolService(MultiService):
         old = self.parts.pop(kind, None)
         if old is not None:
             self.removeService(old)  # stops it when running
+            if service is None and hasattr(old, "release"):
+                old.release()  # a source that went away: drain its peers, forget its snapshot
         if service is not None:
             service.setName(f"{self.pool.name}:{kind}")
             self.parts[kind] = service
@@ -68,11 +70,22 @@ class LBService(MultiService):
             self._add_listener(ListenerService(
                 Listener(listener_config, self.pools[listener_config.pool].pool, reactor),
                 config.shutdown_timeout))
+        from lb.admin.server import AdminService
+
+        # added last so it stops first, after the listeners have drained
+        self.admin = AdminService(self)
+        self.admin.setServiceParent(self)
+
+    @property
+    def stopping(self) -> bool:
+        """Shutdown has begun (``/healthz`` answers 503 from then on)."""
+        return self._stopping
 
     # --- building ---------------------------------------------------------------------------
 
     def _add_pool(self, pool_config: PoolConfig) -> PoolService:
         pool = Pool(pool_config, self.reactor)
+        pool.subscribe(self._forget_removed_peer)
         service = PoolService(pool)
         self.pools[pool.name] = service
         static.apply(pool, pool_config)
@@ -89,6 +102,13 @@ class LBService(MultiService):
     def _add_listener(self, service: ListenerService) -> None:
         self.listeners[service.listener.config.name] = service
         service.setServiceParent(self)
+
+    def _forget_removed_peer(self, pool: Pool, peer: object, event: str) -> None:
+        """Listener counters of a peer that left its pool go too (bounded metric labels)."""
+        if event == "removed":
+            for service in self.listeners.values():
+                if service.listener.pool is pool:
+                    service.listener.prune_peer_counts(pool.peers)
 
     def pool(self, name: str) -> Pool:
         return self.pools[name].pool
@@ -187,12 +207,15 @@ class LBService(MultiService):
 def _part_config(kind: str, pc: PoolConfig) -> Any:
     """The slice of a pool's config that a part depends on; a change restarts the part."""
     return {
-        "health": (pc.health, pc.peers),
+        "health": (pc.health,),
         "consul": (pc.consul,),
     }.get(kind, pc)
 
 
 def default_pool_parts() -> Dict[str, PoolPart]:
-    """The per-pool parts that exist in this build."""
-    parts: Dict[str, PoolPart] = {}
-    return parts
+    """The per-pool parts: a health monitor for every pool (active checks, or bringing back
+    peers that passive checks took down)."""
+    from lb.discovery import consul
+    from lb.health import monitor
+
+    return {"health": monitor.build_part, "consul": consul.build_part}

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytest_plugins = ["tests.consul_agent"]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
 

@@ -79,10 +79,10 @@ def _use_data_path(request: Any) -> Any:
 def start_lb(listeners: Dict[str, Dict[str, Any]], pools: Dict[str, Dict[str, Any]],
              **top: Any) -> LBService:
     service = LBService(make_config(listeners, pools, **top), reactor)
-    service.startService()
     if _data_path[0] != "default":
         for listener_service in service.listeners.values():
             listener_service.listener.pump = _data_path[0]
+    service.startService()
     return service
 
 

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from lb.config import ListenerConfig
 from lb.peer import Peer
 from lb.pool import Pool
+from lb.proxy.accept import RawPort
 from lb.proxy.frontend import Frontend
 from lb.proxy.pump import pump_for
 
@@ -133,9 +134,14 @@ class ListenerService(Service):
     def listen(self) -> None:
         """Bind now (a reload binds new sockets before it changes anything else)."""
         if self.port is None:
-            bind = self.listener.config.bind
-            self.port = self.listener.reactor.listenTCP(bind.port, self.listener,
-                                                        backlog=BACKLOG, interface=bind.host)
+            listener = self.listener
+            bind = listener.config.bind
+            if listener.pump is not None and not listener.config.accept_proxy:
+                # every byte goes through the pump: accept without Twisted transports
+                self.port = RawPort(listener.reactor, listener, bind.host, bind.port, BACKLOG)
+            else:
+                self.port = listener.reactor.listenTCP(bind.port, listener, backlog=BACKLOG,
+                                                       interface=bind.host)
 
     def startService(self) -> None:
         self.listen()

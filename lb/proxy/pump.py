@@ -329,7 +329,9 @@ class Pump:
     def _failed(self, pair: Pair, flow: _Flow, e: OSError, sending: bool) -> None:
         # which socket failed: the source when reading, the destination when sending
         client_side = (flow.inbound and not sending) or (not flow.inbound and sending)
-        if e.errno in _RESET_ERRNOS or isinstance(e, ConnectionError):
+        if client_side and pair.down.shut and not pair.up.blocked:
+            reason = "closed"  # the client reset after its whole answer: a normal end
+        elif e.errno in _RESET_ERRNOS or isinstance(e, ConnectionError):
             reason = "client_reset" if client_side else "peer_reset"
         else:
             reason = f"{'client' if client_side else 'peer'}_error"
@@ -358,6 +360,8 @@ class Pump:
             return
         if err:
             reason = "client_reset" if is_client else "peer_reset"
+            if is_client and pair.down.shut and not pair.up.blocked:
+                reason = "closed"
             if not is_client:
                 self._drain_towards_client(pair)
             self.close(pair, reason, reset=is_client)

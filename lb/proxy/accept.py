@@ -1,0 +1,154 @@
+"""Accepting clients without building a Twisted transport for each.
+
+A new connection through Twisted costs a ``tcp.Server`` transport, address objects and
+three epoll_ctl calls (register, pause, hand over) before the pump takes the socket. For
+listeners whose bytes go through the pump from the start (no PROXY header to read first),
+``RawPort`` accepts with a plain non-blocking socket and gives each ``Frontend`` a
+``RawTransport``: just the socket and its addresses until the pump adopts it.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any, Optional
+
+from twisted.internet import error
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IListeningPort, IReadDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+ACCEPTS_PER_WAKEUP = 128
+
+
+def _address(family: int, sockaddr: Any) -> Any:
+    if family == socket.AF_INET6:
+        return IPv6Address("TCP", sockaddr[0], sockaddr[1])
+    return IPv4Address("TCP", sockaddr[0], sockaddr[1])
+
+
+class RawTransport:
+    """The accepted socket of a client, until the pump adopts it."""
+
+    def __init__(self, sock: socket.socket, peer: Any, host: Any, protocol: Any) -> None:
+        self.socket = sock
+        self._peer = peer
+        self._host = host
+        self.protocol = protocol
+        self.connected = True
+        self.disconnecting = False
+
+    def getPeer(self) -> Any:
+        return self._peer
+
+    def getHost(self) -> Any:
+        return self._host
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(enabled))
+
+    # Nothing reads this socket before the pump has it: pausing and unregistering are no-ops.
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopReading(self) -> None:
+        pass
+
+    def stopWriting(self) -> None:
+        pass
+
+    def _close(self, reason: Failure, reset: bool) -> None:
+        if not self.connected:
+            return
+        self.connected = False
+        self.disconnecting = True
+        if reset:
+            try:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            except OSError:
+                pass
+        self.socket.close()
+        self.protocol.connectionLost(reason)
+
+    def loseConnection(self) -> None:
+        self._close(Failure(error.ConnectionDone()), reset=False)
+
+    def abortConnection(self) -> None:
+        self._close(Failure(error.ConnectionAborted()), reset=True)
+
+
+@implementer(IReadDescriptor, IListeningPort)
+class RawPort:
+    """A listening socket in the reactor whose accepts build Frontends directly."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, factory: Any, host: str, port: int, backlog: int) -> None:
+        self.reactor = reactor
+        self.factory = factory
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+        except OSError as e:
+            sock.close()
+            raise error.CannotListenError(host, port, e) from None
+        sock.setblocking(False)
+        self.socket: Optional[socket.socket] = sock
+        self._host = _address(self.family, sock.getsockname())
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return self.socket.fileno() if self.socket is not None else -1
+
+    def logPrefix(self) -> str:
+        return "listener"
+
+    def getHost(self) -> Any:
+        return self._host
+
+    def doRead(self) -> None:
+        listening = self.socket
+        factory = self.factory
+        family = self.family
+        host = self._host
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            if listening is None:
+                return
+            try:
+                sock, sockaddr = listening.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.log.error("accept failed: {error} (out of file descriptors?)",
+                                   error=e.strerror)
+                return
+            sock.setblocking(False)
+            peer = _address(family, sockaddr)
+            protocol = factory.buildProtocol(peer)
+            if protocol is None:
+                sock.close()
+                continue
+            protocol.makeConnection(RawTransport(sock, peer, host, protocol))
+
+    def connectionLost(self, reason: Any) -> None:
+        self.stopListening()
+
+    def startListening(self) -> None:
+        pass
+
+    def stopListening(self) -> None:
+        if self.socket is not None:
+            self.reactor.removeReader(self)
+            self.socket.close()
+            self.socket = None
+        return None
