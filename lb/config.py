@@ -7,6 +7,7 @@ and ``haproxy -c`` report.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import os
@@ -53,7 +54,7 @@ class Address:
     def is_ipv6(self) -> bool:
         return ":" in self.host
 
-    @property
+    @functools.cached_property
     def is_ip(self) -> bool:
         try:
             ipaddress.ip_address(self.host)

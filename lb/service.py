@@ -15,6 +15,7 @@ from lb import config as lbconfig
 from lb.config import Config, PoolConfig
 from lb.discovery import static
 from lb.pool import Pool
+from lb.proxy.connlog import connection_log_for
 from lb.proxy.listener import Listener, ListenerService
 
 # Builders of per-pool services (health monitor, discovery watchers). Each takes the root
@@ -201,6 +202,7 @@ class LBService(MultiService):
         yield defer.gatherResults([s.stop_accepting() for s in listeners])
         timeout = self.config.shutdown_timeout
         yield defer.gatherResults([s.drain(timeout) for s in listeners])
+        connection_log_for(self.reactor).flush()
         yield defer.maybeDeferred(super().stopService)
 
 

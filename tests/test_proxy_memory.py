@@ -201,10 +201,17 @@ def test_allow_list_refuses_other_sources() -> None:
     assert listener.buildProtocol(IPv4Address("TCP", "10.1.2.3", 1000)) is not None
 
 
-def test_session_end_updates_counters_and_logs_once(caplog: Any) -> None:
-    """When both sockets are gone the session ends once: active counts drop and the pool's
-    per-peer active counter returns to zero."""
+def test_session_end_updates_counters_and_logs_once() -> None:
+    """When both sockets are gone the session ends once: active counts drop, the pool's
+    per-peer active counter returns to zero, and one log line says client, listener, peer,
+    bytes each way, duration and how it ended (emitted with the next batch)."""
+    from twisted.logger import globalLogPublisher
+    events: List[Any] = []
+    globalLogPublisher.addObserver(events.append)
+    self_cleanup = lambda: globalLogPublisher.removeObserver(events.append)  # noqa: E731
     reactor, listener, pool, frontend, client, peer_t = connected_pair()
+    frontend.dataReceived(b"12345")
+    frontend.backend.dataReceived(b"123")
     peer = frontend.peer
     assert peer.active_connections == 1 and len(listener.sessions) == 1
     frontend.backend.connectionLost(Failure(error.ConnectionDone()))
@@ -213,6 +220,14 @@ def test_session_end_updates_counters_and_logs_once(caplog: Any) -> None:
     assert listener.sessions == set()
     assert listener.ended["closed"] == 1
     assert peer.total_connections == 1
+    frontend.connectionLost(Failure(error.ConnectionDone()))  # a second report changes nothing
+    assert listener.ended["closed"] == 1
+    reactor.advance(1)
+    self_cleanup()
+    lines = [e["lines"] for e in events if e.get("log_namespace") == "lb.connection"]
+    assert len(lines) == 1 and lines[0].count("\n") == 0
+    assert lines[0].startswith("127.0.0.5:40000 -> l -> 127.0.0.1:9001: in=5 out=3 duration=")
+    assert lines[0].endswith(" end=closed")
 
 
 def test_peer_reset_closes_client_and_is_counted() -> None:

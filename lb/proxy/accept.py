@@ -32,6 +32,8 @@ def _address(family: int, sockaddr: Any) -> Any:
 class RawTransport:
     """The accepted socket of a client, until the pump adopts it."""
 
+    __slots__ = ("socket", "_peer", "_host", "protocol", "connected", "disconnecting")
+
     def __init__(self, sock: socket.socket, peer: Any, host: Any, protocol: Any) -> None:
         self.socket = sock
         self._peer = peer

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from lb.proxy.listener import Listener
 
 
+_NOTHING: frozenset = frozenset()
+
+
 def _host_port(address: Any) -> str:
     host = getattr(address, "host", None)
     if host is None:
@@ -46,11 +49,12 @@ class Frontend(Protocol):
         self.end_reason: Optional[str] = None
         self.started = 0.0
         self._last = 0.0
-        self._tried: Set[Peer] = set()
-        self._failures: List[str] = []
+        # kept small per connection: 10,000 idle connections must fit in ~100 MB
+        self._tried: Any = _NOTHING  # peers tried for this client (a set while connecting)
+        self._failures: Any = ()
         self._connecting: Optional[defer.Deferred] = None
         self._header = proxyprotocol.HeaderReader() if listener.config.accept_proxy else None
-        self._pending: List[bytes] = []
+        self._pending: Any = ()  # client bytes read before the peer connected
         self._client_eof = self._client_write_closed = False
         self._peer_eof = self._peer_write_closed = False
         self._client_gone = self._peer_gone = False
@@ -99,11 +103,11 @@ class Frontend(Protocol):
                 self.destination = info.destination
             self.transport.pauseProducing()  # type: ignore[attr-defined]
             if data:
-                self._pending.append(data)
+                self._pending = [*self._pending, data]
             self._connect()
             return
         if data:
-            self._pending.append(data)
+            self._pending = [*self._pending, data]
 
     def readConnectionLost(self) -> None:
         if self._client_eof:
@@ -153,7 +157,7 @@ class Frontend(Protocol):
                 self.end_reason = "connect_failed"
             self.transport.loseConnection()
             return
-        self._tried.add(peer)
+        self._tried = self._tried | {peer}
         self.peer = peer
         self.pool.connection_started(peer, self)
         pump = self.listener.pump
@@ -179,7 +183,8 @@ class Frontend(Protocol):
             self.bytes_in += len(chunk)
             peer.bytes_in += len(chunk)  # type: ignore[union-attr]
         first += b"".join(self._pending)
-        self._pending = []
+        self._pending = ()
+        self._tried = _NOTHING  # connected: retries are over
         return first
 
     def _pump_connected(self, sock: Any) -> None:
@@ -193,7 +198,7 @@ class Frontend(Protocol):
         ct.stopReading()  # type: ignore[attr-defined]
         ct.stopWriting()  # type: ignore[attr-defined]
         self._pair = self.listener.pump.adopt(self, ct.socket, sock,  # type: ignore
-                                              self._first_bytes())
+                                              self._first_bytes(), peer_registered=True)
 
     def _connected(self, backend: Backend) -> None:
         self._connecting = None
@@ -231,7 +236,7 @@ class Frontend(Protocol):
             self._maybe_finish()
             return
         detail = describe_failure(failure, self.pool.config.connect_timeout)
-        self._failures.append(f"{peer.key}: {detail}")
+        self._failures = (*self._failures, f"{peer.key}: {detail}")
         self.pool.connection_failed(peer, self, detail)
         self.peer = None
         if self._client_gone:

@@ -16,6 +16,7 @@ from lb.config import ListenerConfig
 from lb.peer import Peer
 from lb.pool import Pool
 from lb.proxy.accept import RawPort
+from lb.proxy.connlog import connection_log_for
 from lb.proxy.frontend import Frontend
 from lb.proxy.pump import pump_for
 
@@ -40,6 +41,7 @@ class Listener(Factory):
         self.ended: Counter = Counter()  # how connections ended → count
         self.per_peer: Dict[str, List[int]] = {}  # peer key → [total, active]
         self.pump = pump_for(reactor)  # the fast data path, None where it cannot run
+        self.connection_log = connection_log_for(reactor)
         self._idle_waiters: List[defer.Deferred] = []
 
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
@@ -92,14 +94,12 @@ class Listener(Factory):
             if counts is not None:
                 counts[1] -= 1
         info = frontend.describe(reason)
-        # Formatted here, once: the logger then only substitutes one field (cheaper per
-        # connection); the fields stay in the event for structured observers.
         line = (f"{info['client']} -> {info['listener']} -> {info['peer']}: "
                 f"in={info['bytes_in']} out={info['bytes_out']} "
                 f"duration={info['duration']:.3f}s end={reason}")
         if info["failures"]:
             line += f" failures=[{info['failures']}]"
-        self.log.info("{line}", line=line, **info)
+        self.connection_log.add(line, info)
         if not self.sessions and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:

@@ -47,7 +47,7 @@ class _Flow:
     """One direction: bytes read from ``src`` are written to ``dst``."""
 
     __slots__ = ("src", "dst", "src_fd", "dst_fd", "pending", "pipe", "piped", "eof", "shut",
-                 "inbound")
+                 "inbound", "bulk")
 
     def __init__(self, src: socket.socket, dst: socket.socket, inbound: bool) -> None:
         self.src = src
@@ -60,6 +60,7 @@ class _Flow:
         self.eof = False  # src sent FIN
         self.shut = False  # FIN passed on to dst
         self.inbound = inbound  # client → peer
+        self.bulk = False  # reads fill whole chunks: splice from now on
 
     @property
     def blocked(self) -> bool:
@@ -69,7 +70,8 @@ class _Flow:
 class Pair:
     """A client socket and its peer socket, joined."""
 
-    __slots__ = ("pump", "session", "client", "peer", "up", "down", "masks", "closed")
+    __slots__ = ("pump", "session", "client", "peer", "up", "down", "client_mask", "peer_mask",
+                 "closed")
 
     def __init__(self, pump: "Pump", session: Any, client: socket.socket,
                  peer: socket.socket) -> None:
@@ -79,7 +81,8 @@ class Pair:
         self.peer = peer
         self.up = _Flow(client, peer, True)  # client → peer
         self.down = _Flow(peer, client, False)  # peer → client
-        self.masks: Dict[int, int] = {}
+        self.client_mask = 0  # epoll interest currently registered for each socket
+        self.peer_mask = 0
         self.closed = False
 
     def buffered(self) -> int:
@@ -167,21 +170,29 @@ class Pump:
             self._registered = True
 
     def adopt(self, session: Any, client: socket.socket, peer: socket.socket,
-              first: bytes = b"") -> Pair:
-        """Take over two connected non-blocking sockets; ``first`` goes to the peer first."""
+              first: bytes = b"", peer_registered: bool = False) -> Pair:
+        """Take over two connected non-blocking sockets; ``first`` goes to the peer first.
+        ``peer_registered``: the peer socket is already in the epoll set (our own connect)."""
         pair = Pair(self, session, client, peer)
-        self._fds[pair.up.src_fd] = (pair, True)
-        self._fds[pair.down.src_fd] = (pair, False)
-        self._epoll.register(pair.up.src_fd, 0)
-        self._epoll.register(pair.down.src_fd, 0)
-        pair.masks[pair.up.src_fd] = 0
-        pair.masks[pair.down.src_fd] = 0
+        client_fd, peer_fd = pair.up.src_fd, pair.down.src_fd
+        self._fds[client_fd] = (pair, True)
+        self._fds[peer_fd] = (pair, False)
         self.pairs += 1
         self._register()
         if first:
             self._send_first(pair, first)
-        if not pair.closed:
-            self._update(pair)
+            if pair.closed:
+                return pair
+        blocked = pair.up.blocked
+        client_mask = 0 if blocked else _IN
+        peer_mask = _IN | (_OUT if blocked else 0)
+        pair.client_mask = client_mask
+        pair.peer_mask = peer_mask
+        self._epoll.register(client_fd, client_mask)
+        if peer_registered:
+            self._epoll.modify(peer_fd, peer_mask)
+        else:
+            self._epoll.register(peer_fd, peer_mask)
         return pair
 
     def _send_first(self, pair: Pair, data: bytes) -> None:
@@ -203,12 +214,7 @@ class Pump:
         self.pairs -= 1
         for flow in (pair.up, pair.down):
             self._release_pipe(flow, drop=True)
-            fd = flow.src_fd
-            self._fds.pop(fd, None)
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
+            self._fds.pop(flow.src_fd, None)  # closing the socket leaves the epoll set too
         for sock in (pair.client, pair.peer):
             try:
                 if reset:
@@ -221,7 +227,7 @@ class Pump:
     # --- moving bytes --------------------------------------------------------------------------
 
     def _read(self, pair: Pair, flow: _Flow) -> None:
-        if self.splice:
+        if flow.bulk:
             pipe = flow.pipe
             if pipe is None:
                 pipe = flow.pipe = self._pipes.pop() if self._pipes else self._new_pipe()
@@ -254,6 +260,8 @@ class Pump:
             return
         n = len(data)
         self._count(pair, flow, n)
+        if n == CHUNK and self.splice:
+            flow.bulk = True  # small messages are cheaper copied; bulk is cheaper spliced
         try:
             sent = flow.dst.send(data)
         except BlockingIOError:
@@ -316,15 +324,15 @@ class Pump:
 
     def _shutdown(self, pair: Pair, flow: _Flow) -> None:
         flow.shut = True
+        other = pair.down if flow is pair.up else pair.up
+        if other.shut:
+            self.close(pair, "closed")  # close() sends the last FIN itself
+            return
         try:
             flow.dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        other = pair.down if flow is pair.up else pair.up
-        if other.shut:
-            self.close(pair, "closed")
-        else:
-            self._update(pair)
+        self._update(pair)
 
     def _failed(self, pair: Pair, flow: _Flow, e: OSError, sending: bool) -> None:
         # which socket failed: the source when reading, the destination when sending
@@ -376,12 +384,11 @@ class Pump:
                        | (_OUT if down.blocked else 0))
         peer_mask = ((_IN if not down.eof and not down.blocked else 0)
                      | (_OUT if up.blocked else 0))
-        masks = pair.masks
-        if masks[up.src_fd] != client_mask:
-            masks[up.src_fd] = client_mask
+        if pair.client_mask != client_mask:
+            pair.client_mask = client_mask
             self._epoll.modify(up.src_fd, client_mask)
-        if masks[down.src_fd] != peer_mask:
-            masks[down.src_fd] = peer_mask
+        if pair.peer_mask != peer_mask:
+            pair.peer_mask = peer_mask
             self._epoll.modify(down.src_fd, peer_mask)
 
     # --- pipes ---------------------------------------------------------------------------------
@@ -435,8 +442,7 @@ class Connect:
         self.failed = failed
         self.timeout = timeout
         sock = self.sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET,
-                                         socket.SOCK_STREAM)
-        sock.setblocking(False)
+                                         socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.fd = sock.fileno()
         self.timer: Any = None
@@ -453,10 +459,6 @@ class Connect:
 
     def _forget(self) -> None:
         self.pump._connects.pop(self.fd, None)
-        try:
-            self.pump._epoll.unregister(self.fd)
-        except (OSError, ValueError):
-            pass
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
@@ -465,10 +467,10 @@ class Connect:
         self._forget()
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self.sock.close()
+            self.sock.close()  # which also takes it out of the epoll set
             self.failed(_connect_error(err, self.timeout))
         else:
-            self.connected(self.sock)
+            self.connected(self.sock)  # still registered: adopt(peer_registered=True)
 
     def _timed_out(self) -> None:
         self.timer = None
@@ -509,5 +511,5 @@ def pump_for(reactor: Any) -> Optional[Pump]:
         if not hasattr(select, "epoll") or not hasattr(reactor, "addReader") or \
                 type(reactor).__name__ != "EPollReactor":
             return None
-        pump = _pumps[key] = Pump(reactor)
+        pump = _pumps[key] = Pump(reactor, splice=os.environ.get("LB_SPLICE", "1") == "1")
     return pump
