@@ -9,38 +9,18 @@ one least-loaded peer (Mitzenmacher; Envoy's and nginx's ``random two``).
 
 from __future__ import annotations
 
-import random as _random
 from typing import AbstractSet, Any, Optional
 
 from zope.interface import implementer
 
-from lb.balancer.random import WeightedSet
-from lb.balancer.roundrobin import scaled_weight
+from lb.balancer import random as weighted_random
 from lb.interfaces import IBalancer
 
 
 @implementer(IBalancer)
-class Balancer:
-    """Weighted power of two choices on active connections (``balance: p2c``)."""
-
-    def __init__(self, rng: Optional[_random.Random] = None,
-                 hash_balance_factor: Optional[float] = None) -> None:
-        self._rng = rng or _random.Random()
-        self._set = WeightedSet()
-
-    def __len__(self) -> int:
-        return len(self._set)
-
-    def add(self, peer: Any) -> None:
-        if peer not in self._set:
-            self._set.set(peer, scaled_weight(peer))
-
-    def remove(self, peer: Any) -> None:
-        self._set.discard(peer)
-
-    def reweight(self, peer: Any) -> None:
-        if peer in self._set:
-            self._set.set(peer, scaled_weight(peer))
+class Balancer(weighted_random.Balancer):
+    """Weighted power of two choices on active connections (``balance: p2c``): the weighted
+    random draw, twice."""
 
     def pick(self, client: Optional[str] = None,
              exclude: AbstractSet[Any] = frozenset()) -> Optional[Any]:
@@ -55,9 +35,3 @@ class Balancer:
         if second.active_connections * w1 < first.active_connections * w2:
             return second
         return first
-
-    def connection_opened(self, peer: Any) -> None:
-        pass
-
-    def connection_closed(self, peer: Any) -> None:
-        pass

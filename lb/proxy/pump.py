@@ -28,7 +28,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 CHUNK = 65536
-PIPE_SIZE = 65536
+BULK_READ = 16384  # a read this large means bulk data is queued: splice from then on
+PIPE_SIZE = 262144
 MAX_POOLED_PIPES = 256
 
 _IN = select.EPOLLIN
@@ -232,7 +233,7 @@ class Pump:
             if pipe is None:
                 pipe = flow.pipe = self._pipes.pop() if self._pipes else self._new_pipe()
             try:
-                n = os.splice(flow.src_fd, pipe[1], CHUNK, flags=_SPLICE_FLAGS)
+                n = os.splice(flow.src_fd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 self._release_pipe(flow)
                 return
@@ -260,7 +261,7 @@ class Pump:
             return
         n = len(data)
         self._count(pair, flow, n)
-        if n == CHUNK and self.splice:
+        if n >= BULK_READ and self.splice:
             flow.bulk = True  # small messages are cheaper copied; bulk is cheaper spliced
         try:
             sent = flow.dst.send(data)
@@ -511,5 +512,5 @@ def pump_for(reactor: Any) -> Optional[Pump]:
         if not hasattr(select, "epoll") or not hasattr(reactor, "addReader") or \
                 type(reactor).__name__ != "EPollReactor":
             return None
-        pump = _pumps[key] = Pump(reactor, splice=os.environ.get("LB_SPLICE", "1") == "1")
+        pump = _pumps[key] = Pump(reactor)
     return pump
