@@ -62,7 +62,7 @@ class LBService(MultiService):
                                                     else pool_parts)
         self.pools: Dict[str, PoolService] = {}
         self.listeners: Dict[str, ListenerService] = {}
-        self._stopping = False
+        self.stopping = False  # shutdown has begun (/healthz answers 503 from then on)
         # callables (service, old, new) run after a reload for top-level sections
         self.global_hooks: List[Callable[["LBService", Config, Config], None]] = []
         for name, pool_config in config.pools.items():
@@ -76,11 +76,6 @@ class LBService(MultiService):
         # added last so it stops first, after the listeners have drained
         self.admin = AdminService(self)
         self.admin.setServiceParent(self)
-
-    @property
-    def stopping(self) -> bool:
-        """Shutdown has begun (``/healthz`` answers 503 from then on)."""
-        return self._stopping
 
     # --- building ---------------------------------------------------------------------------
 
@@ -197,7 +192,7 @@ class LBService(MultiService):
     def stopService(self) -> Any:
         """Stop accepting everywhere, give open connections ``shutdown_timeout``, then stop
         the rest (health checks, discovery, admin)."""
-        self._stopping = True
+        self.stopping = True
         listeners = list(self.listeners.values())
         yield defer.gatherResults([s.stop_accepting() for s in listeners])
         timeout = self.config.shutdown_timeout

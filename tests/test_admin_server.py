@@ -386,5 +386,5 @@ def test_healthz_turns_503_while_stopping() -> None:
         return out[0]
 
     assert healthz() == (200, "ok\n")
-    root._stopping = True  # what LBService.stopService sets first
+    root.stopping = True  # what LBService.stopService sets first
     assert healthz() == (503, "stopping\n")

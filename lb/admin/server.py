@@ -62,7 +62,7 @@ class Healthz(Resource):
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        if getattr(self.root, "stopping", getattr(self.root, "_stopping", False)):
+        if self.root.stopping:
             request.setResponseCode(503)
             return b"stopping\n"
         return b"ok\n"

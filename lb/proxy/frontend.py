@@ -1,13 +1,14 @@
 """The client side of a proxied connection, which owns the pair.
 
 Per client: pause reading, ask the pool for a peer, connect (retrying other peers while no
-byte has been sent), then join the two transports as each other's streaming producers so a
-slow side throttles the fast one, and pass half-closes through in both directions.
+byte has been sent), then join the two sides so a slow side throttles the fast one and
+half-closes pass through in both directions: on an epoll reactor the pump (``pump.py``) takes
+both sockets; otherwise the two Twisted transports become each other's streaming producers.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -187,38 +188,37 @@ class Frontend(Protocol):
         self._tried = _NOTHING  # connected: retries are over
         return first
 
-    def _pump_connected(self, sock: Any) -> None:
-        """The pump's own connect succeeded: hand both sockets to the pump."""
+    def _established(self) -> None:
+        """Connected to ``self.peer`` (either way): count it."""
         self._connecting = None
-        peer = self.peer
         self.joined = True
-        self.pool.connection_established(peer)  # type: ignore[arg-type]
-        self.listener.connected(peer)  # type: ignore[arg-type]
-        ct = self.transport
-        ct.stopReading()  # type: ignore[attr-defined]
-        ct.stopWriting()  # type: ignore[attr-defined]
-        self._pair = self.listener.pump.adopt(self, ct.socket, sock,  # type: ignore
-                                              self._first_bytes(), peer_registered=True)
+        self.pool.connection_established(self.peer)  # type: ignore[arg-type]
+        self.listener.connected(self.peer)  # type: ignore[arg-type]
+
+    def _hand_to_pump(self, transports: Any, peer_sock: Any, registered: bool) -> None:
+        """Both sockets leave Twisted's reactor; the pump moves the bytes from here on."""
+        for transport in transports:
+            transport.stopReading()
+            transport.stopWriting()
+        self._pair = self.listener.pump.adopt(  # type: ignore[union-attr]
+            self, self.transport.socket, peer_sock,  # type: ignore[attr-defined]
+            self._first_bytes(), peer_registered=registered)
+
+    def _pump_connected(self, sock: Any) -> None:
+        """The pump's own connect succeeded."""
+        self._established()
+        self._hand_to_pump((self.transport,), sock, registered=True)
 
     def _connected(self, backend: Backend) -> None:
-        self._connecting = None
-        peer = self.peer
-        assert peer is not None
+        """A Twisted endpoint connected (host-name peers, or no pump)."""
         self.backend = backend
-        self.joined = True
-        self.pool.connection_established(peer)
-        self.listener.connected(peer)
+        self._established()
         bt, ct = backend.transport, self.transport
-        first = self._first_bytes()
-        pump = self.listener.pump
-        if pump is not None and not self._client_eof and hasattr(ct, "socket") and hasattr(
-                bt, "socket"):
-            # Both sockets leave Twisted's reactor; the pump moves the bytes from here on.
-            for transport in (ct, bt):
-                transport.stopReading()  # type: ignore[attr-defined]
-                transport.stopWriting()  # type: ignore[attr-defined]
-            self._pair = pump.adopt(self, ct.socket, bt.socket, first)  # type: ignore
+        if self.listener.pump is not None and not self._client_eof and hasattr(
+                ct, "socket") and hasattr(bt, "socket"):
+            self._hand_to_pump((ct, bt), bt.socket, registered=False)  # type: ignore
             return
+        first = self._first_bytes()
         if first:
             bt.write(first)
         bt.registerProducer(ct, True)

@@ -180,10 +180,8 @@ class Pump:
         self._fds[peer_fd] = (pair, False)
         self.pairs += 1
         self._register()
-        if first:
-            self._send_first(pair, first)
-            if pair.closed:
-                return pair
+        if first and not self._send(pair, pair.up, first):
+            return pair
         blocked = pair.up.blocked
         client_mask = 0 if blocked else _IN
         peer_mask = _IN | (_OUT if blocked else 0)
@@ -196,17 +194,18 @@ class Pump:
             self._epoll.register(peer_fd, peer_mask)
         return pair
 
-    def _send_first(self, pair: Pair, data: bytes) -> None:
-        flow = pair.up
+    def _send(self, pair: Pair, flow: _Flow, data: Any) -> bool:
+        """Send at once what the destination takes and keep the rest as ``pending``;
+        False when the destination failed (the pair is then closed)."""
         try:
             sent = flow.dst.send(data)
         except BlockingIOError:
             sent = 0
         except OSError as e:
             self._failed(pair, flow, e, sending=True)
-            return
-        if sent < len(data):
-            flow.pending = memoryview(data)[sent:]
+            return False
+        flow.pending = memoryview(data)[sent:] if sent < len(data) else None
+        return True
 
     def close(self, pair: Pair, reason: str, reset: bool = False) -> None:
         if pair.closed:
@@ -263,20 +262,11 @@ class Pump:
         self._count(pair, flow, n)
         if n >= BULK_READ and self.splice:
             flow.bulk = True  # small messages are cheaper copied; bulk is cheaper spliced
-        try:
-            sent = flow.dst.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as e:
-            self._failed(pair, flow, e, sending=True)
-            return
-        if sent < n:
-            flow.pending = memoryview(data)[sent:]
+        if self._send(pair, flow, data) and flow.pending is not None:
             self._update(pair)
 
     def _flush(self, pair: Pair, flow: _Flow) -> None:
         """Push what ``flow`` holds into its destination; resume reading when empty."""
-        was_blocked = flow.blocked
         if flow.piped:
             try:
                 m = os.splice(flow.pipe[0], flow.dst_fd, flow.piped,  # type: ignore[index]
@@ -289,22 +279,11 @@ class Pump:
             flow.piped -= m
             if flow.piped == 0:
                 self._release_pipe(flow)
-        elif flow.pending is not None:
-            try:
-                sent = flow.dst.send(flow.pending)
-            except BlockingIOError:
-                sent = 0
-            except OSError as e:
-                self._failed(pair, flow, e, sending=True)
-                return
-            if sent >= len(flow.pending):
-                flow.pending = None
-            else:
-                flow.pending = flow.pending[sent:]
-        if flow.blocked != was_blocked or flow.blocked:
-            if not flow.blocked and flow.eof:
-                self._shutdown(pair, flow)
-                return
+        elif flow.pending is not None and not self._send(pair, flow, flow.pending):
+            return
+        if flow.eof and not flow.blocked:
+            self._shutdown(pair, flow)
+        else:
             self._update(pair)
 
     def _count(self, pair: Pair, flow: _Flow, n: int) -> None:
