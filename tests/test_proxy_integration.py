@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import socket
 from typing import Any, Dict, List, Optional
 
 import pytest
@@ -291,6 +292,50 @@ def test_connect_failure_is_retried_on_next_peer(cleanup: List[Any]) -> Any:
         got = yield client.done
         assert got == b"ping %d" % i
     assert lb.pool("p").peers[dead].connect_failures >= 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_bytes_sent_with_the_connect_reach_the_retried_peer_once(cleanup: List[Any],
+                                                                 data_path: Any) -> Any:
+    """Bytes a client sends before lb even accepts it (read at accept, written as the
+    connect's first write) reach the live peer exactly once when a dead peer is tried first,
+    and are counted once."""
+    echo = listen(EchoFactory())
+    cleanup.append(echo)
+    dead = f"127.0.0.1:{free_port()}"
+    live = f"127.0.0.1:{echo.getHost().port}"
+    lb = start_lb({"l": {"bind": "127.0.0.1:0", "pool": "p"}},
+                  {"p": {"peers": [dead, live], "retries": 1}})
+    cleanup.append(lb)
+    payloads = [b"early %d " % i * (i + 1) for i in range(6)]
+    for payload in payloads:
+        # connect and send before the reactor runs again: the bytes wait in the socket
+        sock = socket.create_connection(("127.0.0.1", lb_port(lb)))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        sock.setblocking(False)
+        received: List[bytes] = []
+
+        def answered() -> bool:
+            try:
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return True
+                    received.append(chunk)
+            except BlockingIOError:
+                return False
+        try:
+            yield poll_until(reactor, answered, what="the echo through lb")
+        finally:
+            sock.close()
+        assert b"".join(received) == payload
+    pool = lb.pool("p")
+    yield poll_until(reactor, lambda: pool.peers[live].active_connections == 0,
+                     what="sessions to end")
+    assert pool.peers[dead].connect_failures >= 1
+    assert pool.peers[dead].bytes_in == 0
+    assert pool.peers[live].bytes_in == pool.peers[live].bytes_out == sum(map(len, payloads))
 
 
 @pytest_twisted.inlineCallbacks

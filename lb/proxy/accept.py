@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 ACCEPTS_PER_WAKEUP = 128
+READ_EARLY = 65536
 
 
 def _address(family: int, sockaddr: Any) -> Any:
@@ -49,7 +50,17 @@ class RawTransport:
         return self._host
 
     def setTcpNoDelay(self, enabled: bool) -> None:
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(enabled))
+        if not enabled:  # on: inherited from the listening socket
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+
+    def read_early(self) -> bytes:
+        """What the client sent along with its connect (one non-blocking read; b"" if
+        nothing yet). Passed to the peer as the connect's first write, it saves a wakeup per
+        connection and tells at once whether the connect worked, as HAProxy does."""
+        try:
+            return self.socket.recv(READ_EARLY)
+        except BlockingIOError:
+            return b""
 
     # Nothing reads this socket before the pump has it: pausing and unregistering are no-ops.
     def pauseProducing(self) -> None:
@@ -98,6 +109,7 @@ class RawPort:
         sock = socket.socket(self.family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted ones inherit it
             sock.bind((host, port))
             sock.listen(backlog)
         except OSError as e:

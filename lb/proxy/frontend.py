@@ -49,7 +49,7 @@ class Frontend(Protocol):
         self.bytes_out = 0  # peer → client
         self.end_reason: Optional[str] = None
         self.started = 0.0
-        self._last = 0.0
+        self.last_active = 0.0  # when a byte last moved (the idle sweep reads it)
         # kept small per connection: 10,000 idle connections must fit in ~100 MB
         self._tried: Any = _NOTHING  # peers tried for this client (a set while connecting)
         self._failures: Any = ()
@@ -59,7 +59,6 @@ class Frontend(Protocol):
         self._client_eof = self._client_write_closed = False
         self._peer_eof = self._peer_write_closed = False
         self._client_gone = self._peer_gone = False
-        self._idle: Any = None
         self._finished = False
         self._pair: Any = None  # set while the pump moves this connection's bytes
         self.joined = False  # connected to a peer (either data path)
@@ -68,20 +67,27 @@ class Frontend(Protocol):
 
     def connectionMade(self) -> None:
         now = self.clock.seconds()
-        self.started = self._last = now
+        self.started = self.last_active = now
         self.client = self.transport.getPeer()
         self.destination = self.transport.getHost()
         self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
         self.listener.session_started(self)
-        timeout = self.listener.config.idle_timeout
-        if timeout > 0:
-            self._idle = self.clock.callLater(timeout, self._idle_check)
         if self._header is None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
+            read_early = getattr(self.transport, "read_early", None)
+            if read_early is not None:
+                try:
+                    data = read_early()
+                except OSError:
+                    self.end_reason = "client_reset"
+                    self.transport.abortConnection()  # type: ignore[attr-defined]
+                    return
+                if data:
+                    self._pending = (data,)
             self._connect()
 
     def dataReceived(self, data: bytes) -> None:
-        self._last = self.clock.seconds()
+        self.last_active = self.clock.seconds()
         backend = self.backend
         if backend is not None:
             n = len(data)
@@ -166,26 +172,29 @@ class Frontend(Protocol):
         timeout = self.pool.config.connect_timeout
         if pump is not None and address.is_ip and hasattr(self.transport, "socket"):
             self._connecting = pump.connect(
-                address.host, address.port, timeout, address.is_ipv6, self._pump_connected,
-                lambda exc: self._connect_failed(Failure(exc), peer))
+                address.host, address.port, timeout, address.is_ipv6, self._opening(),
+                self._pump_connected, lambda exc: self._connect_failed(Failure(exc), peer))
             return
         backend = Backend(self)
         d = self._connecting = connect(self.listener.reactor, address, timeout, backend)
         d.addCallbacks(self._connected, self._connect_failed, errbackArgs=(peer,))
 
-    def _first_bytes(self) -> bytes:
+    def _opening(self) -> bytes:
         """The PROXY header (if any) and whatever the client sent before the connect."""
-        peer = self.peer
-        first = b""
+        first = b"".join(self._pending)
         if self.pool.config.send_proxy != "off":
             first = proxyprotocol.build_header(self.pool.config.send_proxy, self.client,
-                                               self.destination)
-        for chunk in self._pending:
-            self.bytes_in += len(chunk)
-            peer.bytes_in += len(chunk)  # type: ignore[union-attr]
-        first += b"".join(self._pending)
+                                               self.destination) + first
+        return first
+
+    def _first_bytes(self) -> bytes:
+        """``_opening()``, now on its way to the connected peer: counted, and retries over."""
+        first = self._opening()
+        n = sum(len(chunk) for chunk in self._pending)
+        self.bytes_in += n
+        self.peer.bytes_in += n  # type: ignore[union-attr]
         self._pending = ()
-        self._tried = _NOTHING  # connected: retries are over
+        self._tried = _NOTHING
         return first
 
     def _established(self) -> None:
@@ -195,19 +204,21 @@ class Frontend(Protocol):
         self.pool.connection_established(self.peer)  # type: ignore[arg-type]
         self.listener.connected(self.peer)  # type: ignore[arg-type]
 
-    def _hand_to_pump(self, transports: Any, peer_sock: Any, registered: bool) -> None:
+    def _hand_to_pump(self, transports: Any, peer_sock: Any, first: bytes,
+                      registered: bool) -> None:
         """Both sockets leave Twisted's reactor; the pump moves the bytes from here on."""
         for transport in transports:
             transport.stopReading()
             transport.stopWriting()
         self._pair = self.listener.pump.adopt(  # type: ignore[union-attr]
             self, self.transport.socket, peer_sock,  # type: ignore[attr-defined]
-            self._first_bytes(), peer_registered=registered)
+            first, peer_registered=registered)
 
-    def _pump_connected(self, sock: Any) -> None:
-        """The pump's own connect succeeded."""
+    def _pump_connected(self, sock: Any, sent: int) -> None:
+        """The pump's own connect succeeded and the peer took ``sent`` bytes of the opening."""
+        first = self._first_bytes()
         self._established()
-        self._hand_to_pump((self.transport,), sock, registered=True)
+        self._hand_to_pump((self.transport,), sock, first[sent:], registered=True)
 
     def _connected(self, backend: Backend) -> None:
         """A Twisted endpoint connected (host-name peers, or no pump)."""
@@ -216,7 +227,8 @@ class Frontend(Protocol):
         bt, ct = backend.transport, self.transport
         if self.listener.pump is not None and not self._client_eof and hasattr(
                 ct, "socket") and hasattr(bt, "socket"):
-            self._hand_to_pump((ct, bt), bt.socket, registered=False)  # type: ignore
+            self._hand_to_pump((ct, bt), bt.socket, self._first_bytes(),  # type: ignore
+                               registered=False)
             return
         first = self._first_bytes()
         if first:
@@ -250,7 +262,7 @@ class Frontend(Protocol):
     # --- peer events (from Backend) --------------------------------------------------------
 
     def from_peer(self, data: bytes) -> None:
-        self._last = self.clock.seconds()
+        self.last_active = self.clock.seconds()
         n = len(data)
         self.bytes_out += n
         self.peer.bytes_out += n  # type: ignore[union-attr]
@@ -299,14 +311,6 @@ class Frontend(Protocol):
         if not self._client_gone:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
-    def _idle_check(self) -> None:
-        self._idle = None
-        remaining = self._last + self.listener.config.idle_timeout - self.clock.seconds()
-        if remaining > 0:
-            self._idle = self.clock.callLater(remaining, self._idle_check)
-        else:
-            self.abort("idle_timeout")
-
     def pump_closed(self, reason: str) -> None:
         """The pump closed both sockets (both directions done, a reset, or an abort)."""
         self._pair = None
@@ -334,9 +338,6 @@ class Frontend(Protocol):
         if self.backend is not None and not self._peer_gone:
             return
         self._finished = True
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
         reason = self.end_reason or "closed"
         self.listener.session_ended(self, reason)
 

@@ -10,6 +10,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from lb.config import ListenerConfig
@@ -21,6 +22,7 @@ from lb.proxy.frontend import Frontend
 from lb.proxy.pump import pump_for
 
 BACKLOG = 1024
+IDLE_SWEEP = 1.0  # at most this long between idle checks (less for short idle timeouts)
 
 
 class Listener(Factory):
@@ -43,11 +45,23 @@ class Listener(Factory):
         self.pump = pump_for(reactor)  # the fast data path, None where it cannot run
         self.connection_log = connection_log_for(reactor)
         self._idle_waiters: List[defer.Deferred] = []
+        self._idle_sweep: Optional[LoopingCall] = None
 
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
-        """New settings for new clients; open connections keep theirs."""
+        """New settings for new clients; open connections keep theirs (the idle timeout
+        applies to all from now on)."""
         self.config = config
         self.pool = pool
+        if self._idle_sweep is not None:
+            self._idle_sweep.stop()
+            self._idle_sweep = None
+        self._sweep_idle()
+
+    def _sweep_idle(self) -> None:
+        if self._idle_sweep is None and self.sessions and self.config.idle_timeout > 0:
+            sweep = self._idle_sweep = LoopingCall(self._close_idle)
+            sweep.clock = self.clock
+            sweep.start(min(IDLE_SWEEP, self.config.idle_timeout / 10), now=False)
 
     def _allowed(self, addr: Any) -> bool:
         host = getattr(addr, "host", None)
@@ -78,6 +92,22 @@ class Listener(Factory):
     def session_started(self, frontend: Frontend) -> None:
         self.sessions.add(frontend)
         self.total += 1
+        if self._idle_sweep is None:
+            self._sweep_idle()
+
+    def _close_idle(self) -> None:
+        """Cut connections idle for ``idle_timeout``. One sweep over all sessions costs less
+        than a timer per connection (set up and cancelled on every short one); a connection
+        goes at most a tenth of the timeout (and at most a second) late. The sweep stops when
+        no connection is open."""
+        timeout = self.config.idle_timeout
+        if not self.sessions or timeout <= 0:
+            self._idle_sweep.stop()  # type: ignore[union-attr]
+            self._idle_sweep = None
+            return
+        limit = self.clock.seconds() - timeout
+        for session in [s for s in self.sessions if s.last_active <= limit]:
+            session.abort("idle_timeout")
 
     def connected(self, peer: Peer) -> None:
         counts = self.per_peer.get(peer.key)

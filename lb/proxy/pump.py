@@ -24,6 +24,7 @@ import struct
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -31,6 +32,7 @@ CHUNK = 65536
 BULK_READ = 16384  # a read this large means bulk data is queued: splice from then on
 PIPE_SIZE = 262144
 MAX_POOLED_PIPES = 256
+CONNECT_SWEEP = 0.05  # seconds between checks of connect deadlines
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -113,6 +115,8 @@ class Pump:
         self._connects: Dict[int, "Connect"] = {}  # fd → connect in progress
         self._pipes: List[Tuple[int, int]] = []
         self._registered = False
+        self._batch: Optional[List[Tuple[Pair, _Flow]]] = None  # FINs to pass on after a batch
+        self._connect_sweep: Optional[LoopingCall] = None
         self.pairs = 0
 
     # --- IReadDescriptor -----------------------------------------------------------------------
@@ -129,6 +133,7 @@ class Pump:
     def doRead(self) -> None:
         now = self.reactor.seconds()
         fds = self._fds
+        self._batch = batch = []
         for fd, events in self._epoll.poll(0, 256):
             entry = fds.get(fd)
             if entry is None:
@@ -140,7 +145,7 @@ class Pump:
             if pair.closed:
                 continue
             session = pair.session
-            session._last = now
+            session.last_active = now
             try:
                 if events & (_IN | _ERR):
                     flow = pair.up if is_client else pair.down
@@ -155,15 +160,41 @@ class Pump:
             except Exception:
                 self.log.failure("pump: error on a connection; closing it")
                 self.close(pair, "error", reset=True)
+        self._batch = None
+        for pair, flow in batch:
+            if not pair.closed:
+                self._pass_fin(pair, flow)
 
     # --- adopting and releasing ----------------------------------------------------------------
 
-    def connect(self, host: str, port: int, timeout: float, ipv6: bool,
-                connected: Callable[[socket.socket], None],
+    def connect(self, host: str, port: int, timeout: float, ipv6: bool, first: bytes,
+                connected: Callable[[socket.socket, int], None],
                 failed: Callable[[Exception], None]) -> "Connect":
         """Start a non-blocking connect; exactly one of the callbacks runs, unless the
-        returned handle is cancelled first."""
-        return Connect(self, host, port, timeout, ipv6, connected, failed)
+        returned handle is cancelled first. ``first`` is written as soon as the socket is
+        writable; ``connected`` hears how much of it the peer took."""
+        return Connect(self, host, port, timeout, ipv6, first, connected, failed)
+
+    def _watch(self, connect: "Connect") -> None:
+        self._connects[connect.fd] = connect
+        self._epoll.register(connect.fd, _OUT)
+        self._register()
+        if self._connect_sweep is None:
+            sweep = self._connect_sweep = LoopingCall(self._expire_connects)
+            sweep.clock = self.reactor
+            sweep.start(CONNECT_SWEEP, now=False)
+
+    def _expire_connects(self) -> None:
+        """Time out connects past their deadline. One sweep for all connects is cheaper than
+        a timer for each; it stops once no connect is pending."""
+        connects = self._connects
+        if not connects:
+            self._connect_sweep.stop()  # type: ignore[union-attr]
+            self._connect_sweep = None
+            return
+        now = self.reactor.seconds()
+        for connect in [c for c in connects.values() if c.deadline <= now]:
+            connect.timed_out()
 
     def _register(self) -> None:
         if not self._registered:
@@ -307,7 +338,14 @@ class Pump:
         other = pair.down if flow is pair.up else pair.up
         if other.shut:
             self.close(pair, "closed")  # close() sends the last FIN itself
-            return
+        elif self._batch is not None:
+            # The other side's FIN often comes in the same batch (a client closing after its
+            # answer): then close() alone ends both and the shutdown call is saved.
+            self._batch.append((pair, flow))
+        else:
+            self._pass_fin(pair, flow)
+
+    def _pass_fin(self, pair: Pair, flow: _Flow) -> None:
         try:
             flow.dst.shutdown(socket.SHUT_WR)
         except OSError:
@@ -400,6 +438,9 @@ class Pump:
 
     def stop(self) -> None:
         """Close the epoll set and pooled pipes (the reactor is going away)."""
+        if self._connect_sweep is not None:
+            self._connect_sweep.stop()
+            self._connect_sweep = None
         if self._registered:
             self.reactor.removeReader(self)
             self._registered = False
@@ -410,65 +451,67 @@ class Pump:
 
 
 class Connect:
-    """A connect in progress on the pump: writable means done (SO_ERROR says how)."""
+    """A connect in progress on the pump: writable means done. The first write tells whether
+    it worked (a failed connect fails the send), or SO_ERROR when there is nothing to write."""
 
-    __slots__ = ("pump", "sock", "fd", "timer", "connected", "failed", "timeout")
+    __slots__ = ("pump", "sock", "fd", "deadline", "first", "connected", "failed")
 
     def __init__(self, pump: Pump, host: str, port: int, timeout: float, ipv6: bool,
-                 connected: Callable[[socket.socket], None],
+                 first: bytes, connected: Callable[[socket.socket, int], None],
                  failed: Callable[[Exception], None]) -> None:
         self.pump = pump
+        self.first = first
         self.connected = connected
         self.failed = failed
-        self.timeout = timeout
         sock = self.sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET,
                                          socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.fd = sock.fileno()
-        self.timer: Any = None
+        self.deadline = pump.reactor.seconds() + timeout
         err = sock.connect_ex((host, port))
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             self.fd = -1
-            pump.reactor.callLater(0, failed, _connect_error(err, timeout))
+            pump.reactor.callLater(0, failed, _connect_error(err))
             return
-        pump._connects[self.fd] = self
-        pump._epoll.register(self.fd, _OUT)
-        pump._register()
-        self.timer = pump.reactor.callLater(timeout, self._timed_out)
-
-    def _forget(self) -> None:
-        self.pump._connects.pop(self.fd, None)
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        pump._watch(self)
 
     def finish(self) -> None:
-        self._forget()
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self.sock.close()  # which also takes it out of the epoll set
-            self.failed(_connect_error(err, self.timeout))
+        del self.pump._connects[self.fd]
+        sock = self.sock
+        sent = 0
+        if self.first:
+            try:
+                sent = sock.send(self.first)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                sock.close()  # which also takes it out of the epoll set
+                self.failed(_connect_error(e.errno))
+                return
         else:
-            self.connected(self.sock)  # still registered: adopt(peer_registered=True)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                sock.close()
+                self.failed(_connect_error(err))
+                return
+        self.connected(sock, sent)  # still registered: adopt(peer_registered=True)
 
-    def _timed_out(self) -> None:
-        self.timer = None
-        self._forget()
+    def timed_out(self) -> None:
+        del self.pump._connects[self.fd]
         self.sock.close()
-        self.failed(_connect_error(errno.ETIMEDOUT, self.timeout))
+        self.failed(_connect_error(errno.ETIMEDOUT))
 
     def cancel(self) -> None:
         """Give up (the client left): the failure callback hears CancelledError."""
-        if self.fd == -1 or self.fd not in self.pump._connects:
+        if self.fd == -1 or self.pump._connects.pop(self.fd, None) is None:
             return
-        self._forget()
         self.sock.close()
         from twisted.internet.defer import CancelledError
         self.failed(CancelledError())
 
 
-def _connect_error(err: int, timeout: float) -> Exception:
+def _connect_error(err: int) -> Exception:
     from twisted.internet import error
     if err == errno.ECONNREFUSED:
         return error.ConnectionRefusedError()
