@@ -18,6 +18,9 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
+    if "twisted.internet.reactor" not in sys.modules:  # no --reactor given: lb's own
+        from lb import reactor as lbreactor
+        lbreactor.install()
     from twisted.internet import reactor
 
     try:

@@ -5,6 +5,12 @@ import sys
 
 import pytest
 
+from lb import reactor as lbreactor
+
+# lb's reactor (an EPollReactor whose epoll set the pump shares), installed before
+# pytest-twisted installs the default one, which it then accepts as an EPollReactor.
+lbreactor.install()
+
 pytest_plugins = ["tests.consul_agent"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import implementer
 
-from lb.proxy.pump import HAVE_SPLICE, Pump
+from lb.proxy.pump import HAVE_SPLICE, pump_for
 from lb.service import LBService
 from lb.testing import EchoFactory, free_port, make_config, poll_until
 
@@ -61,10 +61,13 @@ def data_path(request: Any) -> Any:
     """Runs a test over each data path: the pump with splice(2), the pump with recv/send,
     and Twisted's transports (the path for anything that must see the bytes)."""
     mode = request.param
-    pump = Pump(reactor, splice=(mode == "splice")) if mode != "twisted" else None
+    if mode == "twisted":
+        yield None
+        return
+    pump = pump_for(reactor)
+    pump.splice = mode == "splice"
     yield pump
-    if pump is not None:
-        pump.stop()
+    pump.splice = HAVE_SPLICE
 
 
 _data_path: List[Any] = [None]

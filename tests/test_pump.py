@@ -7,7 +7,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, error, reactor
 
-from lb.proxy.pump import Pump
+from lb.proxy.pump import Pump, pump_for
 from lb.testing import free_port, poll_until
 
 pytestmark = pytest.mark.integration
@@ -15,9 +15,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def pump() -> Any:
-    p = Pump(reactor)
-    yield p
-    p.stop()
+    p = pump_for(reactor)
+    assert p is not None, "tests run on lb's reactor (tests/conftest.py)"
+    return p
 
 
 def start(pump: Pump, port: int, first: bytes, timeout: float = 2.0) -> defer.Deferred:

@@ -1,12 +1,13 @@
-"""The fast data path: once a client and its peer are connected, one epoll set moves the bytes.
+"""The fast data path: once a client and its peer are connected, Python's epoll loop moves the
+bytes without Twisted's per-event dispatch.
 
-Twisted keeps accept, connect and timers. After the connect, both sockets leave Twisted's
-reactor and join the ``Pump``: one epoll file descriptor, itself a reader in the reactor, whose
-events are handled in a tight loop. That removes Twisted's per-event dispatch (the logging
-context wrappers, two epoll_ctl calls per buffered write) which dominated the cost of a proxied
-request. Bytes are moved either with ``splice(2)`` (socket → pipe → socket, never entering
-Python; pipes are pooled and only held while a destination is full) or, where splice is not
-available, with ``recv`` and an eager ``send``.
+Twisted keeps accept and timers. The pump does its own non-blocking connects and then owns both
+sockets of a pair. Its sockets sit in the reactor's own epoll set (``lb/reactor.py``), whose
+poll hands the pump all their events in one call: no Twisted transport, no logging-context
+wrapper and no buffered write (two epoll_ctl calls) per message, which dominated the cost of a
+proxied request. Bytes are moved with ``recv`` and an eager ``send``, and a direction switches to
+``splice(2)`` (socket → pipe → socket, never entering Python) once a read shows bulk data; pipes
+are pooled and only held while a destination is full.
 
 Flow control: a direction whose destination does not take everything stops reading its source
 until the destination drains, so at most one chunk (or one pipe) per direction is buffered.
@@ -23,10 +24,8 @@ import socket
 import struct
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from zope.interface import implementer
 
 CHUNK = 65536
 BULK_READ = 16384  # a read this large means bulk data is queued: splice from then on
@@ -101,69 +100,58 @@ class Pair:
         self.pump.close(self, reason, reset=True)
 
 
-@implementer(IReadDescriptor)
 class Pump:
-    """One epoll set for all joined pairs of a reactor."""
+    """All joined pairs of a reactor (an ``lb.reactor.Reactor``, whose epoll set it shares)."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, splice: Optional[bool] = None) -> None:
+    def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
-        self.splice = HAVE_SPLICE if splice is None else (splice and HAVE_SPLICE)
-        self._epoll = select.epoll()
+        self.splice = HAVE_SPLICE  # tests turn it off to run the copy path alone
+        self._epoll = reactor.share_poller(self.handle)
         self._fds: Dict[int, Tuple[Pair, bool]] = {}  # fd → (pair, is_client)
         self._connects: Dict[int, "Connect"] = {}  # fd → connect in progress
         self._pipes: List[Tuple[int, int]] = []
-        self._registered = False
         self._batch: Optional[List[Tuple[Pair, _Flow]]] = None  # FINs to pass on after a batch
         self._connect_sweep: Optional[LoopingCall] = None
         self.pairs = 0
 
-    # --- IReadDescriptor -----------------------------------------------------------------------
-
-    def fileno(self) -> int:
-        return self._epoll.fileno()
-
-    def logPrefix(self) -> str:
-        return "pump"
-
-    def connectionLost(self, reason: Any) -> None:
-        pass
-
-    def doRead(self) -> None:
+    def handle(self, ready: List[Tuple[int, int]]) -> None:
+        """The reactor's poll found these events on the pump's descriptors."""
         now = self.reactor.seconds()
         fds = self._fds
         self._batch = batch = []
-        for fd, events in self._epoll.poll(0, 256):
-            entry = fds.get(fd)
-            if entry is None:
-                connect = self._connects.get(fd)
-                if connect is not None:
-                    connect.finish()
-                continue
-            pair, is_client = entry
-            if pair.closed:
-                continue
-            session = pair.session
-            session.last_active = now
-            try:
-                if events & (_IN | _ERR):
-                    flow = pair.up if is_client else pair.down
-                    if not flow.eof and not flow.blocked:
-                        self._read(pair, flow)
-                if events & _OUT and not pair.closed:
-                    flow = pair.down if is_client else pair.up
-                    if flow.blocked:
-                        self._flush(pair, flow)
-                if events & _ERR and not pair.closed:
-                    self._check_error(pair, is_client)
-            except Exception:
-                self.log.failure("pump: error on a connection; closing it")
-                self.close(pair, "error", reset=True)
-        self._batch = None
-        for pair, flow in batch:
-            if not pair.closed:
-                self._pass_fin(pair, flow)
+        try:
+            for fd, events in ready:
+                entry = fds.get(fd)
+                if entry is None:
+                    connect = self._connects.get(fd)
+                    if connect is not None:
+                        connect.finish()
+                    continue
+                pair, is_client = entry
+                if pair.closed:
+                    continue
+                pair.session.last_active = now
+                try:
+                    if events & (_IN | _ERR):
+                        flow = pair.up if is_client else pair.down
+                        if not flow.eof and not flow.blocked:
+                            self._read(pair, flow)
+                    if events & _OUT and not pair.closed:
+                        flow = pair.down if is_client else pair.up
+                        if flow.blocked:
+                            self._flush(pair, flow)
+                    if events & _ERR and not pair.closed:
+                        self._check_error(pair, is_client)
+                except Exception:
+                    self.log.failure("pump: error on a connection; closing it")
+                    self.close(pair, "error", reset=True)
+        finally:
+            self._batch = None
+            for pair, flow in batch:
+                if not pair.closed:
+                    self._pass_fin(pair, flow)
 
     # --- adopting and releasing ----------------------------------------------------------------
 
@@ -178,7 +166,6 @@ class Pump:
     def _watch(self, connect: "Connect") -> None:
         self._connects[connect.fd] = connect
         self._epoll.register(connect.fd, _OUT)
-        self._register()
         if self._connect_sweep is None:
             sweep = self._connect_sweep = LoopingCall(self._expire_connects)
             sweep.clock = self.reactor
@@ -196,11 +183,6 @@ class Pump:
         for connect in [c for c in connects.values() if c.deadline <= now]:
             connect.timed_out()
 
-    def _register(self) -> None:
-        if not self._registered:
-            self.reactor.addReader(self)
-            self._registered = True
-
     def adopt(self, session: Any, client: socket.socket, peer: socket.socket,
               first: bytes = b"", peer_registered: bool = False) -> Pair:
         """Take over two connected non-blocking sockets; ``first`` goes to the peer first.
@@ -210,7 +192,6 @@ class Pump:
         self._fds[client_fd] = (pair, True)
         self._fds[peer_fd] = (pair, False)
         self.pairs += 1
-        self._register()
         if first and not self._send(pair, pair.up, first):
             return pair
         blocked = pair.up.blocked
@@ -437,13 +418,10 @@ class Pump:
             os.close(pipe[1])
 
     def stop(self) -> None:
-        """Close the epoll set and pooled pipes (the reactor is going away)."""
+        """Stop the connect sweep and close pooled pipes (the reactor is going away)."""
         if self._connect_sweep is not None:
             self._connect_sweep.stop()
             self._connect_sweep = None
-        if self._registered:
-            self.reactor.removeReader(self)
-            self._registered = False
         for r, w in self._pipes:
             os.close(r)
             os.close(w)
@@ -451,8 +429,8 @@ class Pump:
 
 
 class Connect:
-    """A connect in progress on the pump: writable means done. The first write tells whether
-    it worked (a failed connect fails the send), or SO_ERROR when there is nothing to write."""
+    """A connect in progress on the pump: writable means done, and the first write tells
+    whether it worked."""
 
     __slots__ = ("pump", "sock", "fd", "deadline", "first", "connected", "failed")
 
@@ -477,24 +455,21 @@ class Connect:
         pump._watch(self)
 
     def finish(self) -> None:
-        del self.pump._connects[self.fd]
+        """The socket is writable, or an event came for its descriptor number: the send
+        tells which. It fails if the connect failed, would block while it is still in
+        progress, and otherwise passes on the first bytes (a zero-length send when there
+        are none)."""
         sock = self.sock
-        sent = 0
-        if self.first:
-            try:
-                sent = sock.send(self.first)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                sock.close()  # which also takes it out of the epoll set
-                self.failed(_connect_error(e.errno))
-                return
-        else:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                sock.close()
-                self.failed(_connect_error(err))
-                return
+        try:
+            sent = sock.send(self.first)
+        except BlockingIOError:
+            return  # still connecting
+        except OSError as e:
+            del self.pump._connects[self.fd]
+            sock.close()  # which also takes it out of the epoll set
+            self.failed(_connect_error(e.errno))
+            return
+        del self.pump._connects[self.fd]
         self.connected(sock, sent)  # still registered: adopt(peer_registered=True)
 
     def timed_out(self) -> None:
@@ -526,13 +501,12 @@ _pumps: Dict[int, Pump] = {}
 
 
 def pump_for(reactor: Any) -> Optional[Pump]:
-    """The reactor's pump, or None when this reactor cannot host one (tests' fake reactors,
-    non-epoll reactors, non-Linux)."""
+    """The reactor's pump, or None when the reactor cannot host one (anything but lb's own
+    reactor: tests' fake reactors, or a reactor chosen with ``twistd --reactor``)."""
     key = id(reactor)
     pump = _pumps.get(key)
     if pump is None:
-        if not hasattr(select, "epoll") or not hasattr(reactor, "addReader") or \
-                type(reactor).__name__ != "EPollReactor":
+        if not hasattr(reactor, "share_poller"):
             return None
         pump = _pumps[key] = Pump(reactor)
     return pump
