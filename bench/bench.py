@@ -50,8 +50,11 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 
 WORKLOADS = ("keepalive", "close", "bulk", "iperf", "idle")
-PROXIES = ("direct", "haproxy", "nginx", "lb")
-LABELS = {"direct": "direct", "haproxy": "HAProxy", "nginx": "nginx stream", "lb": "lb"}
+PROXIES = ("direct", "haproxy", "nginx", "lb", "lb-pypy")
+LABELS = {"direct": "direct", "haproxy": "HAProxy", "nginx": "nginx stream", "lb": "lb",
+          "lb-pypy": "lb (PyPy)"}
+VENVS = {"lb": os.path.join(ROOT, ".venv"), "lb-pypy": os.path.join(ROOT, ".venv-pypy")}
+JIT_WARMUP = 5.0  # PyPy compiles the hot paths in its first seconds: warm it up longer
 
 SMALL_PATH, SMALL_SIZE = "/small.bin", 100
 LARGE_PATH, LARGE_SIZE = "/large.bin", 1 << 20
@@ -413,11 +416,14 @@ class Bench:
                    error_log=self.nginx_error_log(conf), nofile=self.nofile,
                    worker_connections=self.nofile, **ports)
             proc = self.spawn("nginx-stream", self.nginx_argv(conf), cpu)
-        elif name == "lb":
-            os.makedirs(os.path.join(self.tmp, "lb-state"), exist_ok=True)
-            conf = render("lb.yaml", os.path.join(self.tmp, "lb.yaml"), **ports)
-            twistd = os.path.join(ROOT, ".venv", "bin", "twistd")
-            proc = self.spawn("lb", [twistd, "-n", "--pidfile=", "lb", "-c", conf], cpu,
+        elif name in VENVS:
+            os.makedirs(os.path.join(self.tmp, name + "-state"), exist_ok=True)
+            conf = render("lb.yaml", os.path.join(self.tmp, name + ".yaml"),
+                          state_dir=name + "-state", **ports)
+            twistd = os.path.join(VENVS[name], "bin", "twistd")
+            if not os.path.exists(twistd):
+                raise BenchError(f"{twistd} is missing: run bench/run, which creates it")
+            proc = self.spawn(name, [twistd, "-n", "--pidfile=", "lb", "-c", conf], cpu,
                               cwd=self.tmp)
         else:
             raise BenchError(f"unknown proxy {name}")
@@ -493,7 +499,7 @@ class Bench:
             except OSError:
                 pass
         entry: Dict[str, Any] = {"problem_lines": problems}
-        if target.name == "lb":
+        if target.name in VENVS:
             entry["connection_ends"] = dict(ends)
         self.proxy_logs[f"{target.name}/{workload}"] = entry
 
@@ -677,9 +683,12 @@ class Bench:
                                           "failure": f"did not start: {e}"})
                         print(f"  {LABELS[name]}: did not start: {e}", file=sys.stderr)
                 if workload in WRK_CONNECTIONS and self.args.warmup > 0:
-                    for target in targets:  # first connections, page faults, caches
+                    for target in targets:  # first connections, page faults, caches, JIT
+                        warmup = self.args.warmup
+                        if target.name == "lb-pypy":
+                            warmup = max(warmup, JIT_WARMUP)
                         try:
-                            self.wrk(target, workload, self.args.warmup,
+                            self.wrk(target, workload, warmup,
                                      f"{workload}.{target.name}.warmup")
                         except BenchError as e:
                             print(f"  warm-up {target.label}: {e}", file=sys.stderr)
@@ -924,10 +933,19 @@ def versions() -> Dict[str, str]:
         "wrk": version(["wrk", "-v"], r"wrk (?:debian/)?(\S+)"),
         "iperf3": version(["iperf3", "--version"], r"iperf (\S+)"),
         "python": command_output([python, "-c", "import sys; print(sys.version.split()[0])"]),
+        "pypy": pypy_version(),
         "twisted": command_output([python, "-c", "import twisted; print(twisted.__version__)"]),
         "lb": rev + (" (with uncommitted changes)" if dirty and not dirty.startswith("?")
                      else ""),
     }
+
+
+def pypy_version() -> str:
+    python = os.path.join(VENVS["lb-pypy"], "bin", "python")
+    if not os.path.exists(python):
+        return "-"
+    return command_output([python, "-c", "import sys; v = sys.pypy_version_info; "
+                           "print('%d.%d.%d (Python %s)' % (v[:3] + (sys.version.split()[0],)))"])
 
 
 def header_lines(info: Dict[str, Any], settings: Dict[str, Any], date: str) -> List[str]:

@@ -138,7 +138,9 @@ class RawPort:
             if listening is None:
                 return
             try:
-                sock, sockaddr = listening.accept()
+                # _accept() gives the bare descriptor: socket.accept() would also turn the
+                # family and type into enums on every call
+                fd, sockaddr = listening._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as e:
@@ -146,6 +148,7 @@ class RawPort:
                     self.log.error("accept failed: {error} (out of file descriptors?)",
                                    error=e.strerror)
                 return
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             sock.setblocking(False)
             peer = _address(family, sockaddr)
             protocol = factory.buildProtocol(peer)
