@@ -184,6 +184,31 @@ def test_idle_timeout_cuts_both_sides() -> None:
     assert frontend.end_reason == "idle_timeout"
 
 
+def test_idle_sweep_is_one_timer_that_stops_with_the_last_connection() -> None:
+    """Idle connections are found by one sweep per listener (every tenth of the timeout, at
+    most 1 s), not a timer per connection; it stops once no connection is open, so nothing
+    is left in the reactor."""
+    reactor, listener, pool, first, client1, peer1 = connected_pair(
+        listener={"idle_timeout": "2s"})
+    second, client2 = accept(listener)
+    finish_connect(reactor)
+    assert len(reactor.getDelayedCalls()) == 1
+    assert reactor.getDelayedCalls()[0].getTime() == pytest.approx(0.2)
+    reactor.advance(1.0)
+    second.dataReceived(b"x")  # activity at t=1
+    reactor.pump([0.2] * 6)  # t=2.2: the first has been idle for 2 s, the second has not
+    assert client1.disconnected and not client2.disconnected
+    reactor.pump([0.2] * 5)  # t=3.2
+    assert client2.disconnected
+    assert first.end_reason == second.end_reason == "idle_timeout"
+    for frontend in (first, second):  # both transports report the close
+        frontend.connectionLost(Failure(error.ConnectionDone()))
+        frontend.backend.connectionLost(Failure(error.ConnectionDone()))
+    assert not listener.sessions
+    reactor.advance(0.2)
+    assert reactor.getDelayedCalls() == []
+
+
 def test_max_connections_refuses_excess_and_counts() -> None:
     """Beyond max_connections new clients are refused at once and counted by reason."""
     reactor, listener, pool = build(listener={"max_connections": 2})

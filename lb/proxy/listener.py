@@ -48,14 +48,17 @@ class Listener(Factory):
         self._idle_sweep: Optional[LoopingCall] = None
 
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
-        """New settings for new clients; open connections keep theirs (the idle timeout
-        applies to all from now on)."""
+        """New settings for new clients; the idle timeout applies to open connections too."""
         self.config = config
         self.pool = pool
+        self.stop_idle_sweep()
+        self._sweep_idle()
+
+    def stop_idle_sweep(self) -> None:
+        """Stop the idle sweep now (it also stops itself once no connection is open)."""
         if self._idle_sweep is not None:
             self._idle_sweep.stop()
             self._idle_sweep = None
-        self._sweep_idle()
 
     def _sweep_idle(self) -> None:
         if self._idle_sweep is None and self.sessions and self.config.idle_timeout > 0:
@@ -102,8 +105,7 @@ class Listener(Factory):
         no connection is open."""
         timeout = self.config.idle_timeout
         if not self.sessions or timeout <= 0:
-            self._idle_sweep.stop()  # type: ignore[union-attr]
-            self._idle_sweep = None
+            self.stop_idle_sweep()
             return
         limit = self.clock.seconds() - timeout
         for session in [s for s in self.sessions if s.last_active <= limit]:
@@ -197,6 +199,7 @@ class ListenerService(Service):
         super().stopService()
         yield self.stop_accepting()
         yield self.drain(self.shutdown_timeout)
+        self.listener.stop_idle_sweep()
 
     def drain(self, timeout: float) -> defer.Deferred:
         """Wait for open connections to finish; cut what is left after ``timeout``."""
