@@ -417,16 +417,6 @@ class Pump:
             os.close(pipe[0])
             os.close(pipe[1])
 
-    def stop(self) -> None:
-        """Stop the connect sweep and close pooled pipes (the reactor is going away)."""
-        if self._connect_sweep is not None:
-            self._connect_sweep.stop()
-            self._connect_sweep = None
-        for r, w in self._pipes:
-            os.close(r)
-            os.close(w)
-        self._pipes = []
-
 
 class Connect:
     """A connect in progress on the pump: writable means done, and the first write tells
