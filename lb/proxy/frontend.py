@@ -187,15 +187,14 @@ class Frontend(Protocol):
                                                self.destination) + first
         return first
 
-    def _first_bytes(self) -> bytes:
-        """``_opening()``, now on its way to the connected peer: counted, and retries over."""
-        first = self._opening()
-        n = sum(len(chunk) for chunk in self._pending)
+    def _opening_sent(self) -> None:
+        """``_opening()`` is on its way to the connected peer: count the client's bytes in it;
+        retries are over."""
+        n = sum(map(len, self._pending))
         self.bytes_in += n
         self.peer.bytes_in += n  # type: ignore[union-attr]
         self._pending = ()
         self._tried = _NOTHING
-        return first
 
     def _established(self) -> None:
         """Connected to ``self.peer`` (either way): count it."""
@@ -214,23 +213,23 @@ class Frontend(Protocol):
             self, self.transport.socket, peer_sock,  # type: ignore[attr-defined]
             first, peer_registered=registered)
 
-    def _pump_connected(self, sock: Any, sent: int) -> None:
-        """The pump's own connect succeeded and the peer took ``sent`` bytes of the opening."""
-        first = self._first_bytes()
+    def _pump_connected(self, sock: Any, unsent: bytes) -> None:
+        """The pump's own connect succeeded; the peer took the opening but ``unsent``."""
+        self._opening_sent()
         self._established()
-        self._hand_to_pump((self.transport,), sock, first[sent:], registered=True)
+        self._hand_to_pump((self.transport,), sock, unsent, registered=True)
 
     def _connected(self, backend: Backend) -> None:
         """A Twisted endpoint connected (host-name peers, or no pump)."""
         self.backend = backend
         self._established()
         bt, ct = backend.transport, self.transport
+        first = self._opening()
+        self._opening_sent()
         if self.listener.pump is not None and not self._client_eof and hasattr(
                 ct, "socket") and hasattr(bt, "socket"):
-            self._hand_to_pump((ct, bt), bt.socket, self._first_bytes(),  # type: ignore
-                               registered=False)
+            self._hand_to_pump((ct, bt), bt.socket, first, registered=False)  # type: ignore
             return
-        first = self._first_bytes()
         if first:
             bt.write(first)
         bt.registerProducer(ct, True)

@@ -156,11 +156,11 @@ class Pump:
     # --- adopting and releasing ----------------------------------------------------------------
 
     def connect(self, host: str, port: int, timeout: float, ipv6: bool, first: bytes,
-                connected: Callable[[socket.socket, int], None],
+                connected: Callable[[socket.socket, bytes], None],
                 failed: Callable[[Exception], None]) -> "Connect":
         """Start a non-blocking connect; exactly one of the callbacks runs, unless the
         returned handle is cancelled first. ``first`` is written as soon as the socket is
-        writable; ``connected`` hears how much of it the peer took."""
+        writable; ``connected`` gets the socket and what of ``first`` the peer did not take."""
         return Connect(self, host, port, timeout, ipv6, first, connected, failed)
 
     def _watch(self, connect: "Connect") -> None:
@@ -425,7 +425,7 @@ class Connect:
     __slots__ = ("pump", "sock", "fd", "deadline", "first", "connected", "failed")
 
     def __init__(self, pump: Pump, host: str, port: int, timeout: float, ipv6: bool,
-                 first: bytes, connected: Callable[[socket.socket, int], None],
+                 first: bytes, connected: Callable[[socket.socket, bytes], None],
                  failed: Callable[[Exception], None]) -> None:
         self.pump = pump
         self.first = first
@@ -449,31 +449,30 @@ class Connect:
         tells which. It fails if the connect failed, would block while it is still in
         progress, and otherwise passes on the first bytes (a zero-length send when there
         are none)."""
-        sock = self.sock
         try:
-            sent = sock.send(self.first)
+            sent = self.sock.send(self.first)
         except BlockingIOError:
             return  # still connecting
         except OSError as e:
-            del self.pump._connects[self.fd]
-            sock.close()  # which also takes it out of the epoll set
-            self.failed(_connect_error(e.errno))
+            self._give_up(_connect_error(e.errno))
             return
         del self.pump._connects[self.fd]
-        self.connected(sock, sent)  # still registered: adopt(peer_registered=True)
+        # still registered: adopt(peer_registered=True)
+        self.connected(self.sock, self.first[sent:] if sent < len(self.first) else b"")
 
     def timed_out(self) -> None:
-        del self.pump._connects[self.fd]
-        self.sock.close()
-        self.failed(_connect_error(errno.ETIMEDOUT))
+        self._give_up(_connect_error(errno.ETIMEDOUT))
 
     def cancel(self) -> None:
         """Give up (the client left): the failure callback hears CancelledError."""
-        if self.fd == -1 or self.pump._connects.pop(self.fd, None) is None:
-            return
-        self.sock.close()
-        from twisted.internet.defer import CancelledError
-        self.failed(CancelledError())
+        if self.fd != -1 and self.fd in self.pump._connects:
+            from twisted.internet.defer import CancelledError
+            self._give_up(CancelledError())
+
+    def _give_up(self, reason: Exception) -> None:
+        del self.pump._connects[self.fd]
+        self.sock.close()  # which also takes it out of the epoll set
+        self.failed(reason)
 
 
 def _connect_error(err: int) -> Exception:
