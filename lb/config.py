@@ -83,12 +83,44 @@ def parse_address(text: str, *, allow_port_zero: bool = False) -> Address:
     except ValueError:
         if text.startswith("["):
             raise ValueError(f"{host!r} in {text!r} is not an IPv6 address") from None
-        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
-            raise ValueError(f"{host!r} in {text!r} is not a valid host name") from None
-        return Address(host.lower(), port)
+        try:
+            return Address(host_name(host), port)
+        except ValueError as e:
+            raise ValueError(f"{host!r} in {text!r} is not a valid host name: {e}") from None
     if ip.version == 6 and not text.startswith("["):
         raise ValueError(f"IPv6 address in {text!r} must be written as [addr]:port")
     return Address(str(ip), port)
+
+
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+def host_name(text: str) -> str:
+    """A host name in the ASCII form a resolver is given (IDNA for international names).
+
+    Refused here, where a name enters (config, admin API, Consul), rather than when a
+    client is routed to it: an empty label, a label over 63 bytes, a name over 253 bytes,
+    a hyphen at either end of a label, or a name that is not valid IDNA."""
+    if not text:
+        raise ValueError("empty")
+    try:
+        ascii_name = text.lower().encode("idna").decode("ascii")
+        back = ascii_name.encode("ascii").decode("idna")
+    except UnicodeError:
+        raise ValueError("not valid IDNA (an empty label or one over 63 bytes?)") from None
+    if back != text.lower():
+        raise ValueError("not valid IDNA (it changes under IDNA mapping)")
+    if len(ascii_name) > 253:
+        raise ValueError("longer than 253 bytes")
+    for label in ascii_name.split("."):
+        if not label:
+            raise ValueError("empty label")
+        if len(label) > 63:
+            raise ValueError(f"label {label[:20]!r}... is over 63 bytes")
+        if not _LABEL.fullmatch(label):
+            raise ValueError(f"label {label!r} is not letters, digits, '-' and '_' "
+                             "(no '-' at either end)")
+    return ascii_name
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}

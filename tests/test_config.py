@@ -106,6 +106,26 @@ def test_bad_peer_addresses(text: str) -> None:
     assert any(p.startswith("pools.web.peers[0]:") for p in found), found
 
 
+@pytest.mark.parametrize("text", [
+    "a..b:80", ".a:80", "a.:80", f"{'x' * 64}.example:80", f"{'a' * 250}.example:80",
+    "-a.example:80", "a-.example:80", "a\u200b.example:80", "b\u00fccher..de:80",
+    "xn--zz.example:80",
+])
+def test_host_names_that_cannot_name_a_host_are_refused(text: str) -> None:
+    """An empty label, a label over 63 bytes, a name over 253 bytes or one that is not
+    valid IDNA is refused where it enters (here: the config), not when a client needs it."""
+    with pytest.raises(ValueError):
+        parse_address(text)
+    found = problems(minimal(peers=[text]))
+    assert any(p.startswith("pools.web.peers[0]:") for p in found), found
+
+
+def test_international_host_names_are_kept() -> None:
+    """A valid IDNA name is accepted and keyed in its ASCII (punycode) form."""
+    assert str(parse_address("B\u00fccher.Example:80")) == "xn--bcher-kva.example:80"
+    assert str(parse_address(f"{'x' * 63}.example:80")).startswith("x" * 63)
+
+
 @pytest.mark.parametrize("text,expected", [
     ("127.0.0.1:80", "127.0.0.1:80"), ("[::1]:80", "[::1]:80"),
     ("[0:0:0:0:0:0:0:1]:80", "[::1]:80"), ("Backend.Example:8080", "backend.example:8080"),
