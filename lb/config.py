@@ -194,6 +194,7 @@ class ListenerConfig:
     accept_proxy: bool = False
     max_connections: int = 10000
     idle_timeout: float = 300.0
+    fin_timeout: float = 30.0  # once one side sent FIN (HAProxy's timeout client-fin/server-fin)
     allow: Tuple[IPNetwork, ...] = ()
 
 
@@ -592,7 +593,7 @@ def _check_listener(c: _Checker, name: str, raw: Any, pools: Mapping[str, Any],
                     ) -> Optional[ListenerConfig]:
     path = f"listeners.{name}"
     m = c.mapping(path, raw, ("bind", "mode", "pool", "accept_proxy", "max_connections",
-                              "idle_timeout", "allow"))
+                              "idle_timeout", "fin_timeout", "allow"))
     if raw is None:
         c.fail(path, "expected a mapping with bind and pool")
     for key in ("bind", "pool"):
@@ -623,6 +624,7 @@ def _check_listener(c: _Checker, name: str, raw: Any, pools: Mapping[str, Any],
         accept_proxy=c.get(path, m, "accept_proxy", False, _bool),
         max_connections=c.get(path, m, "max_connections", 10000, _int(1)),
         idle_timeout=c.get(path, m, "idle_timeout", 300.0, _duration()),
+        fin_timeout=c.get(path, m, "fin_timeout", 30.0, _duration()),
         allow=c.get(path, m, "allow", (), _cidrs),
     )
     return listener if bind is not None and pool_name is not None else None

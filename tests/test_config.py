@@ -26,7 +26,8 @@ def test_minimal_config_gets_spec_defaults() -> None:
     cfg = lbconfig.check(minimal(), path="/srv/lb/lb.yaml", environ={})
     listener, pool = cfg.listeners["web"], cfg.pools["web"]
     assert (listener.mode, listener.accept_proxy, listener.max_connections,
-            listener.idle_timeout, listener.allow) == ("tcp", False, 10000, 300.0, ())
+            listener.idle_timeout, listener.fin_timeout, listener.allow) == (
+                "tcp", False, 10000, 300.0, 30.0, ())
     assert (pool.balance, pool.slow_start, pool.connect_timeout, pool.retries,
             pool.drain_timeout, pool.send_proxy, pool.health, pool.consul) == (
         "roundrobin", 0.0, 2.0, 2, 30.0, "off", None, None)

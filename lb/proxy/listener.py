@@ -182,6 +182,16 @@ class ListenerService(Service):
                       name=self.listener.config.name, bind=self.address(),
                       pool=self.listener.pool.name)
 
+    @property
+    def accepting(self) -> bool:
+        """The listening socket is open and in the reactor (``lb_listener_up``, /healthz)."""
+        port = self.port
+        if port is None:
+            return False
+        if isinstance(port, RawPort):
+            return port.socket is not None
+        return bool(getattr(port, "connected", False))
+
     def address(self) -> str:
         if self.port is None:
             return str(self.listener.config.bind)
