@@ -178,8 +178,8 @@ class Pool:
             return  # removed meanwhile
         if not passive:
             peer.last_check = LastCheck(ok, detail, self.clock.seconds())
-        elif ok and not peer.is_up:
-            return  # only probes bring a peer up or decide an unknown one
+        elif ok:
+            return  # client traffic only ever takes a peer out
         t = self.thresholds
         new_state = risefall.step(peer.health_state, ok, t.rise, t.fall)
         if new_state == peer.health_state:
@@ -210,11 +210,9 @@ class Pool:
         self.balancer.connection_opened(peer)
 
     def connection_established(self, peer: Peer) -> None:
+        """Counted only: client traffic never counts as a pass of the active check (it
+        would reset the fall count of a busy peer whose probes fail)."""
         peer.total_connections += 1
-        if not peer.is_up:
-            return
-        if peer.health_state.value < self.thresholds.rise + self.thresholds.fall - 1:
-            self.report_check(peer, True, "client connected", passive=True)
 
     def connection_failed(self, peer: Peer, conn: object, detail: str) -> None:
         """A connect on a client's behalf failed: a failed passive check."""

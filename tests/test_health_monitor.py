@@ -124,27 +124,42 @@ def test_known_peers_spread_over_interval(clock: Clock) -> None:
     HealthMonitor(pool, clock, probe, health).startService()
     clock.advance(0)
     assert probe.times() == [0.0]
-    for _ in range(16):
+    for _ in range(17):
         clock.advance(0.125)
         probe.answer_all()
-    assert probe.times() == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert probe.times() == [0.0, 0.5, 1.0, 1.5, 2.125]  # 2s after the first one ended
 
 
 def test_interval_between_probes(clock: Clock) -> None:
-    """A peer's probes start `interval` apart, however long each one took."""
+    """A peer's next probe starts `interval` after its last one ended (HAProxy's `inter`,
+    Envoy's `interval`), so a slow peer is never probed back to back."""
     pool, probe, monitor = make_monitor(clock, 1, interval=2.0, timeout=1.0)
-    clock.advance(0.7)
-    probe.answer(_key(0))
-    clock.advance(1.2)  # t=1.9
+    clock.advance(0.75)
+    probe.answer(_key(0))  # ended at 0.75
+    clock.advance(1.875)  # t=2.625
     assert probe.times() == [0.0]
-    clock.advance(0.1)  # t=2.0
-    assert probe.times() == [0.0, 2.0]
+    clock.advance(0.125)  # t=2.75
+    assert probe.times() == [0.0, 2.75]
     clock.advance(0.25)
-    probe.answer(_key(0))
-    clock.advance(1.5)  # t=3.75
-    assert probe.times() == [0.0, 2.0]
-    clock.advance(0.25)
-    assert probe.times() == [0.0, 2.0, 4.0]
+    probe.answer(_key(0))  # ended at 3.0
+    clock.advance(1.875)  # t=4.875
+    assert probe.times() == [0.0, 2.75]
+    clock.advance(0.125)
+    assert probe.times() == [0.0, 2.75, 5.0]
+
+
+def test_timeout_longer_than_interval(clock: Clock) -> None:
+    """`timeout` may exceed `interval`: a hung probe is abandoned at `timeout`, the next
+    one starts `interval` after that, and one peer never has two probes in flight."""
+    pool, probe, monitor = make_monitor(clock, 1, interval=1.0, timeout=3.0, fall=1)
+    most_in_flight = 0
+    for _ in range(80):  # 10 s of a peer that never answers
+        clock.advance(0.125)
+        most_in_flight = max(most_in_flight, len(probe.pending()))
+    assert most_in_flight == 1
+    assert probe.times() == [0.0, 4.0, 8.0]
+    assert pool.peers[_key(0)].health == "down"
+    assert pool.peers[_key(0)].last_check.detail == "timeout after 3s"
 
 
 # --- concurrency and timeouts --------------------------------------------------------------

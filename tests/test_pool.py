@@ -150,8 +150,8 @@ def test_unknown_peers_get_traffic_only_when_none_is_up() -> None:
 
 
 def test_passive_failures_mark_down_and_only_probes_bring_back() -> None:
-    """fall consecutive failed client connects take a peer out; a successful connect does
-    not bring a down peer back (only a probe does), and resets an up peer's count."""
+    """fall consecutive failed client connects take a peer out; a successful connect
+    neither brings a down peer back (only a probe does) nor resets an up peer's count."""
     pool, clock, events = make_pool()
     pool.apply("static", [spec("10.0.0.1:80"), spec("10.0.0.2:80")])
     peer = pool.peers["10.0.0.1:80"]
@@ -159,19 +159,40 @@ def test_passive_failures_mark_down_and_only_probes_bring_back() -> None:
         pool.connection_started(peer, "c")
         pool.connection_failed(peer, "c", "connection refused")
     pool.connection_started(peer, "c")
-    pool.connection_established(peer)  # a success resets the consecutive count
+    pool.connection_established(peer)  # client traffic never counts as a pass
     pool.connection_ended(peer, "c")
-    for _ in range(2):
-        pool.connection_started(peer, "c")
-        pool.connection_failed(peer, "c", "connection refused")
     assert peer.health == "up"
     pool.connection_started(peer, "c")
     pool.connection_failed(peer, "c", "connection refused")
     assert peer.health == "down" and eligible(pool) == {"10.0.0.2:80"}
     assert peer.last_check is None  # passive results are not probe results
+    pool.connection_started(peer, "c")
+    pool.connection_established(peer)
+    assert peer.health == "down"
     pool.report_check(peer, True, "connected")
     pool.report_check(peer, True, "connected")
     assert peer.health == "up"
+
+
+def test_client_traffic_never_undoes_active_check_failures() -> None:
+    """A busy peer whose active check fails `fall` times in a row goes down, however many
+    clients connected to it successfully between the probes (the defect: every client
+    connect was counted as a passing check and reset the fall count)."""
+    pool, clock, events = make_pool(health={"type": "http", "fall": 2, "rise": 2})
+    pool.apply("static", [spec("10.0.0.1:80"), spec("10.0.0.2:80")])
+    peer = pool.peers["10.0.0.1:80"]
+    pool.report_check(peer, True, "HTTP 200")
+    assert peer.health == "up"
+    for probe in range(2):
+        pool.report_check(peer, False, "HTTP 503")
+        for i in range(50):  # steady client load between two probes
+            conn = (probe, i)
+            pool.connection_started(peer, conn)
+            pool.connection_established(peer)
+            pool.connection_ended(peer, conn)
+    assert peer.health == "down"
+    assert eligible(pool) == {"10.0.0.2:80"}  # unknown, so eligible once none is up
+    assert peer.total_connections == 100
 
 
 def test_admin_add_and_remove() -> None:

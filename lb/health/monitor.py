@@ -1,7 +1,8 @@
 """The per-pool health monitor: schedules probes and hands their verdicts to the pool.
 
-One monitor per pool, on an injected clock. Each watched peer has its own next-due time,
-``interval`` apart, and its own phase within the interval: on start (or a reload, which
+One monitor per pool, on an injected clock. A peer's next probe starts ``interval`` after
+its last one ended (HAProxy's ``inter``, Envoy's ``interval``): one peer never has two probes
+in flight, and a ``timeout`` longer than the interval is fine. Each peer has its own phase: on start (or a reload, which
 builds a new monitor) the peers' phases are spread evenly over one interval, so a pool of
 many peers is never probed in bursts. A peer without a verdict yet (``unknown``) is probed
 at once and settles into its phase after that. At most ``concurrency`` probes run at a
@@ -48,14 +49,13 @@ _GOLDEN = 0.6180339887498949  # phases k·φ mod 1 spread any run of additions e
 class _Slot:
     """One watched peer: its next-due timer or its place in line or its running probe."""
 
-    __slots__ = ("peer", "timer", "queued", "in_flight", "started", "anchor", "dropped")
+    __slots__ = ("peer", "timer", "queued", "in_flight", "anchor", "dropped")
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
         self.timer: Optional[IDelayedCall] = None
         self.queued = False
         self.in_flight: Optional[defer.Deferred] = None
-        self.started = 0.0
         self.anchor = 0.0  # an early first probe counts as run here, for the next one's time
         self.dropped = False
 
@@ -201,7 +201,6 @@ class HealthMonitor(Service):
             self._queue.append(slot)
 
     def _start(self, slot: _Slot) -> None:
-        slot.started = self.clock.seconds()
         self._running += 1
         try:
             d = defer.maybeDeferred(self.probe, slot.peer.address)
@@ -219,7 +218,10 @@ class HealthMonitor(Service):
             if not slot.dropped and not self._stopping:
                 self._report(slot, self._verdict(result, slot))
                 if self._slots.get(slot.peer.key) is slot:
-                    next_due = max(slot.started, slot.anchor) + self.interval
+                    # `interval` after this probe ended (so never two in flight, and a
+                    # timeout longer than the interval works), or after the phase an early
+                    # first probe stood in for
+                    next_due = max(self.clock.seconds(), slot.anchor) + self.interval
                     self._schedule(slot, next_due - self.clock.seconds())
         except Exception:
             self.log.failure("pool {pool}: health check bookkeeping failed for {peer}",
