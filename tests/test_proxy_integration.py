@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.error import ConnectError
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import implementer
@@ -359,6 +360,76 @@ def test_accept_proxy_garbage_closes_only_that_connection(cleanup: List[Any]) ->
     got = yield good.done
     assert got == b"hello"
     assert lb.listeners["l"].listener.ended["bad_proxy_header"] == 1
+
+
+@pytest.mark.parametrize("accept_proxy", [False, True])
+@pytest_twisted.inlineCallbacks
+def test_an_error_handling_one_client_never_stops_the_listener(
+        cleanup: List[Any], data_path: Any, accept_proxy: bool) -> Any:
+    """A client whose handling raises (here: routed to a peer whose host name IDNA cannot
+    encode, which once closed the listening port for good) loses only its own connection;
+    the listener keeps accepting and the next client is served."""
+    from lb.config import Address
+    from lb.peer import PeerSpec
+
+    echo = listen(EchoFactory())
+    cleanup.append(echo)
+    lb = start_lb({"l": {"bind": "127.0.0.1:0", "pool": "p", "accept_proxy": accept_proxy}},
+                  {"p": {"retries": 0}})
+    cleanup.append(lb)
+    pool = lb.pool("p")
+    header = b"PROXY TCP4 192.0.2.10 127.0.0.1 4000 80\r\n" if accept_proxy else b""
+    pool.apply("admin", [PeerSpec(Address("a..b", 80))])  # bypasses parse_address
+    for _ in range(3):
+        bad = Client(header + b"hello")
+        yield connect(lb_port(lb), bad)
+        got = yield bad.done.addTimeout(5, reactor)
+        assert got == b""
+    assert lb.listeners["l"].accepting
+    pool.apply("admin", [PeerSpec(Address("127.0.0.1", echo.getHost().port))])
+    good = Client(header + b"hello")
+    yield connect(lb_port(lb), good).addTimeout(5, reactor)
+    got = yield good.done.addTimeout(5, reactor)
+    assert got == b"hello"
+    assert lb.listeners["l"].listener.ended["connect_failed"] == 3
+
+
+@pytest.mark.parametrize("accept_proxy", [False, True])
+@pytest_twisted.inlineCallbacks
+def test_a_bug_while_handling_one_client_ends_that_client_only(
+        cleanup: List[Any], data_path: Any, accept_proxy: bool) -> Any:
+    """Any exception while one client is handled (here: the balancer breaks) closes that
+    client, counts it as ended by `error`, and leaves the listener accepting."""
+    echo = listen(EchoFactory())
+    cleanup.append(echo)
+    lb = start_lb({"l": {"bind": "127.0.0.1:0", "pool": "p", "accept_proxy": accept_proxy}},
+                  {"p": {"peers": [f"127.0.0.1:{echo.getHost().port}"]}})
+    cleanup.append(lb)
+    pool = lb.pool("p")
+    header = b"PROXY TCP4 192.0.2.10 127.0.0.1 4000 80\r\n" if accept_proxy else b""
+    real_pick = pool.pick
+    listener = lb.listeners["l"].listener
+
+    def broken_pick(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("balancer bug")
+    pool.pick = broken_pick  # type: ignore[method-assign]
+    bad = Client(header + b"hello")
+    try:
+        yield connect(lb_port(lb), bad)
+    except ConnectError:
+        pass  # lb's reset can beat the client's view of its own connect
+    else:
+        got = yield bad.done.addTimeout(5, reactor)
+        assert got == b""
+    yield poll_until(reactor, lambda: listener.ended["error"] == 1, timeout=5,
+                     what="the broken client to end")
+    pool.pick = real_pick  # type: ignore[method-assign]
+    good = Client(header + b"hello")
+    yield connect(lb_port(lb), good).addTimeout(5, reactor)
+    got = yield good.done.addTimeout(5, reactor)
+    assert got == b"hello"
+    assert lb.listeners["l"].accepting
+    assert listener.ended["error"] == 1 and not listener.sessions
 
 
 class ResetAfter(protocol.Protocol):

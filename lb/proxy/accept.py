@@ -149,13 +149,19 @@ class RawPort:
                                    error=e.strerror)
                 return
             sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            sock.setblocking(False)
-            peer = _address(family, sockaddr)
-            protocol = factory.buildProtocol(peer)
-            if protocol is None:
+            try:
+                sock.setblocking(False)
+                peer = _address(family, sockaddr)
+                protocol = factory.buildProtocol(peer)
+                if protocol is None:
+                    sock.close()
+                    continue
+                protocol.makeConnection(RawTransport(sock, peer, host, protocol))
+            except Exception:
+                # One client's trouble ends that client: an exception escaping doRead
+                # would make the reactor close this listening socket for good.
+                self.log.failure("listener: error accepting a client; closing it")
                 sock.close()
-                continue
-            protocol.makeConnection(RawTransport(sock, peer, host, protocol))
 
     def connectionLost(self, reason: Any) -> None:
         self.stopListening()

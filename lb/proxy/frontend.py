@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -37,6 +38,8 @@ def _host_port(address: Any) -> str:
 
 @implementer(IHalfCloseableProtocol, IClosable)
 class Frontend(Protocol):
+    log = Logger()
+
     def __init__(self, listener: "Listener") -> None:
         self.listener = listener
         self.pool = listener.pool
@@ -64,6 +67,15 @@ class Frontend(Protocol):
         self.joined = False  # connected to a peer (either data path)
 
     # --- client events ---------------------------------------------------------------------
+
+    def makeConnection(self, transport: Any) -> None:
+        """Whatever goes wrong while starting one client ends that client only."""
+        try:
+            super().makeConnection(transport)
+        except Exception:
+            self.log.failure("listener {listener}: error handling a client; closing it",
+                             listener=self.listener.config.name)
+            self.abort("error")
 
     def connectionMade(self) -> None:
         now = self.clock.seconds()
@@ -154,6 +166,15 @@ class Frontend(Protocol):
     # --- connecting ------------------------------------------------------------------------
 
     def _connect(self) -> None:
+        """Pick a peer and connect; whatever goes wrong ends this client only."""
+        try:
+            self._pick_and_connect()
+        except Exception:
+            self.log.failure("listener {listener}: error handling a client; closing it",
+                             listener=self.listener.config.name)
+            self.abort("error")
+
+    def _pick_and_connect(self) -> None:
         client_host = getattr(self.client, "host", None)
         peer = self.pool.pick(client_host, self._tried)
         if peer is None:
@@ -170,13 +191,18 @@ class Frontend(Protocol):
         pump = self.listener.pump
         address = peer.address
         timeout = self.pool.config.connect_timeout
-        if pump is not None and address.is_ip and hasattr(self.transport, "socket"):
-            self._connecting = pump.connect(
-                address.host, address.port, timeout, address.is_ipv6, self._opening(),
-                self._pump_connected, lambda exc: self._connect_failed(Failure(exc), peer))
+        try:
+            if pump is not None and address.is_ip and hasattr(self.transport, "socket"):
+                self._connecting = pump.connect(
+                    address.host, address.port, timeout, address.is_ipv6, self._opening(),
+                    self._pump_connected,
+                    lambda exc: self._connect_failed(Failure(exc), peer))
+                return
+            d = connect(self.listener.reactor, address, timeout, Backend(self))
+        except Exception:  # a connect that cannot even start fails like a refused one
+            self._connect_failed(Failure(), peer)
             return
-        backend = Backend(self)
-        d = self._connecting = connect(self.listener.reactor, address, timeout, backend)
+        self._connecting = d
         d.addCallbacks(self._connected, self._connect_failed, errbackArgs=(peer,))
 
     def _opening(self) -> bytes:
