@@ -548,3 +548,87 @@ def test_maint_cuts_open_connections_on_every_path(cleanup: List[Any], data_path
     lb.pool("p").set_admin_state(f"127.0.0.1:{echo.getHost().port}", "maint")
     yield client.done
     assert lb.listeners["l"].listener.ended["maint"] == 1
+
+
+@implementer(IHalfCloseableProtocol)
+class HungPeer(Recorder):
+    """Reads the request, never answers, and keeps its socket open after the client's FIN
+    (a peer that hangs mid-request)."""
+
+    def readConnectionLost(self) -> None:
+        self.factory.fins += 1
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+@pytest_twisted.inlineCallbacks
+def test_fin_timeout_closes_a_half_closed_pair_to_a_hung_peer(cleanup: List[Any],
+                                                              data_path: Any) -> Any:
+    """A client that sends its request and a FIN to a peer that never answers: once no byte
+    moves for fin_timeout, both sides are closed (not only after idle_timeout)."""
+    factory = protocol.Factory.forProtocol(HungPeer)
+    factory.instances = []
+    factory.fins = 0
+    server = listen(factory)
+    cleanup.append(server)
+    lb = start_lb({"l": {"bind": "127.0.0.1:0", "pool": "p", "idle_timeout": "60s",
+                         "fin_timeout": "300ms"}},
+                  {"p": {"peers": [f"127.0.0.1:{server.getHost().port}"]}})
+    cleanup.append(lb)
+    client = Client(b"GET / HTTP/1.0\r\n\r\n", half_close=True)
+    yield connect(lb_port(lb), client)
+    yield poll_until(reactor, lambda: factory.fins == 1, what="the FIN at the peer")
+    started = reactor.seconds()
+    got = yield client.done.addTimeout(5, reactor)
+    assert got == b"" and reactor.seconds() - started >= 0.2
+    listener = lb.listeners["l"].listener
+    yield poll_until(reactor, lambda: listener.ended["fin_timeout"] == 1, what="fin end")
+    assert not listener.sessions
+
+
+@implementer(IHalfCloseableProtocol)
+class SlowAnswer(protocol.Protocol):
+    """Answers a byte every 100 ms for a second, then closes (a client's FIN does not stop
+    it)."""
+
+    def readConnectionLost(self) -> None:
+        pass
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionMade(self) -> None:
+        self.sent = 0
+        self.loop = task.LoopingCall(self.tick)
+        self.loop.clock = reactor
+        self.loop.start(0.1)
+
+    def tick(self) -> None:
+        self.sent += 1
+        self.transport.write(b"x")
+        if self.sent == 10:
+            self.loop.stop()
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.loop.running:
+            self.loop.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_fin_timeout_spares_a_half_closed_pair_that_still_moves_bytes(
+        cleanup: List[Any], data_path: Any) -> Any:
+    """fin_timeout counts from the last byte, not from the FIN: a half-closed client still
+    receiving its answer is served to the end."""
+    server = listen(protocol.Factory.forProtocol(SlowAnswer))
+    cleanup.append(server)
+    lb = start_lb({"l": {"bind": "127.0.0.1:0", "pool": "p", "fin_timeout": "300ms"}},
+                  {"p": {"peers": [f"127.0.0.1:{server.getHost().port}"]}})
+    cleanup.append(lb)
+    client = Client(b"request", half_close=True)
+    yield connect(lb_port(lb), client)
+    got = yield client.done.addTimeout(5, reactor)
+    assert got == b"x" * 10
+    listener = lb.listeners["l"].listener
+    yield poll_until(reactor, lambda: listener.ended["closed"] == 1, what="a clean end")

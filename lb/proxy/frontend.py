@@ -53,6 +53,7 @@ class Frontend(Protocol):
         self.end_reason: Optional[str] = None
         self.started = 0.0
         self.last_active = 0.0  # when a byte last moved (the idle sweep reads it)
+        self.half_closed = False  # a side sent FIN: fin_timeout applies
         # kept small per connection: 10,000 idle connections must fit in ~100 MB
         self._tried: Any = _NOTHING  # peers tried for this client (a set while connecting)
         self._failures: Any = ()
@@ -131,7 +132,7 @@ class Frontend(Protocol):
     def readConnectionLost(self) -> None:
         if self._client_eof:
             return
-        self._client_eof = True
+        self._client_eof = self.half_closed = True
         backend = self.backend
         if backend is not None:
             backend.transport.unregisterProducer()
@@ -296,7 +297,7 @@ class Frontend(Protocol):
     def peer_eof(self) -> None:
         if self._peer_eof:
             return
-        self._peer_eof = True
+        self._peer_eof = self.half_closed = True
         if not self._client_gone:
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseWriteConnection()  # type: ignore[attr-defined]

@@ -60,11 +60,17 @@ class Listener(Factory):
             self._idle_sweep.stop()
             self._idle_sweep = None
 
+    def _sweep_period(self) -> float:
+        """A tenth of the shortest timeout in force, at most IDLE_SWEEP; 0: none is."""
+        timeouts = [t for t in (self.config.idle_timeout, self.config.fin_timeout) if t > 0]
+        return min([IDLE_SWEEP] + [t / 10 for t in timeouts]) if timeouts else 0.0
+
     def _sweep_idle(self) -> None:
-        if self._idle_sweep is None and self.sessions and self.config.idle_timeout > 0:
+        period = self._sweep_period()
+        if self._idle_sweep is None and self.sessions and period > 0:
             sweep = self._idle_sweep = LoopingCall(self._close_idle)
             sweep.clock = self.clock
-            sweep.start(min(IDLE_SWEEP, self.config.idle_timeout / 10), now=False)
+            sweep.start(period, now=False)
 
     def _allowed(self, addr: Any) -> bool:
         host = getattr(addr, "host", None)
@@ -99,17 +105,24 @@ class Listener(Factory):
             self._sweep_idle()
 
     def _close_idle(self) -> None:
-        """Cut connections idle for ``idle_timeout``. One sweep over all sessions costs less
-        than a timer per connection (set up and cancelled on every short one); a connection
-        goes at most a tenth of the timeout (and at most a second) late. The sweep stops when
-        no connection is open."""
-        timeout = self.config.idle_timeout
-        if not self.sessions or timeout <= 0:
+        """Cut connections idle for ``idle_timeout``, or for ``fin_timeout`` once one side
+        has sent its FIN (HAProxy's ``timeout client-fin``/``server-fin``: a half-closed
+        pair to a hung peer must not hold two sockets for the whole idle timeout). One sweep
+        over all sessions costs less than a timer per connection (set up and cancelled on
+        every short one); a connection goes at most a tenth of the timeout (and at most a
+        second) late. The sweep stops when no connection is open."""
+        idle, fin = self.config.idle_timeout, self.config.fin_timeout
+        if not self.sessions or (idle <= 0 and fin <= 0):
             self.stop_idle_sweep()
             return
-        limit = self.clock.seconds() - timeout
-        for session in [s for s in self.sessions if s.last_active <= limit]:
-            session.abort("idle_timeout")
+        now = self.clock.seconds()
+        idle_limit = now - idle if idle > 0 else float("-inf")
+        fin_limit = now - fin if fin > 0 else float("-inf")
+        for session in list(self.sessions):
+            if session.last_active <= idle_limit:
+                session.abort("idle_timeout")
+            elif session.half_closed and session.last_active <= fin_limit:
+                session.abort("fin_timeout")
 
     def connected(self, peer: Peer) -> None:
         counts = self.per_peer.get(peer.key)

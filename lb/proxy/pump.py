@@ -309,6 +309,7 @@ class Pump:
 
     def _eof(self, pair: Pair, flow: _Flow) -> None:
         flow.eof = True
+        pair.session.half_closed = True
         if not flow.blocked:
             self._shutdown(pair, flow)
         else:
