@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import IService, MultiService
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from lb import config as lbconfig
@@ -21,6 +22,16 @@ from lb.proxy.listener import Listener, ListenerService
 # Builders of per-pool services (health monitor, discovery watchers). Each takes the root
 # service, the pool and its config and returns a service or None; later parts register here.
 PoolPart = Callable[["LBService", Pool, PoolConfig], Optional[IService]]
+
+
+class ReloadError(Exception):
+    """A new config that cannot be applied (a listener cannot bind); one line that says why."""
+
+
+def listen_failure(what: str, bind: object, e: CannotListenError) -> str:
+    """``listener web: cannot listen on 0.0.0.0:80: Address already in use``."""
+    why = getattr(e.socketError, "strerror", None) or str(e.socketError)
+    return f"{what}: cannot listen on {bind}: {why}"
 
 
 class PoolService(MultiService):
@@ -121,6 +132,9 @@ class LBService(MultiService):
             return False
         try:
             self.apply(new)
+        except ReloadError as e:
+            self.log.error("reload rejected, the running config stays: {error}", error=e)
+            return False
         except Exception as e:
             self.log.failure("reload rejected, the running config stays: {error}", error=e)
             return False
@@ -140,7 +154,11 @@ class LBService(MultiService):
                 service = ListenerService(Listener(lc, None, self.reactor),  # type: ignore
                                           new.shutdown_timeout)
                 if self.running:
-                    service.listen()
+                    try:
+                        service.listen()
+                    except CannotListenError as e:
+                        raise ReloadError(listen_failure(f"listener {name}", lc.bind,
+                                                         e)) from None
                 opened.append(service)
         except Exception:
             for service in opened:
@@ -150,7 +168,10 @@ class LBService(MultiService):
         # pools first: listeners point at them
         for name in list(self.pools):
             if name not in new.pools:
-                self.removeService(self.pools.pop(name))
+                service = self.pools.pop(name)
+                self.removeService(service)
+                self.log.info("pool {pool} removed by the reload ({n} peer(s) let go)",
+                              pool=name, n=len(service.pool.peers))
         for name, pc in new.pools.items():
             service = self.pools.get(name)
             if service is None:
@@ -170,7 +191,13 @@ class LBService(MultiService):
         for name in list(self.listeners):
             lc = new.listeners.get(name)
             if lc is None or lc.bind != self.listeners[name].listener.config.bind:
-                self.removeService(self.listeners.pop(name))
+                service = self.listeners.pop(name)
+                self.log.info("listener {name} on {bind} stopped by the reload{moved}; its "
+                              "{n} open connection(s) get up to {timeout:g}s", name=name,
+                              bind=service.address(), n=len(service.listener.sessions),
+                              timeout=service.shutdown_timeout,
+                              moved="" if lc is None else f" (moving to {lc.bind})")
+                self.removeService(service)
         for service in opened:
             service.listener.pool = self.pools[service.listener.config.pool].pool
             self._add_listener(service)  # already bound: startService does not bind again
@@ -186,7 +213,23 @@ class LBService(MultiService):
         for hook in self.global_hooks:
             hook(self, old, new)
 
-    # --- stop -------------------------------------------------------------------------------
+    # --- start and stop ---------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        """Bind every socket before the service tree starts (twistd calls this first, before
+        dropping privileges): a port that cannot be bound is one line and exit status 1,
+        not a traceback."""
+        binds = [(f"listener {name}", s.listener.config.bind, s.listen)
+                 for name, s in self.listeners.items()]
+        binds.append(("admin", self.config.admin.bind, self.admin.listen))
+        for what, bind, listen in binds:
+            try:
+                listen()
+            except CannotListenError as e:
+                self.log.error("{problem}", problem=listen_failure(what, bind, e))
+                raise SystemExit(1) from None
+        super().privilegedStartService()
+
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

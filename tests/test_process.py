@@ -161,3 +161,60 @@ def test_plugin_discoverable_from_a_regular_install(tmp_path: Any, repo_dir: str
                             cwd="/tmp", env=env, capture_output=True, text=True, timeout=120)
     assert any(line.split()[:1] == ["lb"] for line in result.stdout.splitlines()), \
         result.stdout + result.stderr
+
+
+def test_listener_that_cannot_bind_at_start_is_one_line_and_exit_1(tmp_path: Any) -> None:
+    """A taken port at start: one error line naming the listener and address, exit 1, no
+    Python traceback (scripts/run-demo shows this line when 8080 is taken)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "lb.yaml"
+        write_config(str(config), f'web: {{bind: "127.0.0.1:{port}", pool: web}}', 1)
+        result = subprocess.run([os.path.join(BIN, "twistd"), "-n", "--pidfile=", "lb", "-c",
+                                 str(config)], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, output
+    assert re.search(rf"listener web: cannot listen on 127\.0\.0\.1:{port}: .*in use", output), \
+        output
+
+
+def test_reload_that_cannot_bind_is_one_error_line(tmp_path: Any, procs: List[Proc]) -> None:
+    """SIGHUP with a new listener on a taken port: one error line naming the listener and
+    address (no critical traceback); the running config stays."""
+    port = free_port()
+    lb, config, backend_port = start(tmp_path, procs, port)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        write_config(str(config), f'a: {{bind: "127.0.0.1:{port}", pool: web}}\n'
+                                  f'b: {{bind: "127.0.0.1:{busy}", pool: web}}', backend_port)
+        lb.signal(signal.SIGHUP)
+        wait_for(lambda: "reload rejected" in lb.log(), what="rejection logged")
+    log = lb.log()
+    assert "Traceback" not in log and "critical" not in log, log
+    assert re.search(rf"reload rejected.*listener b: cannot listen on 127\.0\.0\.1:{busy}", log)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        assert b"hello from backend" in http_get(s)
+
+
+def test_reload_logs_the_listeners_and_pools_it_stops(tmp_path: Any, procs: List[Proc]) -> None:
+    """A reload that drops a listener and a pool says so in the log."""
+    port, other = free_port(), free_port()
+    lb, config, backend_port = start(tmp_path, procs, port)
+    write_config(str(config), f'a: {{bind: "127.0.0.1:{port}", pool: web}}\n'
+                              f'b: {{bind: "127.0.0.1:{other}", pool: extra}}', backend_port)
+    with open(config, "a") as f:
+        f.write(f'  extra:\n    peers: ["127.0.0.1:{backend_port}"]\n')
+    lb.signal(signal.SIGHUP)
+    wait_for(lambda: accepts(other), what="listener b")
+    write_config(str(config), f'a: {{bind: "127.0.0.1:{port}", pool: web}}', backend_port)
+    lb.signal(signal.SIGHUP)
+    wait_for(lambda: lb.log().count("reloaded") == 2, what="second reload")
+    log = lb.log()
+    assert re.search(rf"listener b on 127\.0\.0\.1:{other} stopped", log), log
+    assert re.search(r"pool extra removed", log), log

@@ -151,8 +151,13 @@ class AdminService(Service):
         host = self.port.getHost()
         return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
 
+    def listen(self) -> None:
+        """Bind now (the root binds every socket before the service tree starts)."""
+        if self.port is None:
+            self.port = self._listen(self.bind)
+
     def startService(self) -> None:
-        self.port = self._listen(self.bind)
+        self.listen()
         super().startService()
         if self.reconfigure_hook not in self.root.global_hooks:
             self.root.global_hooks.append(self.reconfigure_hook)
