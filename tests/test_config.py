@@ -532,3 +532,22 @@ def test_two_documents_say_so_in_one_line() -> None:
         "line 2, column 1: invalid YAML: expected a single document in the stream "
         "but found another document"]
 
+
+def test_lb_check_prints_a_file_name_that_is_not_utf8(tmp_path: Any, repo_dir: str,
+                                                      capsys: Any) -> None:
+    """A config whose file name holds bytes that are not UTF-8 (Python sees surrogates) is
+    named with them escaped: printing the raw name would raise UnicodeEncodeError."""
+    from lb import cli
+
+    config = tmp_path / "lb-\udcff.yaml"
+    with open(os.path.join(repo_dir, "etc", "lb.yaml"), "rb") as f:
+        config.write_bytes(f.read().replace(b"state_dir: ../var/lb", b"state_dir: var"))
+    assert cli.main(["check", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    out.encode("utf-8")
+    assert "lb-\\udcff.yaml: configuration OK" in out
+    config.write_text("pools: 5\n")
+    assert cli.main(["check", "-c", str(config)]) == 1
+    err = capsys.readouterr().err
+    err.encode("utf-8")
+    assert "lb-\\udcff.yaml: pools: expected a mapping, got an integer" in err
