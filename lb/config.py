@@ -292,7 +292,7 @@ class _Checker:
             return {}
         for key in value:
             if key not in allowed:
-                self.fail(_join(path, str(key)),
+                self.fail(_join(path, _key(key)),
                           f"unknown key (expected one of: {', '.join(allowed)})")
         return value
 
@@ -305,7 +305,7 @@ class _Checker:
             if isinstance(name, str) and name:
                 names[name] = entry
             else:
-                self.fail(_join(path, str(name)),
+                self.fail(_join(path, _key(name)),
                           f"a name must be a non-empty string, got {_kind(name)}")
         return names
 
@@ -350,6 +350,12 @@ class _Checker:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def _key(key: Any) -> str:
+    """A key as a problem line names it; quoted when blank or padded (a `pool :` typo)."""
+    text = str(key)
+    return text if text and text == text.strip() else repr(text)
 
 
 def _kind(value: Any) -> str:

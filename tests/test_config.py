@@ -551,3 +551,14 @@ def test_lb_check_prints_a_file_name_that_is_not_utf8(tmp_path: Any, repo_dir: s
     err = capsys.readouterr().err
     err.encode("utf-8")
     assert "lb-\\udcff.yaml: pools: expected a mapping, got an integer" in err
+
+
+def test_blank_or_padded_keys_are_quoted() -> None:
+    """An empty or space-padded key is quoted in its path, so the line keeps its
+    `path: problem` shape and the stray space is visible."""
+    raw = minimal()
+    raw[""] = 1
+    raw["listeners"]["web"]["pool "] = "web"
+    found = problems(raw)
+    assert "'': unknown key" in [p.split(" (")[0] for p in found], found
+    assert any(p.startswith("listeners.web.'pool ': unknown key") for p in found), found
