@@ -29,10 +29,10 @@ DEFAULT_CONSUL_URL = "http://127.0.0.1:8500"
 # Bounds on what a config file may be. Past them the file is refused with a problem line
 # naming the bound, before anything walks it (a reload runs on the reactor thread).
 MAX_CONFIG_BYTES = 1 << 20   # 1 MiB; PyYAML takes seconds on a file this size
-MAX_DEPTH = 32               # nesting levels; the deepest key, pools.P.health.expect_status[0], is 6
+MAX_DEPTH = 32               # levels; pools.P.health.expect_status[0] is 6 (counting the top)
 MAX_NODES = 1_000_000        # values once aliases are expanded; 1 MiB of plain text holds fewer
 MAX_INT_DIGITS = 4300        # Python's own bound for int(str), sys.get_int_max_str_digits()
-MAX_DURATION = 576 * 3600.0  # 24 days: longer timers mean "never" (HAProxy's stop at 24.8 days)
+MAX_DURATION = 576 * 3600.0  # 24 days: longer means "never" (HAProxy's timers stop at 24.8)
 MAX_TOKEN_BYTES = 4096       # a token file holds one token on one line
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -118,7 +118,8 @@ def parse_address(text: str, *, allow_port_zero: bool = False) -> Address:
         try:
             return Address(host_name(host), port)
         except ValueError as e:
-            raise ValueError(f"{_show(host)} in {_show(text)} is not a valid host name: {e}") from None
+            raise ValueError(f"{_show(host)} in {_show(text)} is not a valid host name: "
+                             f"{e}") from None
     if ip.version == 6 and not text.startswith("["):
         raise ValueError(f"IPv6 address in {_show(text)} must be written as [addr]:port")
     return Address(str(ip), port)
