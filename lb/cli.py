@@ -22,7 +22,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for line in e.lines():
                 print(line, file=sys.stderr)
             return 1
-        print(f"{args.config}: {config.summary()}")
+        # a file name Python decoded with surrogates would make print() raise
+        print(f"{lbconfig.one_line(args.config)}: {config.summary()}")
         return 0
     return 2  # pragma: no cover (argparse rejects unknown commands)
 

@@ -2,7 +2,9 @@
 
 No Twisted here. Validation walks the whole document and collects every problem as
 ``path.to.key: problem`` so an operator fixes a config in one pass, the way ``nginx -t``
-and ``haproxy -c`` report.
+and ``haproxy -c`` report. Whatever the file holds, reading it ends in a Config or a
+ConfigError: the YAML loader is bounded (size, nesting, alias expansion) and the walk never
+assumes a type it has not checked.
 """
 
 from __future__ import annotations
@@ -12,15 +14,26 @@ import ipaddress
 import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import yaml
+from yaml.constructor import ConstructorError
 
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "random", "p2c", "source")
 ADMIN_STATES = ("ready", "drain", "maint")
 MAX_WEIGHT = 256  # HAProxy's bound; Consul weights above it are clamped
 DEFAULT_CONSUL_URL = "http://127.0.0.1:8500"
+
+# Bounds on what a config file may be. Past them the file is refused with a problem line
+# naming the bound, before anything walks it (a reload runs on the reactor thread).
+MAX_CONFIG_BYTES = 1 << 20   # 1 MiB; PyYAML takes seconds on a file this size
+MAX_DEPTH = 32               # levels; pools.P.health.expect_status[0] is 6 (counting the top)
+MAX_NODES = 1_000_000        # values once aliases are expanded; 1 MiB of plain text holds fewer
+MAX_INT_DIGITS = 4300        # Python's own bound for int(str), sys.get_int_max_str_digits()
+MAX_DURATION = 576 * 3600.0  # 24 days: longer means "never" (HAProxy's timers stop at 24.8)
+MAX_TOKEN_BYTES = 4096       # a token file holds one token on one line
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -29,13 +42,32 @@ class ConfigError(Exception):
     """A config failed validation; ``problems`` holds every ``path: problem`` line."""
 
     def __init__(self, problems: List[str], source: str = "") -> None:
-        self.problems = list(problems)
-        self.source = source
+        self.problems = [one_line(problem) for problem in problems]
+        self.source = one_line(source)
         super().__init__("\n".join(self.lines()))
 
     def lines(self) -> List[str]:
         prefix = f"{self.source}: " if self.source else ""
         return [prefix + problem for problem in self.problems]
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters and line breaks escaped, so that a problem naming a
+    key or value that holds them is still one line on stderr and in the log."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlong = 40
+_REPR.maxlevel = 3
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` cut short: a problem line quotes the value, not a megabyte of it."""
+    return _REPR.repr(value)
 
 
 @dataclass(frozen=True, order=True)
@@ -72,23 +104,24 @@ def parse_address(text: str, *, allow_port_zero: bool = False) -> Address:
         r"([^\s:\[\]]+):(\d+)", text
     )
     if not m:
-        raise ValueError(f"{text!r} is not 'host:port' (IPv6 as '[::1]:80')")
+        raise ValueError(f"{_show(text)} is not 'host:port' (IPv6 as '[::1]:80')")
     host, port_text = m.group(1), m.group(2)
     port = int(port_text)
     low = 0 if allow_port_zero else 1
     if not low <= port <= 65535:
-        raise ValueError(f"port {port} in {text!r} is out of range {low}-65535")
+        raise ValueError(f"port {port} in {_show(text)} is out of range {low}-65535")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         if text.startswith("["):
-            raise ValueError(f"{host!r} in {text!r} is not an IPv6 address") from None
+            raise ValueError(f"{_show(host)} in {_show(text)} is not an IPv6 address") from None
         try:
             return Address(host_name(host), port)
         except ValueError as e:
-            raise ValueError(f"{host!r} in {text!r} is not a valid host name: {e}") from None
+            raise ValueError(f"{_show(host)} in {_show(text)} is not a valid host name: "
+                             f"{e}") from None
     if ip.version == 6 and not text.startswith("["):
-        raise ValueError(f"IPv6 address in {text!r} must be written as [addr]:port")
+        raise ValueError(f"IPv6 address in {_show(text)} must be written as [addr]:port")
     return Address(str(ip), port)
 
 
@@ -133,11 +166,16 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, (int, float)) and value == 0:
         return 0.0
     if not isinstance(value, str):
-        raise ValueError(f"expected a duration like '2s', got {value!r}")
+        raise ValueError(f"expected a duration like '2s', got {_show(value)}")
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*", value)
     if not m:
-        raise ValueError(f"{value!r} is not a duration (use e.g. '500ms', '2s', '5m', '1h')")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        raise ValueError(f"{_show(value)} is not a duration (use e.g. '500ms', '2s', '5m', "
+                         "'1h')")
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]  # inf for 400 digits, no error
+    if not seconds <= MAX_DURATION:
+        raise ValueError(f"{_show(value)} is longer than the maximum {MAX_DURATION / 3600:g}h "
+                         f"({MAX_DURATION / 86400:g} days)")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -251,15 +289,26 @@ class _Checker:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            self.fail(path, f"expected a mapping, got {_kind(value)}")
+            self.fail(path or "(top level)", f"expected a mapping, got {_kind(value)}")
             return {}
         for key in value:
             if key not in allowed:
-                self.fail(
-                    f"{path}.{key}" if path else str(key),
-                    f"unknown key (expected one of: {', '.join(allowed)})",
-                )
+                self.fail(_join(path, _key(key)),
+                          f"unknown key (expected one of: {', '.join(allowed)})")
         return value
+
+    def named(self, path: str, value: Any) -> Dict[str, Any]:
+        """The entries of ``pools`` or ``listeners``: a mapping whose keys are names. YAML
+        reads ``1:`` or ``~:`` as a number or null; such a name is refused, not str()-ed."""
+        entries = self.mapping(path, value, tuple(value) if isinstance(value, dict) else ())
+        names: Dict[str, Any] = {}
+        for name, entry in entries.items():
+            if isinstance(name, str) and name:
+                names[name] = entry
+            else:
+                self.fail(_join(path, _key(name)),
+                          f"a name must be a non-empty string, got {_kind(name)}")
+        return names
 
     def get(self, path: str, mapping: Dict[str, Any], key: str, default: Any,
             convert: Callable[[Any], Any]) -> Any:
@@ -274,22 +323,40 @@ class _Checker:
     def path_value(self, value: Any) -> str:
         if not isinstance(value, str) or not value:
             raise ValueError(f"expected a path, got {_kind(value)}")
+        if "\0" in value:
+            raise ValueError("expected a path without a NUL character")
         return os.path.normpath(os.path.join(self.base_dir, value))
 
     def token_from_file(self, path: str, value: Any) -> Optional[str]:
         file_path = self.path_value(value)
         try:
-            with open(file_path, encoding="utf-8") as f:
-                token = f.read().strip()
+            with open(file_path, "rb") as f:
+                data = f.read(MAX_TOKEN_BYTES + 1)
         except OSError as e:
             raise ValueError(f"cannot read token file {file_path}: {e.strerror}") from None
+        if len(data) > MAX_TOKEN_BYTES:
+            raise ValueError(f"token file {file_path} is larger than "
+                             f"{MAX_TOKEN_BYTES // 1024} KiB; it should hold one token")
+        try:
+            token = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"token file {file_path} is not UTF-8 text") from None
         if not token:
             raise ValueError(f"token file {file_path} is empty")
+        if not token.isprintable():  # it goes into a request header
+            raise ValueError(f"token file {file_path} has a control character or more than "
+                             "one line; it should hold one token")
         return token
 
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def _key(key: Any) -> str:
+    """A key as a problem line names it; quoted when blank or padded (a `pool :` typo)."""
+    text = str(key)
+    return text if text and text == text.strip() else repr(text)
 
 
 def _kind(value: Any) -> str:
@@ -311,7 +378,7 @@ def _int(low: int, high: Optional[int] = None) -> Callable[[Any], int]:
             raise ValueError(f"expected an integer, got {_kind(value)}")
         if value < low or (high is not None and value > high):
             bound = f"{low}-{high}" if high is not None else f">= {low}"
-            raise ValueError(f"{value} is out of range ({bound})")
+            raise ValueError(f"{_show(value)} is out of range ({bound})")
         return value
     return convert
 
@@ -325,7 +392,7 @@ def _str(value: Any) -> str:
 def _choice(*choices: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if value not in choices:
-            raise ValueError(f"{value!r} is not one of: {', '.join(choices)}")
+            raise ValueError(f"{_show(value)} is not one of: {', '.join(choices)}")
         return value
     return convert
 
@@ -339,7 +406,7 @@ def _duration(minimum: float = 0.0, *, positive: bool = False,
         if seconds < minimum:
             raise ValueError(f"must be at least {minimum}s")
         if maximum is not None and seconds > maximum:
-            raise ValueError(f"{value} is longer than the maximum {maximum:g}s")
+            raise ValueError(f"{_show(value)} is longer than the maximum {maximum:g}s")
         return seconds
     return convert
 
@@ -355,9 +422,9 @@ def _status_ranges(value: Any) -> Tuple[Tuple[int, int], ...]:
             parts = [int(p) for p in item.split("-")]
             low, high = parts[0], parts[-1]
         else:
-            raise ValueError(f"{item!r} is not a status code or a range like '200-399'")
+            raise ValueError(f"{_show(item)} is not a status code or a range like '200-399'")
         if not (100 <= low <= high <= 599):
-            raise ValueError(f"{item!r} is not a valid status code range (100-599, low-high)")
+            raise ValueError(f"{_show(item)} is not a valid status code range (100-599, low-high)")
         ranges.append((low, high))
     return tuple(ranges)
 
@@ -368,7 +435,7 @@ def _send_proxy(value: Any) -> str:
         return "off"
     if value in ("off", "v1", "v2"):
         return value
-    raise ValueError(f"{value!r} is not one of: off, v1, v2")
+    raise ValueError(f"{_show(value)} is not one of: off, v1, v2")
 
 
 def _cidrs(value: Any) -> Tuple[IPNetwork, ...]:
@@ -380,11 +447,15 @@ def _cidrs(value: Any) -> Tuple[IPNetwork, ...]:
     bad = []
     for item in value:
         try:
+            if not isinstance(item, (str, int)):  # str() of a nested list could be huge
+                raise ValueError(item)
             networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
         except ValueError:
-            bad.append(repr(item))
+            bad.append(_show(item))
     if bad:
-        raise ValueError(f"not a CIDR: {', '.join(bad)} (use e.g. '10.0.0.0/8' or '::1/128')")
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"not a CIDR: {', '.join(bad[:5])}{more} "
+                         "(use e.g. '10.0.0.0/8' or '::1/128')")
     return tuple(networks)
 
 
@@ -403,7 +474,7 @@ def _check_consul(c: _Checker, raw: Any) -> Optional[ConsulConfig]:
     if "://" not in url:
         url = "http://" + url
     if not re.fullmatch(r"https?://[^/\s]+/?", url):
-        c.fail(where, f"{url!r} is not an http:// or https:// URL of a Consul agent")
+        c.fail(where, f"{_show(url)} is not an http:// or https:// URL of a Consul agent")
     token = None
     if m.get("token_file") is not None:
         token = c.get("consul", m, "token_file", None,
@@ -448,21 +519,20 @@ def _check_health(c: _Checker, path: str, raw: Any) -> Optional[HealthConfig]:
 
     def http_path(value: Any) -> str:
         if not isinstance(value, str) or not value.startswith("/") or not printable(value):
-            raise ValueError(f"{value!r} is not an absolute request path like '/health'")
+            raise ValueError(f"{_show(value)} is not an absolute request path like '/health'")
         return value
 
     def host_header(value: Any) -> str:
         value = _str(value)
         if not printable(value):
-            raise ValueError(f"{value!r} is not a Host header value like 'www.example.com'")
+            raise ValueError(f"{_show(value)} is not a Host header value like 'www.example.com'")
         return value
 
-    seen = len(c.problems)
+    # timeout may exceed interval (as in HAProxy and Envoy): a peer's next probe is due
+    # `interval` after its last one ended, so one peer never has two probes in flight
     interval = c.get(path, m, "interval", 2.0, _duration(positive=True))
-    interval_ok, seen = len(c.problems) == seen, len(c.problems)
     timeout = c.get(path, m, "timeout", 1.0, _duration(positive=True))
-    timeout_ok = len(c.problems) == seen
-    health = HealthConfig(
+    return HealthConfig(
         type=kind,
         path=c.get(path, m, "path", "/health", http_path),
         host=c.get(path, m, "host", None, host_header),
@@ -473,15 +543,6 @@ def _check_health(c: _Checker, path: str, raw: Any) -> Optional[HealthConfig]:
         fall=c.get(path, m, "fall", 3, _int(1, 100)),
         concurrency=c.get(path, m, "concurrency", 10, _int(1, 10000)),
     )
-    # a probe must end before the next one of the same peer is due
-    if interval_ok and timeout_ok and timeout >= interval:
-        if m.get("timeout") is None:
-            c.fail(f"{path}.interval", f"{interval:g}s must be longer than timeout "
-                                       f"({timeout:g}s by default)")
-        else:
-            c.fail(f"{path}.timeout", f"{timeout:g}s must be shorter than interval "
-                                      f"({interval:g}s)")
-    return health
 
 
 def _check_pool_consul(c: _Checker, path: str, raw: Any, have_consul: bool,
@@ -504,7 +565,7 @@ def _check_pool_consul(c: _Checker, path: str, raw: Any, have_consul: bool,
     def service(value: Any) -> str:
         value = _str(value)
         if "/" in value or any(ch.isspace() for ch in value):
-            raise ValueError(f"{value!r} is not a Consul service name")
+            raise ValueError(f"{_show(value)} is not a Consul service name")
         return value
 
     cfg = PoolConsulConfig(
@@ -565,10 +626,18 @@ def _check_pool(c: _Checker, name: str, raw: Any, have_consul: bool) -> PoolConf
         c.fail(path, "expected a mapping with peers and/or consul")
 
     def factor(value: Any) -> float:
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value) or value <= 1):
-            raise ValueError(f"{value!r} must be a number greater than 1 (e.g. 1.25)")
-        return float(value)
+        number = math.nan
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # an integer past float's range
+                number = math.inf if value > 0 else -math.inf
+        if number == math.inf:
+            raise ValueError(f"{_show(value)} is too large (a number greater than 1, "
+                             "e.g. 1.25)")
+        if not number > 1:
+            raise ValueError(f"{_show(value)} must be a number greater than 1 (e.g. 1.25)")
+        return number
 
     balance = c.get(path, m, "balance", "roundrobin", _choice(*BALANCE_ALGORITHMS))
     hash_balance_factor = c.get(path, m, "hash_balance_factor", None, factor)
@@ -601,13 +670,13 @@ def _check_listener(c: _Checker, name: str, raw: Any, pools: Mapping[str, Any],
             c.fail(f"{path}.{key}", "missing (required)")
     bind = c.get(path, m, "bind", None, lambda v: parse_address(v, allow_port_zero=True))
     if bind is not None and not bind.is_ip:
-        c.fail(f"{path}.bind", f"{bind.host!r} must be an IP address to listen on "
+        c.fail(f"{path}.bind", f"{_show(bind.host)} must be an IP address to listen on "
                                "(0.0.0.0 or [::] for all)")
 
     def pool(value: Any) -> str:
         value = _str(value)
         if value not in pools:
-            raise ValueError(f"no pool named {value!r} (pools: {', '.join(pools) or 'none'})")
+            raise ValueError(f"no pool named {_show(value)} (pools: {', '.join(pools) or 'none'})")
         return value
 
     def mode(value: Any) -> str:
@@ -633,6 +702,8 @@ def _check_listener(c: _Checker, name: str, raw: Any, pools: Mapping[str, Any],
 def _overlaps(a: Address, b: Address) -> bool:
     if a.port != b.port or a.port == 0:
         return False
+    if not (a.is_ip and b.is_ip):  # a host name (refused for listeners, allowed for admin)
+        return a.host == b.host
     ia, ib = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
     if ia == ib:
         return True
@@ -658,18 +729,17 @@ def check(raw: Any, *, path: str = "<config>", environ: Optional[Mapping[str, st
     state_dir = c.get("", top, "state_dir", c.path_value("var/lb"), c.path_value)
     shutdown_timeout = c.get("", top, "shutdown_timeout", 30.0, _duration())
 
-    raw_pools = c.mapping("pools", top.get("pools"), tuple(top.get("pools") or ()))
-    pools = {str(name): _check_pool(c, str(name), value, consul is not None)
+    raw_pools = c.named("pools", top.get("pools"))
+    pools = {name: _check_pool(c, name, value, consul is not None)
              for name, value in raw_pools.items()}
-    raw_listeners = c.mapping("listeners", top.get("listeners"),
-                              tuple(top.get("listeners") or ()))
-    if not raw_listeners:
+    raw_listeners = c.named("listeners", top.get("listeners"))
+    if top.get("listeners") is None or top.get("listeners") == {}:
         c.fail("listeners", "at least one listener is required")
     listeners: Dict[str, ListenerConfig] = {}
     for name, value in raw_listeners.items():
-        listener = _check_listener(c, str(name), value, raw_pools)
+        listener = _check_listener(c, name, value, raw_pools)
         if listener is not None:
-            listeners[str(name)] = listener
+            listeners[name] = listener
 
     binds: List[Tuple[str, Address]] = [("admin.bind", admin.bind)]
     for name, listener in listeners.items():
@@ -686,23 +756,160 @@ def check(raw: Any, *, path: str = "<config>", environ: Optional[Mapping[str, st
                   admin=admin, state_dir=state_dir, shutdown_timeout=shutdown_timeout)
 
 
+# --- reading ---------------------------------------------------------------------------------
+
+
+class _Limit(yaml.MarkedYAMLError):
+    """The document is over one of the loader's bounds (well-formed YAML, but not a config)."""
+
+
+def _children(node: yaml.Node) -> List[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _measure(root: yaml.Node) -> None:
+    """Refuse a node graph that aliases expand past MAX_NODES values or MAX_DEPTH levels, or
+    that contains itself. Each shared node is measured once, so this takes time linear in the
+    text however far the aliases would expand (a "billion laughs" is a few hundred bytes)."""
+    measured: Dict[int, Tuple[int, int]] = {}  # id(node): (values, depth) once expanded
+    unfinished: Set[int] = set()  # nodes whose children are being measured
+    stack: List[Tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            unfinished.discard(id(node))
+            sizes = [measured[id(child)] for child in _children(node)]
+            values = 1 + sum(values for values, _ in sizes)
+            depth = 1 + max((depth for _, depth in sizes), default=0)
+            if values > MAX_NODES:
+                raise _Limit(problem=f"aliases expand this to more than {MAX_NODES} values "
+                                     "(the limit for a config; an alias bomb?)",
+                             problem_mark=node.start_mark)
+            if depth > MAX_DEPTH:
+                raise _Limit(problem=f"aliases nest this deeper than {MAX_DEPTH} levels "
+                                     "(the limit for a config)",
+                             problem_mark=node.start_mark)
+            measured[id(node)] = (values, depth)
+        elif id(node) in unfinished:
+            raise _Limit(problem="this collection contains an alias to itself "
+                                 "(recursive aliases are not allowed)",
+                         problem_mark=node.start_mark)
+        elif id(node) not in measured:
+            unfinished.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node))
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with bounds: nesting is counted while composing (PyYAML's composer
+    recurses, so a deep document would end in a RecursionError), the composed graph is
+    measured before it is built, and a value its tag's constructor cannot build (a 13th
+    month, ``!!int abc``) is a YAML error at its position instead of a Python one."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.depth >= MAX_DEPTH:
+            raise _Limit(problem=f"nested deeper than {MAX_DEPTH} levels "
+                                 "(the limit for a config)",
+                         problem_mark=self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _measure(node)
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except Exception as e:
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            what = _show(node.value) if isinstance(node, yaml.ScalarNode) else f"this {node.id}"
+            # datetime says which part of a date is wrong; int() and float() only repeat it
+            detail = f" ({e})" if kind == "timestamp" and isinstance(e, ValueError) else ""
+            raise ConstructorError(problem=f"{what} is not a valid {kind}{detail}",
+                                   problem_mark=node.start_mark) from None
+
+    def construct_yaml_int(self, node: yaml.Node) -> Any:
+        if isinstance(node.value, str) and sum(ch.isdigit() for ch in node.value) > MAX_INT_DIGITS:
+            raise ConstructorError(problem=f"an integer of more than {MAX_INT_DIGITS} digits",
+                                   problem_mark=node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def _position(text: str, index: int) -> str:
+    line_start = text.rfind("\n", 0, index) + 1
+    return f"line {text.count(chr(10), 0, index) + 1}, column {index - line_start + 1}"
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
+    """One ``where: problem`` line for a YAML error (PyYAML's own text spans lines)."""
+    if isinstance(e, yaml.reader.ReaderError):
+        return f"{_position(text, e.position)}: invalid YAML: {str(e).splitlines()[0]}"
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+    problem = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None)
+    if context and problem.startswith("but "):  # "expected a single document ... but found"
+        problem = f"{context} {problem}"
+    return f"{where}: {problem}" if isinstance(e, _Limit) else f"{where}: invalid YAML: {problem}"
+
+
 def parse(text: str, *, path: str = "<config>",
           environ: Optional[Mapping[str, str]] = None) -> Config:
+    """Validate a config's text. Any way it can be wrong ends in a ConfigError; an exception
+    lb did not foresee is one too (naming itself as a bug), so no traceback reaches a user."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError([f"{where}: invalid YAML: {problem}"], path) from None
-    return check(raw, path=path, environ=environ)
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+            raise ConfigError([f"(file): larger than {MAX_CONFIG_BYTES >> 20} MiB "
+                               "(the limit for a config file)"], path)
+        try:
+            raw = yaml.load(text, Loader=_Loader)
+        except yaml.YAMLError as e:
+            raise ConfigError([_yaml_problem(e, text)], path) from None
+        return check(raw, path=path, environ=environ)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError([f"(internal): checking failed with {type(e).__name__}: {e} "
+                           "(a bug in lb; please report it)"], path) from e
 
 
 def load(path: str, environ: Optional[Mapping[str, str]] = None) -> Config:
-    """Read and validate a config file."""
+    """Read and validate a config file; see ``parse``."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError([f"(file): cannot read: {e.strerror}"], path) from None
+    except ValueError as e:  # a NUL in the path
+        raise ConfigError([f"(file): cannot read: {e}"], path) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"(file): larger than {MAX_CONFIG_BYTES >> 20} MiB "
+                           "(the limit for a config file)"], path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[:e.start]
+        line = before.count(b"\n") + 1
+        column = len(before[before.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
+        raise ConfigError([f"line {line}, column {column}: not UTF-8 text "
+                           f"(byte 0x{data[e.start]:02x})"], path) from None
     return parse(text, path=path, environ=environ)

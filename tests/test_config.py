@@ -302,3 +302,263 @@ def test_duplicate_static_peer() -> None:
     """The same peer listed twice (however spelled) is an error."""
     found = problems(minimal(peers=["127.0.0.1:9001", {"address": "127.0.0.1:9001"}]))
     assert any(p.startswith("pools.web.peers[1]: 127.0.0.1:9001 is already listed") for p in found)
+
+
+# --- bad input of every kind: named problems, never a traceback ---------------------------
+
+
+def parse_problems(text: str, path: str = "x.yaml") -> List[str]:
+    with pytest.raises(ConfigError) as info:
+        lbconfig.parse(text, path=path, environ={})
+    return info.value.problems
+
+
+def load_problems(tmp_path: Any, data: bytes) -> List[str]:
+    config = tmp_path / "lb.yaml"
+    config.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        lbconfig.load(str(config), environ={})
+    assert all(line.startswith(f"{config}: ") for line in info.value.lines())
+    return info.value.problems
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("pools: 5\nlisteners: {}\n", "pools: expected a mapping, got an integer"),
+    ("pools: {}\nlisteners: true\n", "listeners: expected a mapping, got a boolean"),
+    ("pools: 1.5\nlisteners: {}\n", "pools: expected a mapping, got a number"),
+    ("pools: [web]\nlisteners: {}\n", "pools: expected a mapping, got a list"),
+    ("pools: {}\nlisteners: abc\n", "listeners: expected a mapping, got a string"),
+])
+def test_sections_of_the_wrong_type_are_named(text: str, expected: str) -> None:
+    """`pools: 5` or `listeners: true` is a problem at that key, not a TypeError."""
+    assert expected in parse_problems(text)
+
+
+def test_a_document_that_is_not_a_mapping_is_named_at_the_top_level() -> None:
+    """A list or a scalar as the whole document is reported as `(top level): ...`."""
+    assert parse_problems("- 1\n") == ["(top level): expected a mapping, got a list"]
+    assert parse_problems("5\n") == ["(top level): expected a mapping, got an integer"]
+
+
+def test_pool_and_listener_names_must_be_strings() -> None:
+    """A name YAML reads as a number, boolean or null is refused at its key, and a listener
+    naming that pool is told which pools exist."""
+    found = parse_problems("listeners: {web: {bind: '127.0.0.1:1', pool: '1'}, 2: {}}\n"
+                           "pools: {1: {}, web: {}, ~: {}}\n")
+    assert "pools.1: a name must be a non-empty string, got an integer" in found
+    assert "pools.None: a name must be a non-empty string, got nothing" in found
+    assert "listeners.2: a name must be a non-empty string, got an integer" in found
+    assert "listeners.web.pool: no pool named '1' (pools: web)" in found
+
+
+def test_huge_integers_are_out_of_range_not_an_overflow() -> None:
+    """10**400 where a number is expected is out of range, not an OverflowError, and the
+    problem line shows a shortened number."""
+    found = problems(minimal(balance="source", hash_balance_factor=10 ** 400))
+    assert len(found) == 1 and found[0].startswith("pools.web.hash_balance_factor: "), found
+    assert "too large" in found[0] and len(found[0]) < 200, found
+    found = problems(minimal(retries=10 ** 400))
+    assert len(found) == 1 and found[0].startswith("pools.web.retries: 1000"), found
+    assert "is out of range (0-100)" in found[0] and len(found[0]) < 200, found
+
+
+@pytest.mark.parametrize("value", ["9" * 400 + "s", "577h", "1.0e+400", float("inf"),
+                                   float("nan")])
+def test_durations_must_be_finite_and_at_most_24_days(value: Any) -> None:
+    """A duration too long to mean anything (over 576h, or infinite) is refused: timers
+    that long would never fire or would overflow the clock arithmetic."""
+    found = problems(minimal(drain_timeout=value))
+    assert any(p.startswith("pools.web.drain_timeout: ") and len(p) < 200 for p in found), found
+    assert lbconfig.check(minimal(drain_timeout="576h"), environ={}).pools[
+        "web"].drain_timeout == 576 * 3600
+
+
+def test_host_name_bind_on_the_admin_port_does_not_crash() -> None:
+    """A listener on a host name (refused) at the admin server's port is reported, not a
+    ValueError from the address-overlap check; a host-name admin bind works the same."""
+    raw = minimal()
+    raw["listeners"]["web"]["bind"] = "example.com:9901"
+    assert any(p.startswith("listeners.web.bind: 'example.com' must be an IP address")
+               for p in problems(raw))
+    raw = {**minimal(), "admin": {"bind": "localhost:8080"}}
+    assert lbconfig.check(raw, environ={}).admin.bind == Address("localhost", 8080)
+
+
+def test_problem_lines_never_span_lines() -> None:
+    """A key with a newline or a control character in it is escaped, so every problem is
+    one `path: problem` line on stderr and in the log."""
+    found = problems({**minimal(), "a\nb\x85c": 1})
+    assert found == ["a\\nb\\x85c: unknown key (expected one of: consul, admin, state_dir, "
+                     "shutdown_timeout, listeners, pools)"]
+    err = ConfigError(["x: two\nlines"], "dir\n/lb.yaml")
+    assert err.lines() == ["dir\\n/lb.yaml: x: two\\nlines"]
+
+
+def test_a_character_yaml_refuses_is_named_with_line_and_column() -> None:
+    """A NUL or other control character: one line giving where it is, not PyYAML's
+    two-line message."""
+    assert parse_problems("a: 1\nb: x\x00y\n") == [
+        "line 2, column 5: invalid YAML: unacceptable character #x0000: "
+        "special characters are not allowed"]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("a: 2001-13-45\n", "line 1, column 4: invalid YAML: '2001-13-45' is not a valid "
+                        "timestamp (month must be in 1..12)"),
+    ("a: !!int abc\n", "line 1, column 4: invalid YAML: 'abc' is not a valid int"),
+    ("a: !!float abc\n", "line 1, column 4: invalid YAML: 'abc' is not a valid float"),
+    ("a: !!timestamp abc\n", "line 1, column 4: invalid YAML: 'abc' is not a valid "
+                             "timestamp"),
+    ("a: 1" + "0" * 5000 + "\n", "line 1, column 4: invalid YAML: an integer of more "
+                                 "than 4300 digits"),
+])
+def test_values_yaml_cannot_build_are_named(text: str, expected: str) -> None:
+    """A value whose tag's constructor fails (bad date, `!!int abc`, a 5001-digit
+    integer) is a problem at its line and column, not a ValueError."""
+    found = parse_problems(text)
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+@pytest.mark.parametrize("text,where", [
+    ("a: " + "[" * 1000 + "]" * 1000 + "\n", "line 1, column 35"),
+    ("".join("  " * i + "-\n" for i in range(100)), "line 33, column 65"),
+])
+def test_deep_nesting_is_refused(text: str, where: str) -> None:
+    """Nesting deeper than 32 levels is refused where it goes too deep (no RecursionError)."""
+    assert parse_problems(text) == [
+        f"{where}: nested deeper than 32 levels (the limit for a config)"]
+
+
+ALIAS_BOMB = ('a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+              + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9)
+                        + "]\n" for i in range(8)))
+
+
+def test_alias_bomb_is_refused() -> None:
+    """A 'billion laughs' document (9**9 values once aliases are expanded, a few hundred
+    bytes of text) is refused before anything walks it."""
+    assert parse_problems(ALIAS_BOMB) == [
+        "line 7, column 4: aliases expand this to more than 1000000 values "
+        "(the limit for a config; an alias bomb?)"]
+
+
+def test_aliases_cannot_nest_deeper_than_text_can() -> None:
+    """Aliases chained to nest a value past the depth limit are refused like nesting in
+    the text."""
+    text = "a0: &a0 [x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 40))
+    assert parse_problems(text) == [
+        "line 32, column 6: aliases nest this deeper than 32 levels (the limit for a config)"]
+
+
+def test_recursive_alias_is_refused() -> None:
+    """A collection containing an alias to itself (a cycle) is refused."""
+    assert parse_problems("listeners: &l {web: *l}\npools: {}\n") == [
+        "line 1, column 12: this collection contains an alias to itself "
+        "(recursive aliases are not allowed)"]
+
+
+def test_plain_aliases_and_merge_keys_still_work() -> None:
+    """Anchors, aliases and `<<` merge keys within the bounds mean what YAML says."""
+    cfg = lbconfig.parse(
+        "listeners: {web: {bind: '127.0.0.1:1', pool: web}, api: {bind: '127.0.0.1:2', "
+        "pool: api}}\n"
+        "pools:\n  web: &p {retries: 5, balance: leastconn}\n  api: {<<: *p, retries: 1}\n",
+        environ={})
+    assert (cfg.pools["web"].retries, cfg.pools["api"].retries) == (5, 1)
+    assert cfg.pools["api"].balance == "leastconn"
+
+
+def test_non_utf8_file_is_named_with_line_and_column(tmp_path: Any) -> None:
+    """Bytes that are not UTF-8 are a problem at their line and column, not a
+    UnicodeDecodeError."""
+    assert load_problems(tmp_path, b"pools: {}\nlisteners: \xff\xfe\n") == [
+        "line 2, column 12: not UTF-8 text (byte 0xff)"]
+
+
+def test_file_over_1_mib_is_refused(tmp_path: Any) -> None:
+    """A file over 1 MiB is not a config (and would stall a reload while it parsed)."""
+    data = b"# " + b"x" * (1 << 20) + b"\n"
+    assert load_problems(tmp_path, data) == [
+        "(file): larger than 1 MiB (the limit for a config file)"]
+    assert parse_problems(data.decode()) == [
+        "(file): larger than 1 MiB (the limit for a config file)"]
+
+
+def test_a_directory_is_not_readable(tmp_path: Any) -> None:
+    """`-c` naming a directory says so."""
+    with pytest.raises(ConfigError) as info:
+        lbconfig.load(str(tmp_path), environ={})
+    assert info.value.problems == ["(file): cannot read: Is a directory"]
+
+
+def test_an_unexpected_error_while_checking_becomes_a_config_error(monkeypatch: Any) -> None:
+    """The last line of defence: a bug in the checker still gives a `path: problem` line
+    (saying it is a bug), never a traceback."""
+    def broken(*args: Any) -> Any:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(lbconfig, "_check_admin", broken)
+    found = parse_problems("listeners: {}\n")
+    assert found == ["(internal): checking failed with KeyError: 'boom' (a bug in lb; "
+                     "please report it)"]
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"x" * 5000, "is larger than 4 KiB"),
+    (b"abc\r\nX-Evil: 1\n", "has a control character or more than one line"),
+    (b"\xff\xfe", "is not UTF-8 text"),
+])
+def test_bad_token_files_are_named(tmp_path: Any, content: bytes, expected: str) -> None:
+    """A token file that is huge, holds more than one line (header injection) or is not
+    UTF-8 is refused at its key."""
+    (tmp_path / "admin.token").write_bytes(content)
+    raw = {**minimal(), "admin": {"token_file": "admin.token"}}
+    found = problems(raw, path=str(tmp_path / "lb.yaml"))
+    assert any(p.startswith("admin.token_file: token file") and expected in p
+               for p in found), found
+
+
+def test_a_path_with_a_nul_is_refused() -> None:
+    """A NUL in state_dir or a token file's path cannot name a file: refused at its key
+    (instead of failing when the state is first written)."""
+    found = problems({**minimal(), "state_dir": "var/\x00lb", "admin": {"token_file": "a\x00"}})
+    assert "state_dir: expected a path without a NUL character" in found, found
+    assert "admin.token_file: expected a path without a NUL character" in found, found
+
+
+def test_two_documents_say_so_in_one_line() -> None:
+    """PyYAML splits this message in a context and a problem; both are kept."""
+    assert parse_problems("a: 1\n---\nb: 2\n") == [
+        "line 2, column 1: invalid YAML: expected a single document in the stream "
+        "but found another document"]
+
+
+def test_lb_check_prints_a_file_name_that_is_not_utf8(tmp_path: Any, repo_dir: str,
+                                                      capsys: Any) -> None:
+    """A config whose file name holds bytes that are not UTF-8 (Python sees surrogates) is
+    named with them escaped: printing the raw name would raise UnicodeEncodeError."""
+    from lb import cli
+
+    config = tmp_path / "lb-\udcff.yaml"
+    with open(os.path.join(repo_dir, "etc", "lb.yaml"), "rb") as f:
+        config.write_bytes(f.read().replace(b"state_dir: ../var/lb", b"state_dir: var"))
+    assert cli.main(["check", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    out.encode("utf-8")
+    assert "lb-\\udcff.yaml: configuration OK" in out
+    config.write_text("pools: 5\n")
+    assert cli.main(["check", "-c", str(config)]) == 1
+    err = capsys.readouterr().err
+    err.encode("utf-8")
+    assert "lb-\\udcff.yaml: pools: expected a mapping, got an integer" in err
+
+
+def test_blank_or_padded_keys_are_quoted() -> None:
+    """An empty or space-padded key is quoted in its path, so the line keeps its
+    `path: problem` shape and the stray space is visible."""
+    raw = minimal()
+    raw[""] = 1
+    raw["listeners"]["web"]["pool "] = "web"
+    found = problems(raw)
+    assert "'': unknown key" in [p.split(" (")[0] for p in found], found
+    assert any(p.startswith("listeners.web.'pool ': unknown key") for p in found), found
