@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import textwrap
 import urllib.request
 from typing import Any, Iterator, List
@@ -11,7 +12,9 @@ from typing import Any, Iterator, List
 import pytest
 
 from lb.testing import free_port
-from tests.processes import Proc, accepts, demo_backends, twistd_lb, wait_for
+from tests.processes import Proc, accepts, twistd_lb, wait_for
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.integration
 
@@ -27,11 +30,12 @@ class Cluster:
         self.config_path = str(tmp_path / "lb.yaml")
 
     def backend(self, port: int = 0) -> "tuple[Proc, int]":
-        """One demo backend process (``GET /`` names it, ``/health`` is 200 until ``/fail``
-        flips it), so a test can kill or stop one peer alone."""
+        """One backend process (``tests/faults/backend.py``: ``GET /`` names it, ``/health``
+        is 200 until ``/fail``, ``/slow``, ``/big``), so a test can kill or stop one peer
+        alone."""
         port = port or free_port()
-        proc = demo_backends([port], str(self.tmp_path),
-                             str(self.tmp_path / f"backend-{port}.log"))
+        proc = Proc([sys.executable, "-m", "tests.faults.backend", "--port", str(port)],
+                    REPO, str(self.tmp_path / f"backend-{port}.log"))
         self.procs.append(proc)
         wait_for(lambda: accepts(port), what=f"backend on {port}")
         return proc, port
