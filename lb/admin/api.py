@@ -384,7 +384,5 @@ class ApiResource(Resource):
     def _peer_delete(self, request: Request, name: str,
                      address: str) -> Tuple[int, Any, Dict[str, str]]:
         pool, _ = self._pool(name)
-        peer = pool.get(self._peer_key(address))
-        if peer.removing and "admin" not in peer.wants:
-            return 202, peer_json(peer), {}  # already draining out: keep its deadline
-        return 202, peer_json(pool.remove_peer(peer.key, source="admin")), {}
+        return 202, peer_json(pool.remove_peer(self._peer_key(address),
+                                               reason="admin API")), {}

@@ -20,7 +20,7 @@ from twisted.web.server import Request
 
 import lb
 from lb.peer import Peer
-from lb.pool import Pool
+from lb.pool import REMOVABLE_SOURCES, Pool
 
 REFRESH_SECONDS = 5
 MAX_REFRESH_SECONDS = 3600
@@ -258,7 +258,7 @@ class StatusPage(Resource):
         buttons = [f'<button type="button" class="{state}" data-action="state" '
                    f'data-state="{state}" {data}>{state}</button>'
                    for state in ADMIN_ACTIONS if state != peer.operator_state]
-        if "admin" in peer.wants and not peer.removing:
+        if not peer.removing and all(s in REMOVABLE_SOURCES for s in peer.wants):
             buttons.append(f'<button type="button" class="remove" data-action="remove" '
                            f'{data}>remove</button>')
         return " ".join(buttons)
