@@ -185,6 +185,27 @@ def test_listeners_and_empty_pools(root: LBService) -> None:
     assert "no peers: clients of this pool are closed at once" in page
 
 
+def test_a_listener_that_does_not_accept_is_marked(root: LBService) -> None:
+    """A listener whose socket is not accepting (lost under lb, or never bound) is marked
+    in its row, as /healthz reports it; an accepting one is not."""
+    from twisted.internet.address import IPv4Address
+
+    class Open:
+        connected = True
+
+        def getHost(self) -> IPv4Address:
+            return IPv4Address("TCP", "127.0.0.1", 8080)
+
+    def row() -> Dict[str, Any]:
+        (found,) = [r for r in parse(fetch(root)[1]).rows
+                    if r["attrs"].get("data-listener") == "front"]
+        return found
+
+    assert "not accepting" in row()["cells"][1] and "badge h-down" in row()["badges"]
+    root.listeners["front"].port = Open()
+    assert row()["cells"][1] == "127.0.0.1:8080" and row()["badges"] == []
+
+
 def test_untrusted_text_is_escaped(root: LBService) -> None:
     """A check detail (it may quote a peer's answer) cannot inject markup."""
     pool = root.pool("web")

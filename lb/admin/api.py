@@ -102,13 +102,24 @@ def pool_json(pool: Pool, parts: Optional[Dict[str, Any]] = None) -> JSONBody:
     }
 
 
+def listener_address(service: Any) -> str:
+    """Where a listener (a ListenerService) listens; its configured ``bind`` once its
+    socket is gone, since a closed Twisted port raises when asked (the admin pages must
+    still answer, /healthz above all, when a listener has stopped accepting)."""
+    try:
+        return str(service.address())
+    except Exception:
+        return str(service.listener.config.bind)
+
+
 def listener_json(service: Any) -> JSONBody:
     """A listener's config and counters (``service`` is a ListenerService)."""
     listener = service.listener
     return {
         "name": listener.config.name,
         "bind": str(listener.config.bind),
-        "address": service.address(),
+        "address": listener_address(service),
+        "accepting": bool(service.accepting),
         "pool": listener.pool.name if listener.pool is not None else listener.config.pool,
         "active_connections": len(listener.sessions),
         "total_connections": listener.total,

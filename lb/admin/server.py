@@ -24,7 +24,8 @@ from twisted.web import http, server
 from twisted.web.resource import EncodingResourceWrapper, IResource, Resource
 from twisted.web.server import GzipEncoderFactory, Request
 
-from lb.admin.api import MAX_BODY, ApiError, ApiResource, check_body_size, write_json
+from lb.admin.api import (MAX_BODY, ApiError, ApiResource, check_body_size, listener_address,
+                          write_json)
 from lb.admin.metrics import MetricsResource, make_registry
 from lb.admin.status import StatusPage
 from lb.config import Address, Config
@@ -153,8 +154,9 @@ class GetOnly(Resource):
 
 
 class Healthz(Resource):
-    """``GET /healthz``: 200 while the balancer runs, 503 once it is shutting down (so an
-    outer load balancer or supervisor stops sending it clients)."""
+    """``GET /healthz`` for an outer load balancer or supervisor: 200 while every listener
+    accepts, 503 naming the listeners that do not (their socket was closed under lb) and
+    503 once shutdown has begun, so clients are sent elsewhere."""
 
     isLeaf = True
 
@@ -168,6 +170,12 @@ class Healthz(Resource):
         if self.root.stopping:
             request.setResponseCode(503)
             return b"stopping\n"
+        down = [f"listener {name} ({listener_address(service)}) is not accepting\n"
+                for name, service in list(self.root.listeners.items())
+                if not service.accepting]
+        if down:
+            request.setResponseCode(503)
+            return "".join(down).encode("utf-8")
         return b"ok\n"
 
 

@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 import lb
+from lb.admin.api import listener_address
 from lb.peer import Peer
 from lb.pool import REMOVABLE_SOURCES, Pool
 
@@ -140,9 +141,13 @@ class StatusPage(Resource):
             ended = ", ".join(f"{_e(reason)} {count}" for reason, count in
                               sorted(listener.ended.items())) or "—"
             pool_name = listener.pool.name if listener.pool is not None else config.pool
+            address = _e(listener_address(service))
+            if not service.accepting:  # what makes /healthz 503
+                address += (' <span class="badge h-down" title="its listening socket is '
+                            'closed: /healthz answers 503">not accepting</span>')
             rows.append(
                 f'<tr data-listener="{_e(config.name)}"><td>{_e(config.name)}</td>'
-                f'<td class="addr">{_e(service.address())}</td>'
+                f'<td class="addr">{address}</td>'
                 f'<td><a href="#pool-{_e(pool_name)}">{_e(pool_name)}</a></td>'
                 f'<td class="num">{len(listener.sessions)} / {config.max_connections}</td>'
                 f'<td class="num">{listener.total}</td>'
