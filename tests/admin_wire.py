@@ -4,6 +4,8 @@ too), read back every answer the server wrote before it closed."""
 from __future__ import annotations
 
 import json
+import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
@@ -29,9 +31,10 @@ class Answer:
 
 
 def parse_answers(data: bytes, head_first: bool = False) -> List[Answer]:
-    """Every response in ``data`` (pipelined answers follow each other); ``head_first``:
-    the first answers a HEAD, so it has no body whatever its Content-Length says. Fails on
-    anything that is not a complete response with a Content-Length."""
+    """Every final response in ``data`` (pipelined answers follow each other; interim 1xx
+    ones are skipped); ``head_first``: the first answers a HEAD, so it has no body whatever
+    its Content-Length says. Fails on anything that is not a complete response with a
+    Content-Length."""
     answers: List[Answer] = []
     rest = data
     while rest:
@@ -39,13 +42,15 @@ def parse_answers(data: bytes, head_first: bool = False) -> List[Answer]:
         assert sep, f"incomplete response head: {head[:200]!r}"
         lines = head.split(b"\r\n")
         version, _, status_text = lines[0].partition(b" ")
-        assert version == b"HTTP/1.1", f"not a status line: {lines[0]!r}"
+        assert version in (b"HTTP/1.1", b"HTTP/1.0"), f"not a status line: {lines[0]!r}"
         answer = Answer(int(status_text.split(b" ", 1)[0]))
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
             assert colon, f"bad header line {line!r}"
             answer.headers.setdefault(name.decode("latin-1").strip().lower(), []).append(
                 value.decode("latin-1").strip())
+        if 100 <= answer.status < 200:
+            continue  # an interim answer (100 Continue): no body, the real one follows
         length = answer.header("content-length")
         assert length.isdigit(), f"no Content-Length in {head!r}"
         size = 0 if head_first and not answers else int(length)
@@ -84,6 +89,31 @@ def exchange(reactor: Any, port: int, payload: bytes, timeout: float = 5.0) -> A
         raise AssertionError(f"the server did not close within {timeout:g}s; got {data!r}")
     timer.cancel()
     return data
+
+
+def blocking_exchange(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+    """``exchange`` for a thread other than the reactor's: plain blocking sockets. Sends
+    what the server takes (it may answer and close before reading a large body) and
+    returns all bytes received until it closes; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered early: read what it said
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                raise AssertionError(f"the server did not close within {timeout:g}s; "
+                                     f"got {data[:300]!r}") from None
+            except ConnectionResetError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
 
 
 def assert_json_error(answer: Answer, status: int) -> str:

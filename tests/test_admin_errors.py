@@ -203,6 +203,18 @@ def test_every_answer_on_the_wire_is_json(started: LBService, what: str, raw: by
     assert set(pool.peers) == before
 
 
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_a_malformed_head_request_gets_an_answer_without_body(started: LBService) -> Any:
+    """A HEAD request refused below the resources (a bad header) gets the JSON 400's head
+    only: an answer to HEAD has no body, or a client would read it as the next answer."""
+    data = yield exchange(reactor, started.admin.port.getHost().port,
+                          b"HEAD /api/pools HTTP/1.1\r\nX-Bad: a\x00b\r\n" + CLOSE)
+    (answer,) = parse_answers(data, head_first=True)
+    assert answer.status == 400 and answer.body == b""
+    assert answer.header("content-type").startswith("application/json")
+
+
 def test_a_request_that_stops_midway_gets_a_json_408() -> None:
     """A client that announced more body than it sends (or stops in the head) gets a JSON
     408 when the admin server's timeout passes, rather than a silent close."""

@@ -82,14 +82,15 @@ class LimitedRequest(Request):
         self.finish()
 
 
-def _raw_json(status: int, reason: bytes, message: str) -> bytes:
+def _raw_json(status: int, reason: bytes, message: str, head: bool = False) -> bytes:
     """A whole JSON error response for the channel to write when no request object can
-    answer (the request could not be read); the connection closes after it."""
+    answer (the request could not be read), without its body for a HEAD request; the
+    connection closes after it."""
     body = json.dumps({"error": message}).encode("utf-8") + b"\n"
     return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
             b"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n" % (status, reason, len(body))
-            + body)
+            + (b"" if head else body))
 
 
 class AdminChannel(http.HTTPChannel):
@@ -97,28 +98,31 @@ class AdminChannel(http.HTTPChannel):
     it cannot parse), close without a word (a line over its limit) or time out a request
     that stopped arriving (408)."""
 
+    def _refuse(self, status: int, reason: bytes, message: str) -> None:
+        # HTTPChannel keeps a request's method in _command from its request line on
+        head = getattr(self, "_command", None) == b"HEAD"
+        self.transport.write(_raw_json(status, reason, message, head))
+        self.loseConnection()
+
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's one exit for requests it cannot frame: request line, headers, lengths,
         # chunks, or a head over totalHeadersSize
-        self.transport.write(_raw_json(
-            400, b"Bad Request", f"malformed HTTP request: bad request line, header, length "
-                                 f"or chunk, or a request head over {self.totalHeadersSize} "
-                                 f"bytes"))
-        self.loseConnection()
+        self._refuse(400, b"Bad Request", f"malformed HTTP request: bad request line, "
+                                          f"header, length or chunk, or a request head over "
+                                          f"{self.totalHeadersSize} bytes")
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.transport.write(_raw_json(
-            400, b"Bad Request", f"request line or header line too long (limit "
-                                 f"{self.MAX_LENGTH} bytes)"))
-        self.loseConnection()
+        self._refuse(400, b"Bad Request", f"request line or header line too long (limit "
+                                          f"{self.MAX_LENGTH} bytes)")
 
     def timeoutConnection(self) -> None:
         # The timeout runs while no request is being answered: with a request begun, the
         # client stopped sending it midway (say a Content-Length larger than its body).
         if self.requests:
+            head = getattr(self, "_command", None) == b"HEAD"
             self.transport.write(_raw_json(
                 408, b"Request Timeout", f"the request did not arrive in full within "
-                                         f"{self.timeOut:g}s"))
+                                         f"{self.timeOut:g}s", head))
         super().timeoutConnection()
 
 
