@@ -211,6 +211,19 @@ def test_post_bad_input_is_400_naming_the_problem_and_changes_nothing(
     assert admin.state() == before
 
 
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/api/pools/web/peers"), ("PUT", "/api/pools/web/peers/127.0.0.1:9001")])
+@pytest.mark.parametrize("raw", [b"[" * 2000, b'{"a":' * 2000])
+def test_json_nested_too_deeply_is_400_not_500(admin: Admin, method: str, path: str,
+                                               raw: bytes) -> None:
+    """A body nested deeper than the JSON parser can follow (found by fuzzing: Python's
+    RecursionError made it a 500) is a 400 saying so, and changes nothing."""
+    before = admin.state()
+    status, body, _ = admin.call(method, path, raw=raw)
+    assert status == 400 and "nested too deeply" in body["error"], body
+    assert admin.state() == before
+
+
 def test_post_to_an_unknown_pool_is_404(admin: Admin) -> None:
     """An unknown pool answers 404 naming it and the pools that exist."""
     status, body, _ = admin.call("POST", "/api/pools/nope/peers",

@@ -210,6 +210,8 @@ def read_json(request: Request) -> JSONBody:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"malformed JSON: {e}") from None
+    except RecursionError:  # a few KiB of "[[[[..." get there
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise ApiError(400, f"expected a JSON object, got {type(value).__name__}")
     return value
