@@ -26,6 +26,9 @@ Observer = Callable[["Pool", Peer, str], None]
 PASSIVE_DEFAULTS = HealthConfig(type="tcp")
 SLOW_START_FLOOR = 0.1
 SLOW_START_STEPS = 20
+# The sources an operator may remove a peer from (DELETE): their own runtime adds, and the
+# config file's peers until the next reload. Discovery would announce a peer again.
+REMOVABLE_SOURCES = ("admin", "static")
 
 
 class PoolError(Exception):
@@ -131,20 +134,39 @@ class Pool:
         self.apply(source, specs, reason=f"{source} call")
         return self.peers[str(address)]
 
-    def remove_peer(self, key: str, source: str = "admin") -> Peer:
-        """Drain a peer, then remove it once idle or after ``drain_timeout``."""
+    def remove_peer(self, key: str, reason: str = "admin call") -> Peer:
+        """An operator removes a peer (HAProxy's ``del server``): drain it, then remove it
+        once idle or after ``drain_timeout``. Its admin and static wants both go, the
+        static one until the next reload applies the config again. A peer that discovery
+        announces is refused (409): its next answer would bring it straight back."""
         peer = self.get(key)
-        others = [s for s in peer.wants if s != source]
-        if others:
-            raise PoolError(
-                f"peer {key} is also wanted by {', '.join(others)}; remove it there or "
-                "set admin_state drain", 409)
+        if peer.removing:
+            return peer  # already on its way out: keep its deadline
+        held = [s for s in peer.sources if s not in REMOVABLE_SOURCES]
+        if held:
+            raise PoolError(self._cannot_remove(peer, held), 409)
         before = self._describe(peer)
-        peer.wants.pop(source, None)
+        sources = ", ".join(peer.sources)
+        peer.wants.clear()
         peer.removing = True
-        self._changed(peer, before, f"{source} call: remove")
+        self.log.info("pool {pool}: peer {peer} to be removed ({reason}; was wanted by "
+                      "{sources}), draining {n} connection(s)", pool=self.name,
+                      peer=peer.key, reason=reason, sources=sources,
+                      n=peer.active_connections)
+        self._changed(peer, before, f"{reason}: remove", log=False)
         self._schedule_removal(peer)
         return peer
+
+    def _cannot_remove(self, peer: Peer, held: List[str]) -> str:
+        drain = 'or PUT {"admin_state": "drain"} to stop new connections to it here'
+        if held != ["consul"]:
+            return (f"peer {peer.key} is also wanted by {', '.join(held)}: remove it "
+                    f"there, {drain}")
+        consul = self.config.consul
+        service = f" (service {consul.service})" if consul and consul.service else ""
+        return (f"peer {peer.key} is announced by Consul{service} and would be back with "
+                f"its next answer: deregister the instance or put it in maintenance in "
+                f"Consul (consul maint -enable -service <service-id>), {drain}")
 
     def get(self, key: str) -> Peer:
         peer = self.peers.get(key)

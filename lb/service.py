@@ -179,8 +179,7 @@ class LBService(MultiService):
                 continue
             before = service.pool.config
             service.pool.reconfigure(pc)
-            if before.peers != pc.peers:
-                static.apply(service.pool, pc)
+            static.apply(service.pool, pc)  # also brings back static peers deleted by API
             changed = [kind for kind in self.pool_parts
                        if _part_config(kind, before) != _part_config(kind, pc)]
             if changed:

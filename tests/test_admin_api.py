@@ -211,6 +211,19 @@ def test_post_bad_input_is_400_naming_the_problem_and_changes_nothing(
     assert admin.state() == before
 
 
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/api/pools/web/peers"), ("PUT", "/api/pools/web/peers/127.0.0.1:9001")])
+@pytest.mark.parametrize("raw", [b"[" * 2000, b'{"a":' * 2000])
+def test_json_nested_too_deeply_is_400_not_500(admin: Admin, method: str, path: str,
+                                               raw: bytes) -> None:
+    """A body nested deeper than the JSON parser can follow (found by fuzzing: Python's
+    RecursionError made it a 500) is a 400 saying so, and changes nothing."""
+    before = admin.state()
+    status, body, _ = admin.call(method, path, raw=raw)
+    assert status == 400 and "nested too deeply" in body["error"], body
+    assert admin.state() == before
+
+
 def test_post_to_an_unknown_pool_is_404(admin: Admin) -> None:
     """An unknown pool answers 404 naming it and the pools that exist."""
     status, body, _ = admin.call("POST", "/api/pools/nope/peers",
@@ -327,12 +340,37 @@ def test_delete_a_busy_peer_drains_until_drain_timeout(admin: Admin) -> None:
     assert admin.call("GET", "/api/pools/web/peers/127.0.0.1:9021")[0] == 404
 
 
-def test_delete_a_peer_another_source_wants_is_a_conflict(admin: Admin) -> None:
-    """A static peer cannot be deleted through the API: 409 says who wants it and what to
-    do instead, and the peer stays ready."""
+def test_delete_a_static_peer_drains_and_removes_it(admin: Admin) -> None:
+    """DELETE of a peer from the config file is 202 with the peer draining; once its
+    connection ends it is gone from the next GET."""
+    pool = admin.pool
+    conn = object()
+    pool.connection_started(pool.get("127.0.0.1:9001"), conn)
+    status, peer, _ = admin.call("DELETE", "/api/pools/web/peers/127.0.0.1:9001")
+    assert status == 202 and (peer["admin_state"], peer["removing"]) == ("drain", True)
+    assert peer["active_connections"] == 1
+    assert {pool.pick().key for _ in range(10)} == {"[::1]:9002"}
+    pool.connection_ended(pool.get("127.0.0.1:9001"), conn)
+    assert admin.call("GET", "/api/pools/web/peers/127.0.0.1:9001")[0] == 404
+    addresses = [p["address"] for p in admin.call("GET", "/api/pools/web")[1]["peers"]]
+    assert addresses == ["[::1]:9002"]
+
+
+def test_delete_a_peer_consul_announces_is_409_naming_the_way_out(admin: Admin) -> None:
+    """A peer Consul announces would be back with Consul's next answer: DELETE is a 409
+    that names what works (deregister, Consul maintenance, or PUT drain) and changes
+    nothing, even when the config lists the peer too."""
+    from lb.peer import PeerSpec
+
+    admin.pool.apply("consul", [PeerSpec(Address("127.0.0.1", 9001)),
+                                PeerSpec(Address("127.0.0.1", 9060))])
     before = admin.state()
-    status, body, _ = admin.call("DELETE", "/api/pools/web/peers/127.0.0.1:9001")
-    assert status == 409 and "static" in body["error"] and "drain" in body["error"]
+    for address in ("127.0.0.1:9001", "127.0.0.1:9060"):
+        status, body, _ = admin.call("DELETE", f"/api/pools/web/peers/{address}")
+        assert status == 409, body
+        for way_out in ("deregister", "consul maint -enable -service", "admin_state",
+                        "drain"):
+            assert way_out in body["error"]
     assert admin.state() == before
 
 
@@ -363,6 +401,24 @@ def test_admin_peers_survive_a_reload_but_not_a_restart(admin: Admin) -> None:
     assert peer_by_address(pool, "127.0.0.1:9001")["admin_state"] == "drain"
     restarted = LBService(reloaded, MemoryReactorClock())
     assert "127.0.0.1:9030" not in restarted.pool("web").peers
+
+
+def test_a_reload_brings_back_a_deleted_static_peer(admin: Admin) -> None:
+    """DELETE removes a static peer until the next reload (HAProxy's ``del server``): a
+    reload of a config that still lists it brings it back (ready, source static), even
+    when nothing in the pool's section changed; one that no longer lists it leaves it
+    out."""
+    assert admin.call("DELETE", "/api/pools/web/peers/127.0.0.1:9001")[0] == 202
+    assert admin.call("DELETE", "/api/pools/web/peers/%5B%3A%3A1%5D%3A9002")[0] == 202
+    assert admin.call("GET", "/api/pools/web")[1]["peers"] == []
+    admin.root.apply(admin.make_config())
+    pool = admin.call("GET", "/api/pools/web")[1]
+    assert [(p["address"], p["sources"], p["admin_state"]) for p in pool["peers"]] == [
+        ("127.0.0.1:9001", ["static"], "ready"), ("[::1]:9002", ["static"], "ready")]
+    assert admin.call("DELETE", "/api/pools/web/peers/127.0.0.1:9001")[0] == 202
+    admin.root.apply(make_config(LISTENERS, pools_config(peers=["[::1]:9002"])))
+    addresses = [p["address"] for p in admin.call("GET", "/api/pools/web")[1]["peers"]]
+    assert addresses == ["[::1]:9002"]
 
 
 # --- protection -------------------------------------------------------------------------------
@@ -442,21 +498,24 @@ def test_bodies_over_64_kib_are_refused(admin: Admin) -> None:
     assert status == 200
 
 
-def test_bodies_without_a_length_are_measured_as_read() -> None:
-    """A body of unknown length (chunked: no Content-Length) over 64 KiB is refused by
-    reading at most one byte past the limit."""
+def test_bodies_without_a_length_are_measured() -> None:
+    """A body of unknown length (chunked: no Content-Length) over 64 KiB is refused by its
+    size, without reading it."""
     import io
 
     from twisted.web.test.requesthelper import DummyRequest
 
     from lb.admin.api import ApiError, read_json
 
+    class Unread(io.BytesIO):
+        def read(self, size: Any = -1) -> bytes:
+            raise AssertionError("a body over the limit was read")
+
     request = DummyRequest([b""])
-    request.content = io.BytesIO(b'{"admin_state": "drain"}' + b" " * MAX_BODY)
+    request.content = Unread(b'{"admin_state": "drain"}' + b" " * MAX_BODY)
     with pytest.raises(ApiError) as refused:
         read_json(request)
     assert refused.value.status == 413
-    assert request.content.tell() == MAX_BODY + 1
     request.content = io.BytesIO(b'{"admin_state": "drain"}')
     assert read_json(request) == {"admin_state": "drain"}
 
@@ -465,9 +524,9 @@ def test_wrong_method_is_405_with_allow(admin: Admin) -> None:
     """A route with the wrong method answers 405 JSON listing the allowed methods."""
     status, body, headers = admin.call("DELETE", "/api/pools/web")
     assert status == 405 and "DELETE" in body["error"]
-    assert headers.getRawHeaders("allow") == ["GET"]
+    assert headers.getRawHeaders("allow") == ["GET, HEAD"]
     status, _, headers = admin.call("PATCH", "/api/pools/web/peers/127.0.0.1:9001", {})
-    assert status == 405 and headers.getRawHeaders("allow") == ["GET, PUT, DELETE"]
+    assert status == 405 and headers.getRawHeaders("allow") == ["GET, HEAD, PUT, DELETE"]
 
 
 @pytest.mark.parametrize("path", ["/api/pool", "/api/pools/web/peerz",

@@ -13,6 +13,7 @@ from prometheus_client.openmetrics.parser import \
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 
 from lb.admin.metrics import LBCollector, make_registry
@@ -124,6 +125,34 @@ def test_spec_metrics_parse_and_carry_the_live_values(root: LBService) -> None:
     assert value(found, "lb_connections_ended_total", listener="front", reason="closed") == 2
     assert value(found, "lb_peer_admin_state", state="ready", **peer_labels) == 1
     assert value(found, "lb_peer_admin_state", state="drain", **peer_labels) == 0
+
+
+class Port:
+    """A listening port as ``ListenerService.accepting`` reads it."""
+
+    def __init__(self, connected: bool) -> None:
+        self.connected = connected
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 8080)
+
+
+def test_listener_up_follows_whether_each_listener_accepts(tmp_path: Any) -> None:
+    """``lb_listener_up{listener}`` is 1 while a listener's socket accepts and 0 once it
+    does not, whatever closed it (here: one port lost, one never bound)."""
+    config = make_config({"front": {"bind": "127.0.0.1:0", "pool": "web"},
+                          "back": {"bind": "127.0.0.1:0", "pool": "web"},
+                          "spare": {"bind": "127.0.0.1:0", "pool": "web"}},
+                         {"web": {"peers": ["127.0.0.1:9001"]}})
+    root = LBService(config, MemoryReactorClock(), pool_parts={})
+    root.listeners["front"].port = Port(connected=True)
+    root.listeners["back"].port = Port(connected=False)
+    found = samples(scrape(root)[1])
+    assert value(found, "lb_listener_up", listener="front") == 1
+    assert value(found, "lb_listener_up", listener="back") == 0
+    assert value(found, "lb_listener_up", listener="spare") == 0
+    types = {f.name: f.type for f in text_string_to_metric_families(scrape(root)[1])}
+    assert types["lb_listener_up"] == "gauge"
 
 
 def test_metric_types_follow_prometheus_conventions(root: LBService) -> None:

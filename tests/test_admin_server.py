@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Protocol
@@ -371,20 +372,106 @@ def test_a_reload_that_keeps_the_address_keeps_the_socket() -> None:
     assert admin.port is port
 
 
+class FakePort:
+    """A listening port as ``ListenerService.accepting`` reads it: open or lost."""
+
+    def __init__(self, port: int, connected: bool = True) -> None:
+        self.port = port
+        self.connected = connected
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", self.port)
+
+
+def healthz_of(root: LBService) -> Tuple[int, str]:
+    """GET /healthz through StubTreq: (status, body)."""
+    stub = StubTreq(build_resource(root, clock=root.reactor))
+    out: list = []
+    d = stub.get("http://127.0.0.1/healthz")
+    d.addCallback(lambda r: r.text().addCallback(lambda t: out.append((r.code, t))))
+    stub.flush()
+    return out[0]
+
+
 def test_healthz_turns_503_while_stopping() -> None:
-    """/healthz is 200 while running and 503 once the balancer is shutting down."""
+    """/healthz is 200 while running (every listener accepting) and 503 once the balancer
+    is shutting down, whatever the listeners do then."""
     config = make_config({"front": {"bind": "127.0.0.1:8080", "pool": "web"}},
                          {"web": {"peers": ["127.0.0.1:9001"]}})
     root = LBService(config, MemoryReactorClock())
-    stub = StubTreq(build_resource(root, clock=root.reactor))
-
-    def healthz() -> Tuple[int, str]:
-        out: list = []
-        d = stub.get("http://127.0.0.1/healthz")
-        d.addCallback(lambda r: r.text().addCallback(lambda t: out.append((r.code, t))))
-        stub.flush()
-        return out[0]
-
-    assert healthz() == (200, "ok\n")
+    root.listeners["front"].port = FakePort(8080)
+    assert healthz_of(root) == (200, "ok\n")
     root.stopping = True  # what LBService.stopService sets first
-    assert healthz() == (503, "stopping\n")
+    assert healthz_of(root) == (503, "stopping\n")
+    root.listeners["front"].port = None
+    assert healthz_of(root) == (503, "stopping\n")
+
+
+def test_healthz_names_the_listeners_that_do_not_accept() -> None:
+    """While any listener is not accepting (its socket lost, or never bound) /healthz is
+    503 and names each such listener with its address; back to 200 once all accept."""
+    config = make_config({"web": {"bind": "127.0.0.1:8080", "pool": "web"},
+                          "api": {"bind": "127.0.0.1:8081", "pool": "web"},
+                          "db": {"bind": "127.0.0.1:8082", "pool": "web"}},
+                         {"web": {"peers": ["127.0.0.1:9001"]}})
+    root = LBService(config, MemoryReactorClock())
+    root.listeners["web"].port = FakePort(8080, connected=False)
+    root.listeners["api"].port = FakePort(8081)
+    assert healthz_of(root) == (503, "listener web (127.0.0.1:8080) is not accepting\n"
+                                     "listener db (127.0.0.1:8082) is not accepting\n")
+    root.listeners["web"].port = FakePort(8080)
+    root.listeners["db"].port = FakePort(8082)
+    assert healthz_of(root) == (200, "ok\n")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_listener_closed_behind_lbs_back_shows_in_healthz_and_metrics() -> Any:
+    """A listening socket that goes away under a running balancer (here: stopListening or
+    connectionLost called on it directly, on both kinds of port) turns /healthz 503 naming
+    it and its ``lb_listener_up`` 0, while the others stay 1; the status page and
+    /api/listeners still answer (a closed Twisted port cannot tell its address)."""
+    backends = [reactor.listenTCP(0, EchoFactory(), interface="127.0.0.1")]
+    peers = [f"127.0.0.1:{backends[0].getHost().port}"]
+    config = make_config({"raw": {"bind": "127.0.0.1:0", "pool": "web"},
+                          # a closed Twisted port cannot tell its address: the admin
+                          # shows the configured one, so give it a real port
+                          "proxied": {"bind": f"127.0.0.1:{free_port()}", "pool": "web",
+                                      "accept_proxy": True},
+                          "other": {"bind": "127.0.0.1:0", "pool": "web"}},
+                         {"web": {"peers": peers}})
+    root = LBService(config, reactor)
+    root.startService()
+    client, pool = http_client()
+    url = f"http://{root.admin.address()}"
+
+    @defer.inlineCallbacks
+    def check() -> Any:
+        response = yield client.get(url + "/healthz")
+        health = (response.code, (yield response.text()))
+        response = yield client.get(url + "/metrics")
+        up = {s.labels["listener"]: s.value
+              for f in text_string_to_metric_families((yield response.text()))
+              if f.name == "lb_listener_up" for s in f.samples}
+        return health, up
+
+    try:
+        assert (yield check()) == ((200, "ok\n"), {"raw": 1, "proxied": 1, "other": 1})
+        raw, proxied = root.listeners["raw"], root.listeners["proxied"]
+        raw_address, proxied_address = raw.address(), proxied.address()
+        raw.port.connectionLost(None)
+        yield proxied.port.stopListening()
+        health, up = yield check()
+        assert health == (503, f"listener raw ({raw_address}) is not accepting\n"
+                               f"listener proxied ({proxied_address}) is not accepting\n")
+        assert up == {"raw": 0, "proxied": 0, "other": 1}
+        response = yield client.get(url + "/api/listeners")
+        listed = {entry["name"]: (entry["address"], entry["accepting"])
+                  for entry in (yield response.json())["listeners"]}
+        assert listed == {"raw": (raw_address, False), "proxied": (proxied_address, False),
+                          "other": (root.listeners["other"].address(), True)}
+        response = yield client.get(url + "/")
+        assert response.code == 200 and proxied_address in (yield response.text())
+    finally:
+        yield pool.closeCachedConnections()
+        yield root.stopService()
+        yield backends[0].stopListening()

@@ -145,21 +145,31 @@ def test_health_colours_follow_state(root: LBService) -> None:
     assert re.search(r"\.h-up \{[^}]*--up", page)
 
 
-def test_buttons_offer_the_other_states_and_remove_for_admin_peers(root: LBService) -> None:
-    """A ready peer offers drain and maint, a drained one ready; only peers added through
-    the API can be removed from the page."""
+def test_buttons_offer_the_other_states_and_remove_where_delete_works(
+        root: LBService) -> None:
+    """A ready peer offers drain and maint, a drained one ready; remove is offered where
+    the API's DELETE works (admin and static peers), not for a peer Consul announces nor
+    one already being removed."""
+    from lb.peer import PeerSpec
+
     pool = root.pool("web")
     pool.set_admin_state("[::1]:9002", "drain")
     pool.add_peer(parse_address("127.0.0.1:9003"))
+    pool.apply("consul", [PeerSpec(parse_address("127.0.0.1:9004"))])
+    pool.add_peer(parse_address("127.0.0.1:9005"))
+    pool.connection_started(pool.get("127.0.0.1:9005"), object())
+    pool.remove_peer("127.0.0.1:9005")
     rows = parse(fetch(root)[1])
 
     def actions(key: str) -> List[str]:
         return [b.get("data-state") or b["data-action"]
                 for b in peer_row(rows, "web", key)["buttons"]]
 
-    assert actions("127.0.0.1:9001") == ["drain", "maint"]
-    assert actions("[::1]:9002") == ["ready", "maint"]
+    assert actions("127.0.0.1:9001") == ["drain", "maint", "remove"]
+    assert actions("[::1]:9002") == ["ready", "maint", "remove"]
     assert actions("127.0.0.1:9003") == ["drain", "maint", "remove"]
+    assert actions("127.0.0.1:9004") == ["drain", "maint"]
+    assert actions("127.0.0.1:9005") == ["drain", "maint"]
     button = peer_row(rows, "web", "[::1]:9002")["buttons"][0]
     assert (button["data-pool"], button["data-peer"]) == ("web", "[::1]:9002")
 
@@ -173,6 +183,27 @@ def test_listeners_and_empty_pools(root: LBService) -> None:
     (front,) = [r for r in parse(page).rows if r["attrs"].get("data-listener") == "front"]
     assert front["cells"][2:7] == ["web", "0 / 10000", "40", "4", "max_connections 2"]
     assert "no peers: clients of this pool are closed at once" in page
+
+
+def test_a_listener_that_does_not_accept_is_marked(root: LBService) -> None:
+    """A listener whose socket is not accepting (lost under lb, or never bound) is marked
+    in its row, as /healthz reports it; an accepting one is not."""
+    from twisted.internet.address import IPv4Address
+
+    class Open:
+        connected = True
+
+        def getHost(self) -> IPv4Address:
+            return IPv4Address("TCP", "127.0.0.1", 8080)
+
+    def row() -> Dict[str, Any]:
+        (found,) = [r for r in parse(fetch(root)[1]).rows
+                    if r["attrs"].get("data-listener") == "front"]
+        return found
+
+    assert "not accepting" in row()["cells"][1] and "badge h-down" in row()["badges"]
+    root.listeners["front"].port = Open()
+    assert row()["cells"][1] == "127.0.0.1:8080" and row()["badges"] == []
 
 
 def test_untrusted_text_is_escaped(root: LBService) -> None:

@@ -196,7 +196,8 @@ def test_client_traffic_never_undoes_active_check_failures() -> None:
 
 
 def test_admin_add_and_remove() -> None:
-    """Admin adds are their own source; removing a peer other sources want is a 409."""
+    """Admin adds are their own source; adding one twice is a 409; removing an idle one
+    takes it out at once."""
     pool, clock, events = make_pool()
     pool.apply("static", [spec("10.0.0.1:80")])
     added = pool.add_peer(parse_address("10.0.0.9:80"), 3)
@@ -204,14 +205,96 @@ def test_admin_add_and_remove() -> None:
     with pytest.raises(PoolError) as info:
         pool.add_peer(parse_address("10.0.0.9:80"))
     assert info.value.status == 409
-    with pytest.raises(PoolError) as info:
-        pool.remove_peer("10.0.0.1:80")
-    assert info.value.status == 409 and "static" in str(info.value)
     pool.remove_peer("10.0.0.9:80")
     assert "10.0.0.9:80" not in pool.peers
     with pytest.raises(PoolError) as info:
         pool.get("10.0.0.9:80")
     assert info.value.status == 404
+
+
+def test_remove_peer_drains_a_static_peer_until_the_next_apply() -> None:
+    """Removing a static peer (HAProxy's ``del server``) drains it: no new connections,
+    the open one keeps going, and it leaves after drain_timeout; the static source's set
+    no longer has it until the config is applied again, which brings it back."""
+    pool, clock, events = make_pool(drain_timeout="10s")
+    pool.apply("static", [spec("10.0.0.1:80"), spec("10.0.0.2:80")])
+    peer = pool.peers["10.0.0.1:80"]
+    pool.connection_started(peer, object())
+    assert pool.remove_peer("10.0.0.1:80") is peer
+    assert (peer.removing, peer.admin_state, peer.sources) == (True, "drain", [])
+    assert eligible(pool) == {"10.0.0.2:80"}
+    assert [str(s.address) for s in pool.wanted_by("static")] == ["10.0.0.2:80"]
+    clock.advance(9.9)
+    assert "10.0.0.1:80" in pool.peers
+    clock.advance(0.2)
+    assert "10.0.0.1:80" not in pool.peers and ("removed", "10.0.0.1:80") in events
+    pool.apply("static", [spec("10.0.0.1:80"), spec("10.0.0.2:80")])
+    assert pool.peers["10.0.0.1:80"].sources == ["static"]
+    assert eligible(pool) == {"10.0.0.1:80", "10.0.0.2:80"}
+
+
+def test_remove_peer_drops_the_static_and_admin_wants_together() -> None:
+    """A peer both the config and an operator want loses both wants: nothing is left
+    that keeps it, so it goes (at once when idle) and no source lists it any more."""
+    pool, clock, events = make_pool()
+    pool.apply("static", [spec("10.0.0.1:80", weight=2)])
+    pool.add_peer(parse_address("10.0.0.1:80"), 5)
+    assert pool.peers["10.0.0.1:80"].sources == ["admin", "static"]
+    pool.remove_peer("10.0.0.1:80")
+    assert "10.0.0.1:80" not in pool.peers
+    assert pool.wanted_by("static") == [] and pool.wanted_by("admin") == []
+
+
+def test_a_removed_peer_brought_back_before_it_left_stays() -> None:
+    """A reload listing a draining removed static peer again keeps it: ready, its
+    counters kept, and the pending removal cancelled."""
+    pool, clock, events = make_pool(drain_timeout="10s")
+    pool.apply("static", [spec("10.0.0.1:80")])
+    peer = pool.peers["10.0.0.1:80"]
+    peer.total_connections = 3
+    pool.connection_started(peer, object())
+    pool.remove_peer("10.0.0.1:80")
+    pool.apply("static", [spec("10.0.0.1:80")])
+    clock.advance(11)
+    assert pool.peers["10.0.0.1:80"] is peer
+    assert (peer.removing, peer.admin_state, peer.total_connections) == (False, "ready", 3)
+
+
+@pytest.mark.parametrize("sources", [["consul"], ["static", "consul"],
+                                     ["static", "consul", "admin"]])
+def test_remove_peer_of_a_consul_peer_is_409_naming_the_way_out(sources: List[str]) -> None:
+    """A peer Consul announces would come back with Consul's next answer: removing it is
+    a 409 that says what works (deregister or maintenance in Consul, or drain here), and
+    nothing changes, not even the other sources' wants."""
+    pool, clock, events = make_pool()
+    for source in sources:
+        pool.apply(source, [spec("10.0.0.1:80")])
+    peer = pool.peers["10.0.0.1:80"]
+    events.clear()
+    with pytest.raises(PoolError) as info:
+        pool.remove_peer("10.0.0.1:80")
+    message = str(info.value)
+    assert info.value.status == 409
+    for way_out in ("Consul", "deregister", "consul maint -enable -service",
+                    '"admin_state": "drain"'):
+        assert way_out in message, message
+    assert sorted(peer.sources) == sorted(sources) and not peer.removing
+    assert peer.admin_state == "ready" and eligible(pool) == {"10.0.0.1:80"}
+    assert events == []
+
+
+def test_removing_a_removed_peer_keeps_its_deadline() -> None:
+    """A second removal of a peer already on its way out changes nothing: it still
+    leaves when the first drain_timeout ends."""
+    pool, clock, events = make_pool(drain_timeout="10s")
+    pool.apply("static", [spec("10.0.0.1:80")])
+    peer = pool.peers["10.0.0.1:80"]
+    pool.connection_started(peer, object())
+    pool.remove_peer("10.0.0.1:80")
+    clock.advance(6)
+    assert pool.remove_peer("10.0.0.1:80") is peer
+    clock.advance(4.1)
+    assert "10.0.0.1:80" not in pool.peers
 
 
 def test_reconfigure_balance_keeps_eligible_peers() -> None:

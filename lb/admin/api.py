@@ -102,13 +102,24 @@ def pool_json(pool: Pool, parts: Optional[Dict[str, Any]] = None) -> JSONBody:
     }
 
 
+def listener_address(service: Any) -> str:
+    """Where a listener (a ListenerService) listens; its configured ``bind`` once its
+    socket is gone, since a closed Twisted port raises when asked (the admin pages must
+    still answer, /healthz above all, when a listener has stopped accepting)."""
+    try:
+        return str(service.address())
+    except Exception:
+        return str(service.listener.config.bind)
+
+
 def listener_json(service: Any) -> JSONBody:
     """A listener's config and counters (``service`` is a ListenerService)."""
     listener = service.listener
     return {
         "name": listener.config.name,
         "bind": str(listener.config.bind),
-        "address": service.address(),
+        "address": listener_address(service),
+        "accepting": bool(service.accepting),
         "pool": listener.pool.name if listener.pool is not None else listener.config.pool,
         "active_connections": len(listener.sessions),
         "total_connections": listener.total,
@@ -166,14 +177,25 @@ def check_origin(request: Request) -> None:
         raise ApiError(403, f"cross-origin request from {origin!r} refused")
 
 
-def read_json(request: Request) -> JSONBody:
-    """The request body as a JSON object; 413 above MAX_BODY, 400 for anything else wrong."""
-    too_large = ApiError(413, f"request body is larger than {MAX_BODY} bytes")
-    if getattr(request, "body_too_large", False):
-        raise too_large
+def check_body_size(request: Request) -> None:
+    """413 for a body above MAX_BODY, on every path and method: the admin server keeps
+    no more than that of it (``LimitedRequest``), so nothing may act on such a request."""
+    too_large = getattr(request, "body_too_large", False)
     length = request.getHeader(b"content-length")
     if length is not None and length.strip().isdigit() and int(length) > MAX_BODY:
-        raise too_large
+        too_large = True
+    content = request.content
+    if not too_large and content is not None:
+        content.seek(0, 2)
+        too_large = content.tell() > MAX_BODY
+        content.seek(0)
+    if too_large:
+        raise ApiError(413, f"request body is larger than {MAX_BODY} bytes")
+
+
+def read_json(request: Request) -> JSONBody:
+    """The request body as a JSON object; 413 above MAX_BODY, 400 for anything else wrong."""
+    check_body_size(request)
     content = request.content
     if content is None:
         raw = b""
@@ -181,13 +203,15 @@ def read_json(request: Request) -> JSONBody:
         content.seek(0)
         raw = content.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
-        raise too_large
+        raise ApiError(413, f"request body is larger than {MAX_BODY} bytes")
     if not raw.strip():
         raise ApiError(400, "expected a JSON object in the request body")
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"malformed JSON: {e}") from None
+    except RecursionError:  # a few KiB of "[[[[..." get there
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise ApiError(400, f"expected a JSON object, got {type(value).__name__}")
     return value
@@ -266,11 +290,12 @@ class ApiResource(Resource):
         if segments and segments[-1] == "":
             segments.pop()
         route, allowed = self._route(segments)
-        if method == "HEAD":
-            method = "GET"
         if method not in allowed:
             raise ApiError(405, f"method {method} is not allowed here (allowed: "
                                 f"{', '.join(allowed)})", {"Allow": ", ".join(allowed)})
+        if method == "HEAD":
+            method = "GET"  # twisted.web sends the head of the GET answer without its body
+        check_body_size(request)
         if method in MUTATING:
             check_token(request, self.token())
             check_origin(request)
@@ -282,17 +307,17 @@ class ApiResource(Resource):
         shape = tuple(segments[0::2])  # the fixed words: pools, peers
         n = len(segments)
         if n == 0:
-            return "index", ("GET",)
+            return "index", ("GET", "HEAD")
         if segments == ["listeners"]:
-            return "listeners", ("GET",)
+            return "listeners", ("GET", "HEAD")
         if shape[:1] == ("pools",) and n == 1:
-            return "pools", ("GET",)
+            return "pools", ("GET", "HEAD")
         if shape[:1] == ("pools",) and n == 2:
-            return "pool", ("GET",)
+            return "pool", ("GET", "HEAD")
         if shape == ("pools", "peers") and n == 3:
-            return "peers", ("GET", "POST")
+            return "peers", ("GET", "HEAD", "POST")
         if shape == ("pools", "peers") and n == 4:
-            return "peer", ("GET", "PUT", "DELETE")
+            return "peer", ("GET", "HEAD", "PUT", "DELETE")
         raise ApiError(404, f"no such API path /api/{'/'.join(segments)} (see /api)")
 
     # lookups
@@ -372,7 +397,5 @@ class ApiResource(Resource):
     def _peer_delete(self, request: Request, name: str,
                      address: str) -> Tuple[int, Any, Dict[str, str]]:
         pool, _ = self._pool(name)
-        peer = pool.get(self._peer_key(address))
-        if peer.removing and "admin" not in peer.wants:
-            return 202, peer_json(peer), {}  # already draining out: keep its deadline
-        return 202, peer_json(pool.remove_peer(peer.key, source="admin")), {}
+        return 202, peer_json(pool.remove_peer(self._peer_key(address),
+                                               reason="admin API")), {}

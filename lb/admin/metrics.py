@@ -84,6 +84,9 @@ class LBCollector(Collector):
         max_conns = GaugeMetricFamily(
             "lb_listener_max_connections", "The listener's max_connections setting.",
             labels=["listener"])
+        up = GaugeMetricFamily(
+            "lb_listener_up", "1 while the listener's socket accepts connections, 0 when it "
+            "has stopped accepting for any reason.", labels=["listener"])
         for service in listeners:
             listener = service.listener
             name = listener.config.name
@@ -104,7 +107,8 @@ class LBCollector(Collector):
             accepted.add_metric([name], listener.total)
             open_now.add_metric([name], len(listener.sessions))
             max_conns.add_metric([name], listener.config.max_connections)
-        yield from (conns, active, no_peer, refused, ended, accepted, open_now, max_conns)
+            up.add_metric([name], 1 if service.accepting else 0)
+        yield from (conns, active, no_peer, refused, ended, accepted, open_now, max_conns, up)
 
     # per pool and peer
 

@@ -3,10 +3,15 @@
 ``AdminService(root)`` binds when started, follows reloads (rebinding when ``admin.bind``
 changes; the token is read from the running config on every request, so a new token applies
 at once) and closes its socket and open HTTP connections on stop.
+
+Apart from the successful answers of the status page (HTML), /metrics and /healthz (text),
+every answer is JSON ``{"error": ...}``, down to requests Twisted's HTTP server would answer
+with its own HTML or bare pages, or not at all.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 from twisted.application.service import Service
@@ -15,19 +20,23 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import EncodingResourceWrapper, IResource, Resource
 from twisted.web.server import GzipEncoderFactory, Request
 
-from lb.admin.api import MAX_BODY, ApiResource, write_json
+from lb.admin.api import (MAX_BODY, ApiError, ApiResource, check_body_size, listener_address,
+                          write_json)
 from lb.admin.metrics import MetricsResource, make_registry
 from lb.admin.status import StatusPage
 from lb.config import Address, Config
 
+log = Logger()
+
 
 class LimitedRequest(Request):
-    """A request that stops buffering its body past MAX_BODY (the API then answers 413),
-    so a huge upload cannot fill memory or disk."""
+    """The admin server's request: it stops buffering a body past MAX_BODY (the resources
+    then answer 413), so a huge upload cannot fill memory or disk; it leaves the body to
+    the API instead of parsing forms; and its failures answer JSON like the rest."""
 
     body_too_large = False
 
@@ -48,10 +57,110 @@ class LimitedRequest(Request):
             return
         super().handleContentChunk(data)
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """Twisted's version also parses urlencoded and multipart POST bodies into ``args``,
+        answering a bad multipart body with a bare 400 and raising (dropping the connection
+        unanswered) on some it cannot read; the API reads JSON bodies itself, so only the
+        query string becomes ``args`` here."""
+        self.content.seek(0, 0)
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path, _, query = path.partition(b"?")
+        self.args = http.parse_qs(query, 1) if query else {}
+        self.process()
+
+    def processingFailed(self, reason: Failure) -> None:
+        """A failure outside the resources' own handling (finding the resource, say): a
+        logged JSON 500 instead of Twisted's HTML page."""
+        log.failure("admin: {method} {uri} failed", reason,
+                    method=self.method.decode("latin-1"), uri=self.uri.decode("latin-1"))
+        if self.startedWriting:
+            self.channel.loseConnection()  # half an answer is out: the client sees it cut
+            return
+        body = write_json(self, 500, {"error": "internal error (see the balancer's log)"})
+        self.setHeader(b"content-length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+
+
+def _raw_json(status: int, reason: bytes, message: str, head: bool = False) -> bytes:
+    """A whole JSON error response for the channel to write when no request object can
+    answer (the request could not be read), without its body for a HEAD request; the
+    connection closes after it."""
+    body = json.dumps({"error": message}).encode("utf-8") + b"\n"
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
+            b"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % (status, reason, len(body))
+            + (b"" if head else body))
+
+
+class AdminChannel(http.HTTPChannel):
+    """Twisted's HTTP channel with JSON answers where it would answer a bare 400 (a request
+    it cannot parse), close without a word (a line over its limit) or time out a request
+    that stopped arriving (408)."""
+
+    def _refuse(self, status: int, reason: bytes, message: str) -> None:
+        # HTTPChannel keeps a request's method in _command from its request line on
+        head = getattr(self, "_command", None) == b"HEAD"
+        self.transport.write(_raw_json(status, reason, message, head))
+        self.loseConnection()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's one exit for requests it cannot frame: request line, headers, lengths,
+        # chunks, or a head over totalHeadersSize
+        self._refuse(400, b"Bad Request", f"malformed HTTP request: bad request line, "
+                                          f"header, length or chunk, or a request head over "
+                                          f"{self.totalHeadersSize} bytes")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(400, b"Bad Request", f"request line or header line too long (limit "
+                                          f"{self.MAX_LENGTH} bytes)")
+
+    def timeoutConnection(self) -> None:
+        # The timeout runs while no request is being answered: with a request begun, the
+        # client stopped sending it midway (say a Content-Length larger than its body).
+        if self.requests:
+            head = getattr(self, "_command", None) == b"HEAD"
+            self.transport.write(_raw_json(
+                408, b"Request Timeout", f"the request did not arrive in full within "
+                                         f"{self.timeOut:g}s", head))
+        super().timeoutConnection()
+
+
+class GetOnly(Resource):
+    """A page of the admin site that is only read (status page, /metrics, /healthz): GET,
+    and HEAD like GET; any other method, a path below it or a body over the limit answers
+    JSON like the API, and so does a failure while rendering it."""
+
+    isLeaf = True
+    methods = ("GET", "HEAD")
+
+    def __init__(self, page: IResource) -> None:
+        super().__init__()
+        self.page = page
+
+    def render(self, request: Request) -> bytes:
+        try:
+            if request.postpath not in ([], [b""]):
+                return not_found(request)
+            if request.method.decode("latin-1") not in self.methods:
+                allowed = ", ".join(self.methods)
+                return write_json(request, 405, {"error": (
+                    f"method {request.method.decode('latin-1')} is not allowed on "
+                    f"{_path(request)} (allowed: {allowed})")}, {"Allow": allowed})
+            check_body_size(request)
+            return self.page.render(request)
+        except ApiError as e:
+            return write_json(request, e.status, {"error": e.message}, e.headers)
+        except Exception:
+            log.failure("admin: rendering {path} failed", path=_path(request))
+            return write_json(request, 500, {"error": "internal error (see the balancer's "
+                                                      "log)"})
+
 
 class Healthz(Resource):
-    """``GET /healthz``: 200 while the balancer runs, 503 once it is shutting down (so an
-    outer load balancer or supervisor stops sending it clients)."""
+    """``GET /healthz`` for an outer load balancer or supervisor: 200 while every listener
+    accepts, 503 naming the listeners that do not (their socket was closed under lb) and
+    503 once shutdown has begun, so clients are sent elsewhere."""
 
     isLeaf = True
 
@@ -65,18 +174,33 @@ class Healthz(Resource):
         if self.root.stopping:
             request.setResponseCode(503)
             return b"stopping\n"
+        down = [f"listener {name} ({listener_address(service)}) is not accepting\n"
+                for name, service in list(self.root.listeners.items())
+                if not service.accepting]
+        if down:
+            request.setResponseCode(503)
+            return "".join(down).encode("utf-8")
         return b"ok\n"
 
 
+def _path(request: Request) -> str:
+    """The request's path for an error message (it may not be UTF-8)."""
+    return request.path.decode("utf-8", "replace")
+
+
+def not_found(request: Request) -> bytes:
+    """The JSON 404 of every path the admin server does not have."""
+    return write_json(request, 404, {"error": f"no such path {_path(request)} (try /, /api, "
+                                              "/metrics or /healthz)"})
+
+
 class NotFound(Resource):
-    """Unknown paths answer JSON like the rest of the API."""
+    """Unknown paths answer JSON like the rest of the API, whatever the method."""
 
     isLeaf = True
 
     def render(self, request: Request) -> bytes:
-        path = request.path.decode("utf-8", "replace")
-        return write_json(request, 404, {"error": f"no such path {path} (try /, /api, "
-                                                  "/metrics or /healthz)"})
+        return not_found(request)
 
 
 class AdminRoot(Resource):
@@ -92,19 +216,21 @@ def build_resource(root: Any, registry: Any = None, clock: Any = None) -> Resour
     clock = clock if clock is not None else root.reactor
     registry = registry if registry is not None else make_registry(root)
     tree = AdminRoot()
-    tree.putChild(b"", StatusPage(root, clock))
+    tree.putChild(b"", GetOnly(StatusPage(root, clock)))
     tree.putChild(b"api", ApiResource(root))
-    tree.putChild(b"metrics", EncodingResourceWrapper(MetricsResource(registry),
+    # the encoder is taken from the leaf Twisted renders, so the wrapper goes outside
+    tree.putChild(b"metrics", EncodingResourceWrapper(GetOnly(MetricsResource(registry)),
                                                       [GzipEncoderFactory()]))
-    tree.putChild(b"healthz", Healthz(root))
+    tree.putChild(b"healthz", GetOnly(Healthz(root)))
     return tree
 
 
 class AdminSite(server.Site):
-    """The admin site: limits request bodies and writes no access log line per request
-    (the status page polls; the API logs every change itself)."""
+    """The admin site: JSON errors down to the HTTP channel, limited request bodies, and
+    no access log line per request (the status page polls; the API logs every change)."""
 
     noisy = False
+    protocol = AdminChannel  # plain HTTP/1.1 (no TLS, so no HTTP/2 to negotiate)
     requestFactory = LimitedRequest
 
     def log(self, request: Any) -> None:

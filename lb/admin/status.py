@@ -19,8 +19,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 import lb
+from lb.admin.api import listener_address
 from lb.peer import Peer
-from lb.pool import Pool
+from lb.pool import REMOVABLE_SOURCES, Pool
 
 REFRESH_SECONDS = 5
 MAX_REFRESH_SECONDS = 3600
@@ -140,9 +141,13 @@ class StatusPage(Resource):
             ended = ", ".join(f"{_e(reason)} {count}" for reason, count in
                               sorted(listener.ended.items())) or "—"
             pool_name = listener.pool.name if listener.pool is not None else config.pool
+            address = _e(listener_address(service))
+            if not service.accepting:  # what makes /healthz 503
+                address += (' <span class="badge h-down" title="its listening socket is '
+                            'closed: /healthz answers 503">not accepting</span>')
             rows.append(
                 f'<tr data-listener="{_e(config.name)}"><td>{_e(config.name)}</td>'
-                f'<td class="addr">{_e(service.address())}</td>'
+                f'<td class="addr">{address}</td>'
                 f'<td><a href="#pool-{_e(pool_name)}">{_e(pool_name)}</a></td>'
                 f'<td class="num">{len(listener.sessions)} / {config.max_connections}</td>'
                 f'<td class="num">{listener.total}</td>'
@@ -258,7 +263,7 @@ class StatusPage(Resource):
         buttons = [f'<button type="button" class="{state}" data-action="state" '
                    f'data-state="{state}" {data}>{state}</button>'
                    for state in ADMIN_ACTIONS if state != peer.operator_state]
-        if "admin" in peer.wants and not peer.removing:
+        if not peer.removing and all(s in REMOVABLE_SOURCES for s in peer.wants):
             buttons.append(f'<button type="button" class="remove" data-action="remove" '
                            f'{data}>remove</button>')
         return " ".join(buttons)
