@@ -115,6 +115,15 @@ class Load:
                 raise AssertionError(f"load made no progress: {self.count()} < {target}")
             time.sleep(0.01)
 
+    def wait_since(self, t: float, n: int, timeout: float = 10.0) -> List[Request]:
+        """Block (bounded) until ``n`` requests started at or after ``t`` have completed."""
+        deadline = time.monotonic() + timeout
+        while len(self.since(t)) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {len(self.since(t))} of {n} requests since {t}")
+            time.sleep(0.01)
+        return self.since(t)
+
     def since(self, t: float) -> List[Request]:
         with self._lock:
             return [r for r in self.records if r.started >= t]

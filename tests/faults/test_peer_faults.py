@@ -69,21 +69,19 @@ def test_failing_active_check_takes_a_busy_peer_out(cluster: Cluster) -> None:
                  timeout=5, what="the failing peer down")
         down_after = time.monotonic() - failed_at
         settled = time.monotonic() + 0.1
-        load.wait_for_requests(500)
-        while_down = load.since(settled)
+        while_down = load.wait_since(settled, 300)
         get(a, "/recover")
         wait_for(lambda: cluster.peer("web", f"127.0.0.1:{a}")["health"] == "up",
                  timeout=5, what="the peer up again")
-        back = time.monotonic()
-        load.wait_for_requests(300)
+        back = time.monotonic() + 0.1
+        after = load.wait_since(back, 300)
     peer = cluster.peer("web", f"127.0.0.1:{a}")
     print(f"\nhealth under load: down {down_after:.2f}s after /health failed "
           f"(bound {FALL * (INTERVAL + TIMEOUT):.1f}s); {load.summary()}")
     assert down_after <= FALL * (INTERVAL + TIMEOUT) + 1.0
     assert load.failures() == [], load.summary()
-    assert len(while_down) >= 200
     assert served_by(while_down) == Counter({f"backend {b}": len(while_down)})
-    assert served_by(load.since(back + 0.1)).get(f"backend {a}", 0) > 0
+    assert served_by(after).get(f"backend {a}", 0) > 0
     assert peer["last_check"]["ok"] is True
 
 
@@ -102,13 +100,11 @@ def test_sigkill_of_a_peer_under_load_fails_no_later_request(cluster: Cluster) -
         wait_for(lambda: cluster.peer("web", f"127.0.0.1:{b}")["health"] == "down",
                  timeout=5, what="the killed peer down")
         out_after = time.monotonic() - dead
-        load.wait_for_requests(1000)
-    after = load.since(dead)
+        after = load.wait_since(dead, 1000)
     print(f"\nSIGKILL under load: down {out_after:.2f}s after death; after the kill "
           f"{load.summary(dead)}; overall {load.summary()}")
     assert load.failures(since=dead) == [], load.summary(dead)
     assert served_by(after).get(f"backend {b}", 0) == 0
-    assert len(after) >= 1000
 
 
 def test_sigstop_of_a_peer_under_load_takes_it_out_in_bounded_time(cluster: Cluster) -> None:
@@ -127,7 +123,7 @@ def test_sigstop_of_a_peer_under_load_takes_it_out_in_bounded_time(cluster: Clus
                      timeout=5, interval=0.01, what="the hung peer down")
             out_after = time.monotonic() - stopped
             out = time.monotonic()
-            load.wait_for_requests(1000, timeout=20)
+            load.wait_since(out, 1000, timeout=20)
     finally:
         hung.popen.send_signal(signal.SIGCONT)
     print(f"\nSIGSTOP under load: down {out_after:.2f}s after the stop (bound "
