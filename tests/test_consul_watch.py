@@ -26,7 +26,7 @@ TOKEN = "s3cret-token-value"
 
 def instance(address: str, port: int, *, status: str = "passing", weight: int = 1,
              maintenance: bool = False, sid: Optional[str] = None) -> Dict[str, Any]:
-    """One /v1/health/service entry shaped like Consul's (see consul-vectors 02)."""
+    """One /v1/health/service entry shaped like Consul's (see tests/fixtures/consul)."""
     sid = sid or f"web-{port}"
     checks = [{"CheckID": "serfHealth", "Status": "passing", "ServiceID": ""},
               {"CheckID": f"service:{sid}", "Status": status, "ServiceID": sid}]
