@@ -338,3 +338,40 @@ def test_make_query_picks_kv_or_service() -> None:
     """kv_prefix pools watch the KV folder; service pools watch health/service."""
     assert isinstance(consul.make_query(PoolConsulConfig(kv_prefix="u/w")), KVQuery)
     assert isinstance(consul.make_query(PoolConsulConfig(service="w")), ServiceQuery)
+
+
+# --- answers of which nothing is usable ------------------------------------------------------
+
+
+def test_all_unusable_instances_are_invalid_not_empty() -> None:
+    """Consul accepts registrations lb cannot use (an empty label, a 64-byte label, invalid
+    IDNA, port 0); an answer listing only such instances is invalid (the pool keeps its
+    last set) instead of an empty set, and says why."""
+    with pytest.raises(InvalidAnswer) as caught:
+        parse_health_service(body("health-all-unusable"))
+    text = str(caught.value)
+    assert "none of the 4 instance(s) is usable" in text
+    assert "instance bad-1" in text and "empty label" in text
+
+
+def test_unhealthy_instances_with_bad_addresses_are_still_an_empty_set() -> None:
+    """Instances left out for their health are not "unusable": when every listed instance
+    is critical the answer is a valid empty set, whatever their addresses."""
+    entries = body("health-all-unusable")
+    for entry in entries:
+        with_status([entry], "service:" + entry["Service"]["ID"], "critical")
+    assert parse_health_service(entries).specs == []
+
+
+def test_one_usable_instance_among_unusable_ones_is_applied() -> None:
+    """As long as one instance maps to a peer, the answer is used and the others skipped."""
+    parsed = parse_health_service(body("health-all-unusable") + body("health-node-address"))
+    assert parsed.specs == [spec("127.0.0.1:27017")]
+    assert len(parsed.skipped) == 4
+
+
+def test_all_unusable_kv_keys_are_invalid_not_empty() -> None:
+    """A KV folder whose keys are all unusable is invalid; only a 404 (no keys) empties."""
+    with pytest.raises(InvalidAnswer) as caught:
+        KVQuery("upstreams/broken").parse(200, recorded("kv-all-unusable")["body"].encode())
+    assert "none of the 3 key(s) is usable" in str(caught.value)

@@ -650,3 +650,65 @@ def test_unusable_instance_is_logged_once_per_problem(h: Harness, logs: List[str
         h.clock.advance(0)
     assert h.peers() == {"10.0.0.1:80": "ready/1"}
     assert len([line for line in logs if "ignored instance web-0" in line]) == 1
+
+
+# --- answers of which nothing is usable ------------------------------------------------------
+
+
+def unusable_instances() -> List[Dict[str, Any]]:
+    """Passing instances that cannot name a peer: bad ports and host names."""
+    return [instance("10.0.0.9", 0, sid="zero-port"), instance("10.0.0.9", 70000, sid="big"),
+            instance("bad..example.com", 80, sid="empty-label"),
+            instance("a" * 64 + ".example.com", 80, sid="long-label"),
+            instance("xn--a.example.com", 80, sid="bad-idna")]
+
+
+def test_all_unusable_answer_keeps_the_pool_counts_and_logs_once(h: Harness,
+                                                                  logs: List[str]) -> None:
+    """An answer listing instances of which none is usable does not empty the pool (6,000
+    failed client requests in 0.8 s before): the last good set stays, each such answer is
+    counted invalid, the problem is logged once however often it repeats, and a good
+    answer afterwards applies."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80), instance("10.0.0.2", 80)], index=3)
+    h.events.clear()
+    for index in (4, 5, 6):
+        h.clock.advance(30)  # past any retry pause
+        h.answer(unusable_instances(), index=index)
+        assert h.peers() == {"10.0.0.1:80": "ready/1", "10.0.0.2:80": "ready/1"}
+    assert h.events == []
+    assert h.watcher.requests == {"ok": 1, "invalid": 3}
+    assert "none of the 5 instance(s) is usable" in (h.watcher.last_error or "")
+    assert len([line for line in logs if "is usable" in line]) == 1
+    h.clock.advance(30)
+    h.answer([instance("10.0.0.3", 80)], index=7)
+    assert set(h.peers()) == {"10.0.0.3:80"}
+
+
+def test_all_unhealthy_answer_still_empties_the_pool(h: Harness) -> None:
+    """Instances that are merely critical (or warning with passing_only) are Consul saying
+    "nothing healthy": the pool empties, the answer is ok, not invalid."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=3)
+    h.clock.advance(0)
+    h.answer([instance("10.0.0.1", 80, status="critical"),
+              instance("10.0.0.2", 80, status="warning")], index=4)
+    assert h.pool.peers == {}
+    assert h.watcher.requests == {"ok": 2}
+
+
+def test_kv_all_unusable_keys_keep_the_pool_but_404_empties(tmp_path: Any) -> None:
+    """KV the same way: keys of which none is host:port keep the last set (invalid); a
+    404, Consul's answer for a folder with no keys, still empties the pool."""
+    h = Harness(tmp_path, pool_consul=PoolConsulConfig(kv_prefix="u"))
+    h.start()
+    h.answer([{"Key": "u/10.0.0.1:80", "Value": None}], index=3)
+    h.clock.advance(0)
+    h.answer([{"Key": "u/not-an-address", "Value": None},
+              {"Key": "u/bad..example.com:80", "Value": None}], index=4)
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
+    assert h.watcher.requests == {"ok": 1, "invalid": 1}
+    h.clock.advance(5)
+    h.answer(status=404, raw=b"", index=5)
+    assert h.pool.peers == {}
+    h.watcher.stopService()

@@ -5,8 +5,10 @@ after an error) is a plain read; each answer's ``X-Consul-Index`` is sent back w
 so the next request blocks until the service changes. An index that goes backwards or is
 not >= 1 resets to 0 (a plain read again); an answer with the index we sent is Consul's
 wait running out and changes nothing. Only a successful answer changes the Consul-sourced
-peers: when Consul is unreachable, times out, answers 5xx/403 or garbage, the pool keeps
-its last good set and the watch retries with jittered, capped exponential backoff. Every
+peers: when Consul is unreachable, times out, answers 5xx/403 or garbage, or lists
+instances of which none is usable (bad port or host name), the pool keeps its last good set
+and the watch retries with jittered, capped exponential backoff. An empty list, or one whose
+instances are all unhealthy, is a real answer and empties the pool. Every
 change is written to ``state_dir`` and loaded at start, so the balancer serves with
 Consul down.
 
@@ -60,7 +62,7 @@ OK = "ok"                  # a successful answer that changed the pool's Consul 
 UNCHANGED = "unchanged"    # a successful answer that changed nothing (wait ran out, same set)
 TIMEOUT = "timeout"        # no answer within wait × 17/16 + TIMEOUT_MARGIN (or stalled)
 HTTP_ERROR = "http_error"  # an HTTP status other than 200 (404 for KV: an empty prefix)
-INVALID = "invalid"        # 200 with a body that is not what Consul sends
+INVALID = "invalid"        # 200 with a body that is not what Consul sends, or nothing usable
 ERROR = "error"            # no HTTP answer: connection refused or reset, DNS, TLS...
 RESULTS = (OK, UNCHANGED, TIMEOUT, HTTP_ERROR, INVALID, ERROR)
 
@@ -165,6 +167,14 @@ def merge_specs(specs: Iterable[PeerSpec]) -> List[PeerSpec]:
     return [best[a] for a in sorted(best, key=lambda a: (a.host, a.port))]
 
 
+def nothing_usable(skipped: Sequence[str], noun: str) -> InvalidAnswer:
+    """An answer that lists entries of which none maps to a peer is broken, not empty:
+    applied, one bad registration template would empty the pool."""
+    shown = "; ".join(skipped[:3]) + (f"; {len(skipped) - 3} more" if len(skipped) > 3
+                                      else "")
+    return InvalidAnswer(f"none of the {len(skipped)} {noun}(s) is usable: {shown}")
+
+
 def parse_health_service(entries: Any, passing_only: bool = True) -> Parsed:
     """Peers from a ``/v1/health/service/<name>`` body (already decoded from JSON)."""
     if not isinstance(entries, list):
@@ -195,6 +205,8 @@ def parse_health_service(entries: Any, passing_only: bool = True) -> Parsed:
         weights = weights if isinstance(weights, dict) else {}
         weight = clamp_weight(weights.get("Warning" if worst == "warning" else "Passing"))
         specs.append(PeerSpec(address, weight, DRAIN if maintenance else READY))
+    if skipped and not specs:
+        raise nothing_usable(skipped, "instance")
     return Parsed(merge_specs(specs), skipped)
 
 
@@ -392,6 +404,7 @@ class ConsulWatcher(Service):
         self._inflight_timeout = 0.0
         self._stalled = False  # the watchdog cancelled the request in flight
         self._skipped: List[str] = []  # entries the last answer could not use, and why
+        self._logged_error: Optional[Tuple[str, str]] = None  # last (result, detail) logged
         self._next: Optional[IDelayedCall] = None
         self._loop: Optional[LoopingCall] = None
         self._loop_interval = 0.0
@@ -567,10 +580,11 @@ class ConsulWatcher(Service):
         self.last_success = self.clock.seconds()  # Unix time on a real reactor
         if self.failures:
             self.log.info("pool {pool}: consul {what}: answering again after {n} failed "
-                          "request(s)", pool=self.pool.name, what=self.query.describe,
-                          n=self.failures)
+                          "request(s) (last: {error})", pool=self.pool.name,
+                          what=self.query.describe, n=self.failures, error=self.last_error)
         self.failures = 0
         self.last_error = None
+        self._logged_error = None
 
     def _error(self, result: str, detail: str) -> None:
         self.requests[result] += 1
@@ -579,12 +593,16 @@ class ConsulWatcher(Service):
         self.index = 0  # Consul may have restarted: start again with a plain read
         settings = self.settings()
         delay = backoff_delay(self.failures, settings.poll_interval, self._jitter())
-        kept = len(self.peers) if self.peers is not None else 0
-        self.log.error("pool {pool}: consul {what} at {url}: {result}: {detail}; retry in "
-                       "{delay:.1f}s (failure {n}); keeping the last good set of {kept} "
-                       "peer(s)", pool=self.pool.name, what=self.query.describe,
-                       url=_safe_url(settings.url), result=result, detail=detail,
-                       delay=delay, n=self.failures, kept=kept)
+        if (result, detail) != self._logged_error:
+            # Once per distinct problem: retries come about once a second.
+            self._logged_error = (result, detail)
+            kept = len(self.peers) if self.peers is not None else 0
+            self.log.error("pool {pool}: consul {what} at {url}: {result}: {detail}; "
+                           "keeping the last good set of {kept} peer(s); retry in "
+                           "{delay:.2f}s (failure {n}; the same error again is not logged)",
+                           pool=self.pool.name, what=self.query.describe,
+                           url=_safe_url(settings.url), result=result, detail=detail,
+                           delay=delay, n=self.failures, kept=kept)
         self._schedule(delay)
 
     def _apply(self, specs: List[PeerSpec], index: Optional[int]) -> bool:
