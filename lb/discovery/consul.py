@@ -71,9 +71,9 @@ SERVICE_MAINTENANCE_PREFIX = "_service_maintenance:"
 _SEVERITY = {"passing": 0, "warning": 1, "critical": 2}
 
 TIMEOUT_MARGIN = 10.0   # on top of wait × 17/16 (Consul adds up to wait/16 of jitter)
-BACKOFF_MAX = 30.0      # longest pause between retries after errors...
-BACKOFF_FACTOR = 8      # ...unless poll_interval × 8 is shorter (short intervals in tests)
-BACKOFF_JITTER = 0.25   # each pause is cut by up to this fraction, at random
+RETRY_FIRST = 0.125     # the first retry after an error comes this soon, the next ones...
+RETRY_MAX = 1.0         # ...doubling up to this, whatever poll_interval is;
+RETRY_JITTER = 0.25     # each pause is lengthened by up to this fraction, at random
 BURST = 5               # back-to-back queries allowed when the index churns...
 REFILL = 1.0            # ...then at most one query per this many seconds
 
@@ -308,13 +308,16 @@ def request_timeout(index: int, wait: float) -> float:
     return (wait * 17 / 16 if index > 0 else 0.0) + TIMEOUT_MARGIN
 
 
-def backoff_delay(failures: int, poll_interval: float, jitter: float) -> float:
-    """Pause before retry number ``failures``: poll_interval doubling per failure, capped at
-    BACKOFF_MAX (or poll_interval × BACKOFF_FACTOR if shorter, never below poll_interval),
-    then cut by up to BACKOFF_JITTER at random so many balancers do not retry in step."""
-    cap = max(poll_interval, min(BACKOFF_MAX, poll_interval * BACKOFF_FACTOR))
-    delay = min(cap, poll_interval * 2 ** min(max(failures - 1, 0), 30))
-    return delay * (1 - BACKOFF_JITTER * jitter)
+def backoff_delay(attempt: int, jitter: float) -> float:
+    """Pause before retry number ``attempt`` (1 after the first error); ``jitter`` in [0, 1).
+
+    RETRY_FIRST doubling up to RETRY_MAX, lengthened by up to RETRY_JITTER so balancers do
+    not retry in step. Not tied to poll_interval: an outage costs Consul at most one request
+    a second per watch (after three quick retries that catch a restart or a leader
+    election), and once Consul answers again the pool is current within
+    RETRY_MAX × (1 + RETRY_JITTER) = 1.25 s."""
+    base = min(RETRY_MAX, RETRY_FIRST * 2 ** min(max(attempt - 1, 0), 16))
+    return base * (1 + RETRY_JITTER * jitter)
 
 
 class TokenBucket:
@@ -592,7 +595,7 @@ class ConsulWatcher(Service):
         self.last_error = detail
         self.index = 0  # Consul may have restarted: start again with a plain read
         settings = self.settings()
-        delay = backoff_delay(self.failures, settings.poll_interval, self._jitter())
+        delay = backoff_delay(self.failures, self._jitter())
         if (result, detail) != self._logged_error:
             # Once per distinct problem: retries come about once a second.
             self._logged_error = (result, detail)
