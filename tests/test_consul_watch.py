@@ -201,16 +201,21 @@ def test_new_index_with_same_set_is_unchanged(h: Harness) -> None:
 
 
 def test_index_going_backwards_resets_to_a_plain_read(h: Harness) -> None:
-    """An index lower than the one sent (Consul restored or restarted) is applied and the
-    next request is a plain read (no index, no wait)."""
+    """An index lower than the one sent (Consul restored or restarted) adds what it lists
+    at once, keeps the peers it no longer lists for SETTLE, then a plain read (no index,
+    no wait) applies Consul's full answer."""
     h.start()
     h.answer([instance("10.0.0.1", 80)], index=100)
     h.clock.advance(0)
     h.answer([instance("10.0.0.2", 80)], index=5)
-    assert h.peers() == {"10.0.0.2:80": "ready/1"}
+    assert h.peers() == {"10.0.0.1:80": "ready/1", "10.0.0.2:80": "ready/1"}
     assert h.watcher.index == 0
-    h.clock.advance(0)
+    h.clock.advance(consul.SETTLE - 0.01)
+    assert h.fake.pending == []
+    h.clock.advance(0.01)
     assert "index" not in h.args() and "wait" not in h.args()
+    h.answer([instance("10.0.0.2", 80)], index=6)
+    assert h.peers() == {"10.0.0.2:80": "ready/1"}
 
 
 @pytest.mark.parametrize("index", [None, 0, "garbage"])
@@ -495,7 +500,7 @@ def test_first_answer_replaces_the_snapshot(tmp_path: Any) -> None:
     second = Harness(tmp_path)
     second.start()
     assert second.peers() == {"10.0.0.1:80": "ready/1"}
-    second.answer([instance("10.0.0.3", 80)], index=1)
+    second.answer([instance("10.0.0.3", 80)], index=9)
     assert second.peers() == {"10.0.0.3:80": "ready/1"}
     saved = snapshot.load(snapshot.path_for(second.state_dir, "web"))
     assert [p["address"] for p in saved["peers"]] == ["10.0.0.3:80"]
@@ -835,16 +840,79 @@ def test_outage_sends_about_one_request_per_second(tmp_path: Any, poll_interval:
 @pytest.mark.parametrize("poll_interval", [0.1, 1.0, 5.0, 30.0])
 @pytest.mark.parametrize("jitter", [0.0, 0.999])
 @pytest.mark.parametrize("outage", [0.3, 3.0, 17.7, 60.0])
+@pytest.mark.parametrize("state_lost", [False, True])
 def test_pool_is_current_within_two_seconds_of_consul_answering_again(
-        tmp_path: Any, poll_interval: float, jitter: float, outage: float) -> None:
+        tmp_path: Any, poll_interval: float, jitter: float, outage: float,
+        state_lost: bool) -> None:
     """However long the outage and whatever poll_interval is, once Consul answers again
-    (here with a changed set) the pool holds that set within 2 s (simulated time)."""
+    (here with a changed set) the pool holds that set within 2 s (simulated time), also
+    when Consul lost its state (its index went back, so removals wait for SETTLE)."""
     o = Outage(tmp_path, poll_interval, jitter)
     o.start_with(GOOD)
     o.kill()
     o.run(outage)
-    o.consul.set(CHANGED)
+    o.consul.set(CHANGED, index=3 if state_lost else None)
     o.http.down = False
     took = o.run(10.0, until=lambda: set(o.h.peers()) == {"10.0.0.1:80", "10.0.0.3:80"})
     assert took <= 2.0, f"pool current {took:.2f}s after Consul answered again"
     o.h.watcher.stopService()
+
+
+# --- a Consul that lost its state (restart, new cluster, restore) ----------------------------
+
+
+def test_restarted_consul_answering_empty_before_its_sync_keeps_the_pool(
+        tmp_path: Any) -> None:
+    """The window Fabio users hit (routes vanish when the agent restarts): Consul 1.8.7 on
+    fresh state answers 200, X-Consul-KnownLeader: true, X-Consul-LastContact: 0 and a
+    *lower* X-Consul-Index with [] for ~150 ms until its agent has synced its services.
+    The index going back is the only sign: lb removes nothing for SETTLE, so the pool never
+    empties, and is current as soon as the synced set arrives."""
+    o = Outage(tmp_path, poll_interval=5.0, jitter=0.0)
+    o.consul.index = 40
+    o.start_with(GOOD)
+    o.kill()
+    o.run(3.0)
+    o.h.events.clear()
+    o.consul.set([], index=6)  # the restarted agent, before its services are synced
+    o.http.down = False
+    o.run(2.0, until=lambda: o.h.watcher.requests["unchanged"] >= 1)
+    assert set(o.h.peers()) == {"10.0.0.1:80", "10.0.0.2:80"}
+    assert o.h.events == []
+    o.consul.set(CHANGED, index=8)  # synced: a changed set
+    took = o.run(2.0, until=lambda: set(o.h.peers()) == {"10.0.0.1:80", "10.0.0.3:80"})
+    assert took <= consul.SETTLE + 0.01
+    assert o.h.events[0] == "added 10.0.0.3:80" and o.h.events[-1] == "removed 10.0.0.2:80"
+    o.h.watcher.stopService()
+
+
+def test_empty_answer_after_a_reset_still_empties_once_settled(h: Harness) -> None:
+    """If the Consul that lost its state still lists nothing after SETTLE, that is its
+    answer: the pool empties."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=50)
+    h.clock.advance(0)
+    h.answer(status=500, raw=b"No cluster leader", index=None)
+    h.clock.advance(1)
+    h.answer([], index=3)
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
+    h.clock.advance(consul.SETTLE)
+    h.answer([], index=3)
+    assert h.pool.peers == {}
+
+
+def test_snapshot_index_detects_a_reset_after_a_balancer_restart(tmp_path: Any) -> None:
+    """A balancer restarted while Consul also lost its state compares with the index saved
+    in its snapshot: the snapshot's peers are not dropped by the first, unsynced answer."""
+    first = Harness(tmp_path)
+    first.start()
+    first.answer([instance("10.0.0.1", 80)], index=70)
+    first.watcher.stopService()
+    second = Harness(tmp_path)
+    second.start()
+    second.answer([], index=4)
+    assert second.peers() == {"10.0.0.1:80": "ready/1"}
+    second.clock.advance(consul.SETTLE)
+    second.answer([instance("10.0.0.2", 80)], index=5)
+    assert second.peers() == {"10.0.0.2:80": "ready/1"}
+    second.watcher.stopService()

@@ -2,9 +2,11 @@
 
 The watch follows Consul's rules for blocking queries: the first request (and every request
 after an error) is a plain read; each answer's ``X-Consul-Index`` is sent back with ``wait``
-so the next request blocks until the service changes. An index that goes backwards or is
-not >= 1 resets to 0 (a plain read again); an answer with the index we sent is Consul's
-wait running out and changes nothing. Only a successful answer changes the Consul-sourced
+so the next request blocks until the service changes. An index that is not >= 1 resets to
+0 (a plain read again); an answer with the index we sent is Consul's wait running out and
+changes nothing. An index lower than the highest one applied (kept across errors and in
+the snapshot) means Consul lost its state and is still re-filling its catalog: that
+answer's peers are added, but none is removed until a re-read SETTLE later. Only a successful answer changes the Consul-sourced
 peers: when Consul is unreachable, times out, answers 5xx/403 or garbage, or lists
 instances of which none is usable (bad port or host name), the pool keeps its last good set
 and the watch retries with jittered, capped exponential backoff. An empty list, or one whose
@@ -71,6 +73,7 @@ SERVICE_MAINTENANCE_PREFIX = "_service_maintenance:"
 _SEVERITY = {"passing": 0, "warning": 1, "critical": 2}
 
 TIMEOUT_MARGIN = 10.0   # on top of wait × 17/16 (Consul adds up to wait/16 of jitter)
+SETTLE = 0.5            # after Consul's index went back, how long answers remove no peer
 RETRY_FIRST = 0.125     # the first retry after an error comes this soon, the next ones...
 RETRY_MAX = 1.0         # ...doubling up to this, whatever poll_interval is;
 RETRY_JITTER = 0.25     # each pause is lengthened by up to this fraction, at random
@@ -315,7 +318,7 @@ def backoff_delay(attempt: int, jitter: float) -> float:
     not retry in step. Not tied to poll_interval: an outage costs Consul at most one request
     a second per watch (after three quick retries that catch a restart or a leader
     election), and once Consul answers again the pool is current within
-    RETRY_MAX × (1 + RETRY_JITTER) = 1.25 s."""
+    RETRY_MAX × (1 + RETRY_JITTER) = 1.25 s (plus SETTLE if Consul lost its state)."""
     base = min(RETRY_MAX, RETRY_FIRST * 2 ** min(max(attempt - 1, 0), 16))
     return base * (1 + RETRY_JITTER * jitter)
 
@@ -398,6 +401,8 @@ class ConsulWatcher(Service):
         self.last_success: Optional[float] = None
         self.last_error: Optional[str] = None
         self.index = 0
+        self.high_index = 0  # highest index applied (kept across errors, from the snapshot)
+        self._settle_until = 0.0  # until then, answers add peers but remove none
         self.failures = 0
         self.peers: Optional[List[PeerSpec]] = None  # the last good set
         self.snapshot_errors = 0
@@ -556,25 +561,42 @@ class ConsulWatcher(Service):
             self._error(INVALID, str(e))
             return
         new = answer.consul_index
+        now = self.clock.seconds()
         if new is None or new < 1:
             # Cannot block without an index: poll every poll_interval instead.
             self.index = 0
             delay = self.settings().poll_interval
-        elif new < sent_index:
-            self.log.info("pool {pool}: consul {what}: index went back from {old} to {new}, "
-                          "re-reading", pool=self.pool.name, what=self.query.describe,
-                          old=sent_index, new=new)
+        elif new < self.high_index:
+            # Consul lost its state (restarted dev agent or server on fresh data, new
+            # cluster, snapshot restore) and answers before its agents have re-registered
+            # their services: Consul 1.8.7 sends 200, KnownLeader true, LastContact 0 and []
+            # for ~150 ms. The lower index is the only sign, so take additions now and
+            # removals only from a re-read after SETTLE.
+            self.log.info("pool {pool}: consul {what}: index went back from {old} to {new} "
+                          "(Consul lost its state): removing nothing for {settle:g}s while "
+                          "its agents re-register", pool=self.pool.name,
+                          what=self.query.describe, old=self.high_index, new=new,
+                          settle=SETTLE)
+            self._settle_until = now + SETTLE
             self.index = 0
             delay = 0.0
         else:
             self.index = new
             delay = 0.0
+        if new is not None and new >= 1:
+            self.high_index = new
         if parsed.skipped != self._skipped:  # once per distinct problem, not per poll
             self._skipped = parsed.skipped
             for why in parsed.skipped:
                 self.log.warn("pool {pool}: consul {what}: ignored {why}",
                               pool=self.pool.name, what=self.query.describe, why=why)
-        changed = self._apply(parsed.specs, new)
+        specs = parsed.specs
+        if now < self._settle_until:
+            specs = _keeping(self.peers or [], specs)
+            if specs != parsed.specs:  # something is held back: read again when settled
+                self.index = 0
+                delay = max(delay, self._settle_until - now)
+        changed = self._apply(specs, new)
         self._succeeded(OK if changed else UNCHANGED)
         self._schedule(delay)
 
@@ -687,9 +709,19 @@ class ConsulWatcher(Service):
         self.pool.apply(SOURCE, specs, reason="consul snapshot, until Consul answers")
         self.peers = specs
         self._saved = list(specs)
+        index = document.get("index")
+        if isinstance(index, int) and not isinstance(index, bool) and index > 0:
+            self.high_index = index  # so a Consul that lost its state meanwhile is seen
         self.log.info("pool {pool}: loaded {n} Consul peer(s) from {path} (saved at "
                       "{saved_at}), serving them until Consul answers", pool=self.pool.name,
                       n=len(specs), path=path, saved_at=_iso(document.get("saved_at")))
+
+
+def _keeping(old: Sequence[PeerSpec], new: Sequence[PeerSpec]) -> List[PeerSpec]:
+    """``new`` plus the peers of ``old`` it does not list (as they were)."""
+    merged = {s.address: s for s in old}
+    merged.update((s.address, s) for s in new)
+    return [merged[a] for a in sorted(merged, key=lambda a: (a.host, a.port))]
 
 
 def _iso(value: Any) -> str:
