@@ -7,6 +7,7 @@ import os
 from typing import Any, Dict, List
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from twisted.web.http_headers import Headers
 
 from lb.config import Address, ConsulConfig, PoolConsulConfig, parse_address
@@ -375,3 +376,31 @@ def test_all_unusable_kv_keys_are_invalid_not_empty() -> None:
     with pytest.raises(InvalidAnswer) as caught:
         KVQuery("upstreams/broken").parse(200, recorded("kv-all-unusable")["body"].encode())
     assert "none of the 3 key(s) is usable" in str(caught.value)
+
+
+# --- any body at all -------------------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 70000) | st.floats(allow_nan=False)
+    | st.sampled_from(["", "10.0.0.1", "passing", "critical", "bad..host", "u/10.0.0.1:80",
+                       "_node_maintenance", "eyJ3ZWlnaHQiOiAyfQ=="]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["Service", "Node", "Checks", "Address", "Port", "Weights", "Passing",
+                         "Status", "CheckID", "ID", "Key", "Value"]), inner, max_size=5),
+    max_leaves=25)
+
+
+@settings(max_examples=400, deadline=None)
+@given(JSON)
+def test_any_json_is_peers_or_invalid(document: Any) -> None:
+    """Whatever JSON Consul (or something in its place) sends, parsing ends in a set of
+    peers or InvalidAnswer, never another exception; and a set is never empty because its
+    entries were unusable."""
+    raw = json.dumps(document).encode()
+    for query in (ServiceQuery(PoolConsulConfig(service="web", passing_only=False)),
+                  KVQuery("u")):
+        try:
+            parsed = query.parse(200, raw)
+        except InvalidAnswer:
+            continue
+        assert parsed.specs or not parsed.skipped
