@@ -6,12 +6,14 @@ so the next request blocks until the service changes. An index that is not >= 1 
 0 (a plain read again); an answer with the index we sent is Consul's wait running out and
 changes nothing. An index lower than the highest one applied (kept across errors and in
 the snapshot) means Consul lost its state and is still re-filling its catalog: that
-answer's peers are added, but none is removed until a re-read SETTLE later. Only a successful answer changes the Consul-sourced
-peers: when Consul is unreachable, times out, answers 5xx/403 or garbage, or lists
-instances of which none is usable (bad port or host name), the pool keeps its last good set
-and the watch retries with jittered, capped exponential backoff. An empty list, or one whose
-instances are all unhealthy, is a real answer and empties the pool. Every
-change is written to ``state_dir`` and loaded at start, so the balancer serves with
+answer's peers are added, but none is removed until a re-read SETTLE later.
+
+Only a successful answer changes the Consul-sourced peers: when Consul is unreachable,
+times out, answers 5xx/403 or garbage, or lists instances of which none is usable (bad port
+or host name), the pool keeps its last good set and the watch retries with jittered, capped
+exponential backoff (about once a second at most, whatever poll_interval is). An empty
+list, or one whose instances are all unhealthy, is a real answer and empties the pool.
+Every change is written to ``state_dir`` and loaded at start, so the balancer serves with
 Consul down.
 
 A ``LoopingCall`` (period ``consul.poll_interval``) watches the watch: it re-arms it if a
@@ -114,7 +116,9 @@ class Parsed:
 
 def peer_address(host: Any, port: Any) -> Address:
     """An ``Address`` from Consul's separate host and port fields (IPs normalised)."""
-    if not isinstance(host, str) or not host.strip():
+    if host is not None and not isinstance(host, str):
+        raise ValueError(f"address {host!r} is not text")
+    if not host or not host.strip():
         raise ValueError("no address (Service.Address and Node.Address are empty)")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"port {port!r} is not 1-65535")
