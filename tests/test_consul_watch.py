@@ -916,3 +916,21 @@ def test_snapshot_index_detects_a_reset_after_a_balancer_restart(tmp_path: Any) 
     second.answer([instance("10.0.0.2", 80)], index=5)
     assert second.peers() == {"10.0.0.2:80": "ready/1"}
     second.watcher.stopService()
+
+
+def test_outage_is_logged_once_and_its_end_once(tmp_path: Any, logs: List[str]) -> None:
+    """A 60 s outage (about 60 refused requests) logs one error line per distinct problem
+    (the request in flight dropped, then connections refused), not one per retry, and one
+    line when Consul answers again."""
+    o = Outage(tmp_path, poll_interval=5.0, jitter=0.0)
+    o.start_with(GOOD)
+    logs.clear()
+    o.kill()
+    o.run(60.0, step=0.05)
+    o.http.down = False
+    o.run(2.0)
+    errors = [line for line in logs if "keeping the last good set" in line]
+    assert len(errors) == 2
+    assert "Connection was closed" in errors[0] and "Connection refused" in errors[1]
+    assert len([line for line in logs if "answering again after" in line]) == 1
+    o.h.watcher.stopService()
