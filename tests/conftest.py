@@ -14,7 +14,6 @@ lbreactor.install()
 pytest_plugins = ["tests.consul_agent"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ A pytest plugin (``pytest_plugins = ["tests.consul_agent"]``). The ``consul_agen
 starts a private dev agent per test (about 0.3 s to a leader), with every port on a free
 127.0.0.1 port and its own data dir, and kills it at the end. Outage tests call
 ``stop()`` (SIGKILL, like a crash) and ``start()`` / ``start_async()`` (same ports, fresh
-empty state, as a dev agent has no persistence). ``ConsulAPI`` is a small async helper to
+empty state, as a dev agent has no persistence; services defined in ``config_dir`` come
+back with it). ``ConsulAPI`` is a small async helper to
 register services, toggle maintenance and write KV through the agent's HTTP API with treq.
 
 The binary comes from ``$LB_CONSUL_BIN`` or ``scripts/install-consul`` (Consul 1.8.7 from
@@ -60,6 +61,9 @@ class ConsulAgent:
         self.ports: Dict[str, int] = {}
         self.log_path = os.path.join(workdir, "consul.log")
         self.starts = 0
+        # Service definitions loaded at start (``-config-dir``): they come back with a
+        # restarted dev agent, which keeps nothing else.
+        self.config_dir: Optional[str] = None
 
     @property
     def url(self) -> str:
@@ -84,7 +88,8 @@ class ConsulAgent:
                 "-node", self.node, "-data-dir", data_dir, "-log-level", "warn",
                 f"-http-port={p['http']}", f"-dns-port={p['dns']}",
                 f"-server-port={p['server']}", f"-serf-lan-port={p['serf_lan']}",
-                f"-serf-wan-port={p['serf_wan']}", "-grpc-port=-1"]
+                f"-serf-wan-port={p['serf_wan']}", "-grpc-port=-1"] + (
+                    ["-config-dir", self.config_dir] if self.config_dir else [])
 
     def spawn(self) -> None:
         """Start the process (ports picked on the first start, kept on restarts)."""

@@ -26,7 +26,7 @@ TOKEN = "s3cret-token-value"
 
 def instance(address: str, port: int, *, status: str = "passing", weight: int = 1,
              maintenance: bool = False, sid: Optional[str] = None) -> Dict[str, Any]:
-    """One /v1/health/service entry shaped like Consul's (see consul-vectors 02)."""
+    """One /v1/health/service entry shaped like Consul's (see tests/fixtures/consul)."""
     sid = sid or f"web-{port}"
     checks = [{"CheckID": "serfHealth", "Status": "passing", "ServiceID": ""},
               {"CheckID": f"service:{sid}", "Status": status, "ServiceID": sid}]
@@ -201,16 +201,21 @@ def test_new_index_with_same_set_is_unchanged(h: Harness) -> None:
 
 
 def test_index_going_backwards_resets_to_a_plain_read(h: Harness) -> None:
-    """An index lower than the one sent (Consul restored or restarted) is applied and the
-    next request is a plain read (no index, no wait)."""
+    """An index lower than the one sent (Consul restored or restarted) adds what it lists
+    at once, keeps the peers it no longer lists for SETTLE, then a plain read (no index,
+    no wait) applies Consul's full answer."""
     h.start()
     h.answer([instance("10.0.0.1", 80)], index=100)
     h.clock.advance(0)
     h.answer([instance("10.0.0.2", 80)], index=5)
-    assert h.peers() == {"10.0.0.2:80": "ready/1"}
+    assert h.peers() == {"10.0.0.1:80": "ready/1", "10.0.0.2:80": "ready/1"}
     assert h.watcher.index == 0
-    h.clock.advance(0)
+    h.clock.advance(consul.SETTLE - 0.01)
+    assert h.fake.pending == []
+    h.clock.advance(0.01)
     assert "index" not in h.args() and "wait" not in h.args()
+    h.answer([instance("10.0.0.2", 80)], index=6)
+    assert h.peers() == {"10.0.0.2:80": "ready/1"}
 
 
 @pytest.mark.parametrize("index", [None, 0, "garbage"])
@@ -254,7 +259,7 @@ def test_churning_index_is_rate_limited(h: Harness) -> None:
 
 def test_errors_keep_the_last_good_set_and_back_off(h: Harness, logs: List[str]) -> None:
     """500, 403 and garbage never change the pool; each is counted by kind, resets the
-    index, and the retries wait poll_interval doubling per failure up to the cap."""
+    index, and the retries wait 125 ms doubling per failure up to 1 s (not poll_interval)."""
     h.start()
     h.answer([instance("10.0.0.1", 80)], index=50)
     h.clock.advance(0)
@@ -264,14 +269,14 @@ def test_errors_keep_the_last_good_set_and_back_off(h: Harness, logs: List[str])
                 dict(raw=b"<html>proxy error</html>"),
                 dict(status=502, raw=b""),
                 dict(status=429, raw=b"rate limited")]
-    expected_delays = [5.0, 10.0, 20.0, 30.0, 30.0]
+    expected_delays = [0.125, 0.25, 0.5, 1.0, 1.0]
     for failure, delay in zip(failures, expected_delays):
         h.answer(index=50, **failure)
         assert h.peers() == {"10.0.0.1:80": "ready/1"}
         assert h.watcher.index == 0
-        h.clock.advance(delay - 0.01)
+        h.clock.advance(delay - 0.001)
         assert h.fake.pending == [], f"retried before {delay}s"
-        h.clock.advance(0.02)
+        h.clock.advance(0.002)
         assert "index" not in h.args(), "a retry after an error is a plain read"
     assert h.events == []
     assert h.watcher.requests == {"ok": 1, "http_error": 4, "invalid": 1}
@@ -282,30 +287,30 @@ def test_errors_keep_the_last_good_set_and_back_off(h: Harness, logs: List[str])
 
 def test_success_after_errors_resets_backoff_and_error(h: Harness) -> None:
     """The first good answer after failures clears last_error and the failure count, so
-    the next outage starts again at poll_interval."""
+    the next outage starts again with the quickest retry."""
     h.start()
-    h.answer(status=500, raw=b"No known Consul servers", index=None)
+    for _ in range(5):
+        h.answer(status=500, raw=b"No known Consul servers", index=None)
+        h.clock.advance(2)
     assert h.watcher.last_error == "HTTP 500: No known Consul servers"
-    h.clock.advance(5)
     h.answer([instance("10.0.0.1", 80)], index=3)
     assert h.watcher.last_error is None and h.watcher.failures == 0
     h.clock.advance(0)
     h.answer(status=500, raw=b"x", index=None)
-    h.clock.advance(4.99)
+    h.clock.advance(0.124)
     assert h.fake.pending == []
-    h.clock.advance(0.01)
+    h.clock.advance(0.001)
     assert h.fake.pending
 
 
-def test_backoff_jitter_only_shortens_within_bounds() -> None:
-    """Jitter cuts each pause by up to 25% and never exceeds the cap; the cap is 30s, or
-    8 × poll_interval when that is shorter, but never below poll_interval."""
-    assert backoff_delay(1, 5.0, 0.0) == 5.0
-    assert backoff_delay(1, 5.0, 1.0) == 3.75
-    assert backoff_delay(50, 5.0, 0.0) == 30.0
-    assert backoff_delay(50, 0.2, 0.0) == pytest.approx(1.6)
-    assert backoff_delay(50, 60.0, 0.0) == 60.0
-    assert all(3.75 <= backoff_delay(n, 5.0, j) <= 30.0 for n in range(1, 40)
+def test_backoff_is_a_pure_function_of_the_attempt() -> None:
+    """125 ms doubling per attempt up to 1 s; jitter only lengthens a pause, by up to 25%
+    (so at most one request a second once at the cap, and never more than 1.25 s)."""
+    assert [backoff_delay(n, 0.0) for n in range(1, 7)] == [0.125, 0.25, 0.5, 1.0, 1.0, 1.0]
+    assert backoff_delay(1, 0.5) == pytest.approx(0.140625)
+    assert backoff_delay(10**6, 0.999) == pytest.approx(1.24975)
+    assert backoff_delay(0, 0.0) == 0.125
+    assert all(1.0 <= backoff_delay(n, j) <= 1.25 for n in range(4, 200)
                for j in (0.0, 0.5, 0.999))
 
 
@@ -495,7 +500,7 @@ def test_first_answer_replaces_the_snapshot(tmp_path: Any) -> None:
     second = Harness(tmp_path)
     second.start()
     assert second.peers() == {"10.0.0.1:80": "ready/1"}
-    second.answer([instance("10.0.0.3", 80)], index=1)
+    second.answer([instance("10.0.0.3", 80)], index=9)
     assert second.peers() == {"10.0.0.3:80": "ready/1"}
     saved = snapshot.load(snapshot.path_for(second.state_dir, "web"))
     assert [p["address"] for p in saved["peers"]] == ["10.0.0.3:80"]
@@ -650,3 +655,282 @@ def test_unusable_instance_is_logged_once_per_problem(h: Harness, logs: List[str
         h.clock.advance(0)
     assert h.peers() == {"10.0.0.1:80": "ready/1"}
     assert len([line for line in logs if "ignored instance web-0" in line]) == 1
+
+
+# --- answers of which nothing is usable ------------------------------------------------------
+
+
+def unusable_instances() -> List[Dict[str, Any]]:
+    """Passing instances that cannot name a peer: bad ports and host names."""
+    return [instance("10.0.0.9", 0, sid="zero-port"), instance("10.0.0.9", 70000, sid="big"),
+            instance("bad..example.com", 80, sid="empty-label"),
+            instance("a" * 64 + ".example.com", 80, sid="long-label"),
+            instance("xn--a.example.com", 80, sid="bad-idna")]
+
+
+def test_all_unusable_answer_keeps_the_pool_counts_and_logs_once(h: Harness,
+                                                                  logs: List[str]) -> None:
+    """An answer listing instances of which none is usable does not empty the pool (6,000
+    failed client requests in 0.8 s before): the last good set stays, each such answer is
+    counted invalid, the problem is logged once however often it repeats, and a good
+    answer afterwards applies."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80), instance("10.0.0.2", 80)], index=3)
+    h.events.clear()
+    for index in (4, 5, 6):
+        h.clock.advance(30)  # past any retry pause
+        h.answer(unusable_instances(), index=index)
+        assert h.peers() == {"10.0.0.1:80": "ready/1", "10.0.0.2:80": "ready/1"}
+    assert h.events == []
+    assert h.watcher.requests == {"ok": 1, "invalid": 3}
+    assert "none of the 5 instance(s) is usable" in (h.watcher.last_error or "")
+    assert len([line for line in logs if "is usable" in line]) == 1
+    h.clock.advance(30)
+    h.answer([instance("10.0.0.3", 80)], index=7)
+    assert set(h.peers()) == {"10.0.0.3:80"}
+
+
+def test_all_unhealthy_answer_still_empties_the_pool(h: Harness) -> None:
+    """Instances that are merely critical (or warning with passing_only) are Consul saying
+    "nothing healthy": the pool empties, the answer is ok, not invalid."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=3)
+    h.clock.advance(0)
+    h.answer([instance("10.0.0.1", 80, status="critical"),
+              instance("10.0.0.2", 80, status="warning")], index=4)
+    assert h.pool.peers == {}
+    assert h.watcher.requests == {"ok": 2}
+
+
+def test_kv_all_unusable_keys_keep_the_pool_but_404_empties(tmp_path: Any) -> None:
+    """KV the same way: keys of which none is host:port keep the last set (invalid); a
+    404, Consul's answer for a folder with no keys, still empties the pool."""
+    h = Harness(tmp_path, pool_consul=PoolConsulConfig(kv_prefix="u"))
+    h.start()
+    h.answer([{"Key": "u/10.0.0.1:80", "Value": None}], index=3)
+    h.clock.advance(0)
+    h.answer([{"Key": "u/not-an-address", "Value": None},
+              {"Key": "u/bad..example.com:80", "Value": None}], index=4)
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
+    assert h.watcher.requests == {"ok": 1, "invalid": 1}
+    h.clock.advance(5)
+    h.answer(status=404, raw=b"", index=5)
+    assert h.pool.peers == {}
+    h.watcher.stopService()
+
+
+# --- outages: request rate and recovery time -------------------------------------------------
+
+
+class OutageHTTP:
+    """StubTreq in front of a Consul that can be down: while ``down`` every request is
+    refused at once, like a killed agent; ``times`` records when each request was sent."""
+
+    def __init__(self, stub: StubTreq, clock: Clock) -> None:
+        self.stub = stub
+        self.clock = clock
+        self.down = False
+        self.times: List[float] = []
+
+    def get(self, url: str, **kwargs: Any) -> defer.Deferred:
+        self.times.append(self.clock.seconds())
+        if self.down:
+            return defer.fail(ConnectionRefusedError("Connection refused"))
+        return self.stub.get(url, **kwargs)
+
+
+class LiveConsul(Resource):
+    """Answers at once unless a request blocks on the current index; then it is held until
+    the set changes (a blocking query), or dropped when the agent is killed."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = 10
+        self.entries: List[Dict[str, Any]] = []
+        self.held: List[Any] = []
+
+    def render_GET(self, request: Any) -> Any:
+        sent = int(request.args.get(b"index", [b"0"])[0])
+        if sent == self.index:
+            self.held.append(request)
+            request.notifyFinish().addErrback(lambda f: None)
+            return NOT_DONE_YET
+        return self._body(request)
+
+    def _body(self, request: Any) -> bytes:
+        request.setHeader(b"X-Consul-Index", str(self.index).encode())
+        return json.dumps(self.entries).encode()
+
+    def set(self, entries: List[Dict[str, Any]], index: Optional[int] = None) -> None:
+        self.entries = entries
+        self.index = self.index + 1 if index is None else index
+        held, self.held = self.held, []
+        for request in held:
+            request.write(self._body(request))
+            request.finish()
+
+    def kill(self) -> None:
+        held, self.held = self.held, []
+        for request in held:
+            request.loseConnection()
+
+
+class Outage:
+    """A watcher on a Clock against a LiveConsul that a test takes down and brings back."""
+
+    def __init__(self, tmp_path: Any, poll_interval: float, jitter: float) -> None:
+        self.h = Harness(tmp_path, poll_interval=poll_interval, wait=55.0)
+        self.consul = LiveConsul()
+        self.h.stub = StubTreq(self.consul)
+        self.http = OutageHTTP(self.h.stub, self.h.clock)
+        self.h.watcher._http = self.http
+        self.h.jitter = jitter
+
+    def run(self, seconds: float, until: Any = lambda: False, step: float = 0.01) -> float:
+        """Advance simulated time in small steps (flushing the in-memory HTTP); return how
+        long it took until ``until()`` held (or ``seconds``)."""
+        start = self.h.clock.seconds()
+        while self.h.clock.seconds() - start < seconds:
+            self.h.stub.flush()
+            if until():
+                break
+            self.h.clock.advance(step)
+        self.h.stub.flush()
+        return self.h.clock.seconds() - start
+
+    def start_with(self, entries: List[Dict[str, Any]]) -> None:
+        self.consul.set(entries)
+        self.h.start()
+        self.run(1.0)
+        assert set(self.h.peers()) == {f"{e['Service']['Address']}:{e['Service']['Port']}"
+                                      for e in entries}
+
+    def kill(self) -> None:
+        self.http.down = True
+        self.consul.kill()
+        self.h.stub.flush()
+
+
+GOOD = [instance("10.0.0.1", 80), instance("10.0.0.2", 80)]
+CHANGED = [instance("10.0.0.1", 80), instance("10.0.0.3", 80)]
+
+
+@pytest.mark.parametrize("poll_interval", [0.1, 1.0, 5.0, 30.0])
+@pytest.mark.parametrize("jitter", [0.0, 0.5, 0.999])
+def test_outage_sends_about_one_request_per_second(tmp_path: Any, poll_interval: float,
+                                                   jitter: float) -> None:
+    """During a 60 s outage (the agent refusing connections) a watch sends at most about
+    one request a second whatever poll_interval is: a few quick retries, then one every
+    1-1.25 s; and it never stops trying."""
+    o = Outage(tmp_path, poll_interval, jitter)
+    o.start_with(GOOD)
+    o.kill()
+    before = len(o.http.times)
+    o.run(60.0, step=0.05)
+    sent = len(o.http.times) - before
+    assert 45 <= sent <= 64, f"{sent} requests in a 60 s outage"
+    gaps = [b - a for a, b in zip(o.http.times[before + 4:], o.http.times[before + 5:])]
+    assert all(gap >= 0.99 for gap in gaps), "after the first retries, at most one a second"
+    assert set(o.h.peers()) == {"10.0.0.1:80", "10.0.0.2:80"}
+    o.h.watcher.stopService()
+
+
+@pytest.mark.parametrize("poll_interval", [0.1, 1.0, 5.0, 30.0])
+@pytest.mark.parametrize("jitter", [0.0, 0.999])
+@pytest.mark.parametrize("outage", [0.3, 3.0, 17.7, 60.0])
+@pytest.mark.parametrize("state_lost", [False, True])
+def test_pool_is_current_within_two_seconds_of_consul_answering_again(
+        tmp_path: Any, poll_interval: float, jitter: float, outage: float,
+        state_lost: bool) -> None:
+    """However long the outage and whatever poll_interval is, once Consul answers again
+    (here with a changed set) the pool holds that set within 2 s (simulated time), also
+    when Consul lost its state (its index went back, so removals wait for SETTLE)."""
+    o = Outage(tmp_path, poll_interval, jitter)
+    o.start_with(GOOD)
+    o.kill()
+    o.run(outage)
+    o.consul.set(CHANGED, index=3 if state_lost else None)
+    o.http.down = False
+    took = o.run(10.0, until=lambda: set(o.h.peers()) == {"10.0.0.1:80", "10.0.0.3:80"})
+    assert took <= 2.0, f"pool current {took:.2f}s after Consul answered again"
+    o.h.watcher.stopService()
+
+
+# --- a Consul that lost its state (restart, new cluster, restore) ----------------------------
+
+
+def test_restarted_consul_answering_empty_before_its_sync_keeps_the_pool(
+        tmp_path: Any) -> None:
+    """The window Fabio users hit (routes vanish when the agent restarts): Consul 1.8.7 on
+    fresh state answers 200, X-Consul-KnownLeader: true, X-Consul-LastContact: 0 and a
+    *lower* X-Consul-Index with [] for ~150 ms until its agent has synced its services.
+    The index going back is the only sign: lb removes nothing for SETTLE, so the pool never
+    empties, and is current as soon as the synced set arrives."""
+    o = Outage(tmp_path, poll_interval=5.0, jitter=0.0)
+    o.consul.index = 40
+    o.start_with(GOOD)
+    o.kill()
+    o.run(3.0)
+    o.h.events.clear()
+    o.consul.set([], index=6)  # the restarted agent, before its services are synced
+    o.http.down = False
+    o.run(2.0, until=lambda: o.h.watcher.requests["unchanged"] >= 1)
+    assert set(o.h.peers()) == {"10.0.0.1:80", "10.0.0.2:80"}
+    assert o.h.events == []
+    o.consul.set(CHANGED, index=8)  # synced: a changed set
+    took = o.run(2.0, until=lambda: set(o.h.peers()) == {"10.0.0.1:80", "10.0.0.3:80"})
+    assert took <= consul.SETTLE + 0.01
+    assert o.h.events[0] == "added 10.0.0.3:80" and o.h.events[-1] == "removed 10.0.0.2:80"
+    o.h.watcher.stopService()
+
+
+def test_empty_answer_after_a_reset_still_empties_once_settled(h: Harness) -> None:
+    """If the Consul that lost its state still lists nothing after SETTLE, that is its
+    answer: the pool empties."""
+    h.start()
+    h.answer([instance("10.0.0.1", 80)], index=50)
+    h.clock.advance(0)
+    h.answer(status=500, raw=b"No cluster leader", index=None)
+    h.clock.advance(1)
+    h.answer([], index=3)
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
+    h.clock.advance(consul.SETTLE)
+    h.answer([], index=3)
+    assert h.pool.peers == {}
+
+
+def test_snapshot_index_detects_a_reset_after_a_balancer_restart(tmp_path: Any) -> None:
+    """A balancer restarted while Consul also lost its state compares with the index saved
+    in its snapshot: the snapshot's peers are not dropped by the first, unsynced answer."""
+    first = Harness(tmp_path)
+    first.start()
+    first.answer([instance("10.0.0.1", 80)], index=70)
+    first.watcher.stopService()
+    second = Harness(tmp_path)
+    second.start()
+    second.answer([], index=4)
+    assert second.peers() == {"10.0.0.1:80": "ready/1"}
+    second.clock.advance(consul.SETTLE)
+    second.answer([instance("10.0.0.2", 80)], index=5)
+    assert second.peers() == {"10.0.0.2:80": "ready/1"}
+    second.watcher.stopService()
+
+
+def test_outage_is_logged_once_and_its_end_once(tmp_path: Any, logs: List[str]) -> None:
+    """A 60 s outage (about 60 refused requests) logs one error line per distinct problem
+    (the request in flight dropped, then connections refused), not one per retry, and one
+    line when Consul answers again."""
+    o = Outage(tmp_path, poll_interval=5.0, jitter=0.0)
+    o.start_with(GOOD)
+    logs.clear()
+    o.kill()
+    o.run(60.0, step=0.05)
+    o.http.down = False
+    o.run(2.0)
+    errors = [line for line in logs if "keeping the last good set" in line]
+    assert len(errors) == 2
+    assert "Connection was closed" in errors[0] and "Connection refused" in errors[1]
+    assert len([line for line in logs if "answering again after" in line]) == 1
+    o.h.watcher.stopService()

@@ -2,12 +2,18 @@
 
 The watch follows Consul's rules for blocking queries: the first request (and every request
 after an error) is a plain read; each answer's ``X-Consul-Index`` is sent back with ``wait``
-so the next request blocks until the service changes. An index that goes backwards or is
-not >= 1 resets to 0 (a plain read again); an answer with the index we sent is Consul's
-wait running out and changes nothing. Only a successful answer changes the Consul-sourced
-peers: when Consul is unreachable, times out, answers 5xx/403 or garbage, the pool keeps
-its last good set and the watch retries with jittered, capped exponential backoff. Every
-change is written to ``state_dir`` and loaded at start, so the balancer serves with
+so the next request blocks until the service changes. An index that is not >= 1 resets to
+0 (a plain read again); an answer with the index we sent is Consul's wait running out and
+changes nothing. An index lower than the highest one applied (kept across errors and in
+the snapshot) means Consul lost its state and is still re-filling its catalog: that
+answer's peers are added, but none is removed until a re-read SETTLE later.
+
+Only a successful answer changes the Consul-sourced peers: when Consul is unreachable,
+times out, answers 5xx/403 or garbage, or lists instances of which none is usable (bad port
+or host name), the pool keeps its last good set and the watch retries with jittered, capped
+exponential backoff (about once a second at most, whatever poll_interval is). An empty
+list, or one whose instances are all unhealthy, is a real answer and empties the pool.
+Every change is written to ``state_dir`` and loaded at start, so the balancer serves with
 Consul down.
 
 A ``LoopingCall`` (period ``consul.poll_interval``) watches the watch: it re-arms it if a
@@ -60,7 +66,7 @@ OK = "ok"                  # a successful answer that changed the pool's Consul 
 UNCHANGED = "unchanged"    # a successful answer that changed nothing (wait ran out, same set)
 TIMEOUT = "timeout"        # no answer within wait × 17/16 + TIMEOUT_MARGIN (or stalled)
 HTTP_ERROR = "http_error"  # an HTTP status other than 200 (404 for KV: an empty prefix)
-INVALID = "invalid"        # 200 with a body that is not what Consul sends
+INVALID = "invalid"        # 200 with a body that is not what Consul sends, or nothing usable
 ERROR = "error"            # no HTTP answer: connection refused or reset, DNS, TLS...
 RESULTS = (OK, UNCHANGED, TIMEOUT, HTTP_ERROR, INVALID, ERROR)
 
@@ -69,9 +75,10 @@ SERVICE_MAINTENANCE_PREFIX = "_service_maintenance:"
 _SEVERITY = {"passing": 0, "warning": 1, "critical": 2}
 
 TIMEOUT_MARGIN = 10.0   # on top of wait × 17/16 (Consul adds up to wait/16 of jitter)
-BACKOFF_MAX = 30.0      # longest pause between retries after errors...
-BACKOFF_FACTOR = 8      # ...unless poll_interval × 8 is shorter (short intervals in tests)
-BACKOFF_JITTER = 0.25   # each pause is cut by up to this fraction, at random
+SETTLE = 0.5            # after Consul's index went back, how long answers remove no peer
+RETRY_FIRST = 0.125     # the first retry after an error comes this soon, the next ones...
+RETRY_MAX = 1.0         # ...doubling up to this, whatever poll_interval is;
+RETRY_JITTER = 0.25     # each pause is lengthened by up to this fraction, at random
 BURST = 5               # back-to-back queries allowed when the index churns...
 REFILL = 1.0            # ...then at most one query per this many seconds
 
@@ -109,7 +116,9 @@ class Parsed:
 
 def peer_address(host: Any, port: Any) -> Address:
     """An ``Address`` from Consul's separate host and port fields (IPs normalised)."""
-    if not isinstance(host, str) or not host.strip():
+    if host is not None and not isinstance(host, str):
+        raise ValueError(f"address {host!r} is not text")
+    if not host or not host.strip():
         raise ValueError("no address (Service.Address and Node.Address are empty)")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"port {port!r} is not 1-65535")
@@ -165,6 +174,14 @@ def merge_specs(specs: Iterable[PeerSpec]) -> List[PeerSpec]:
     return [best[a] for a in sorted(best, key=lambda a: (a.host, a.port))]
 
 
+def nothing_usable(skipped: Sequence[str], noun: str) -> InvalidAnswer:
+    """An answer that lists entries of which none maps to a peer is broken, not empty:
+    applied, one bad registration template would empty the pool."""
+    shown = "; ".join(skipped[:3]) + (f"; {len(skipped) - 3} more" if len(skipped) > 3
+                                      else "")
+    return InvalidAnswer(f"none of the {len(skipped)} {noun}(s) is usable: {shown}")
+
+
 def parse_health_service(entries: Any, passing_only: bool = True) -> Parsed:
     """Peers from a ``/v1/health/service/<name>`` body (already decoded from JSON)."""
     if not isinstance(entries, list):
@@ -195,6 +212,8 @@ def parse_health_service(entries: Any, passing_only: bool = True) -> Parsed:
         weights = weights if isinstance(weights, dict) else {}
         weight = clamp_weight(weights.get("Warning" if worst == "warning" else "Passing"))
         specs.append(PeerSpec(address, weight, DRAIN if maintenance else READY))
+    if skipped and not specs:
+        raise nothing_usable(skipped, "instance")
     return Parsed(merge_specs(specs), skipped)
 
 
@@ -296,13 +315,16 @@ def request_timeout(index: int, wait: float) -> float:
     return (wait * 17 / 16 if index > 0 else 0.0) + TIMEOUT_MARGIN
 
 
-def backoff_delay(failures: int, poll_interval: float, jitter: float) -> float:
-    """Pause before retry number ``failures``: poll_interval doubling per failure, capped at
-    BACKOFF_MAX (or poll_interval × BACKOFF_FACTOR if shorter, never below poll_interval),
-    then cut by up to BACKOFF_JITTER at random so many balancers do not retry in step."""
-    cap = max(poll_interval, min(BACKOFF_MAX, poll_interval * BACKOFF_FACTOR))
-    delay = min(cap, poll_interval * 2 ** min(max(failures - 1, 0), 30))
-    return delay * (1 - BACKOFF_JITTER * jitter)
+def backoff_delay(attempt: int, jitter: float) -> float:
+    """Pause before retry number ``attempt`` (1 after the first error); ``jitter`` in [0, 1).
+
+    RETRY_FIRST doubling up to RETRY_MAX, lengthened by up to RETRY_JITTER so balancers do
+    not retry in step. Not tied to poll_interval: an outage costs Consul at most one request
+    a second per watch (after three quick retries that catch a restart or a leader
+    election), and once Consul answers again the pool is current within
+    RETRY_MAX × (1 + RETRY_JITTER) = 1.25 s (plus SETTLE if Consul lost its state)."""
+    base = min(RETRY_MAX, RETRY_FIRST * 2 ** min(max(attempt - 1, 0), 16))
+    return base * (1 + RETRY_JITTER * jitter)
 
 
 class TokenBucket:
@@ -383,6 +405,8 @@ class ConsulWatcher(Service):
         self.last_success: Optional[float] = None
         self.last_error: Optional[str] = None
         self.index = 0
+        self.high_index = 0  # highest index applied (kept across errors, from the snapshot)
+        self._settle_until = 0.0  # until then, answers add peers but remove none
         self.failures = 0
         self.peers: Optional[List[PeerSpec]] = None  # the last good set
         self.snapshot_errors = 0
@@ -392,6 +416,7 @@ class ConsulWatcher(Service):
         self._inflight_timeout = 0.0
         self._stalled = False  # the watchdog cancelled the request in flight
         self._skipped: List[str] = []  # entries the last answer could not use, and why
+        self._logged_error: Optional[Tuple[str, str]] = None  # last (result, detail) logged
         self._next: Optional[IDelayedCall] = None
         self._loop: Optional[LoopingCall] = None
         self._loop_interval = 0.0
@@ -540,25 +565,42 @@ class ConsulWatcher(Service):
             self._error(INVALID, str(e))
             return
         new = answer.consul_index
+        now = self.clock.seconds()
         if new is None or new < 1:
             # Cannot block without an index: poll every poll_interval instead.
             self.index = 0
             delay = self.settings().poll_interval
-        elif new < sent_index:
-            self.log.info("pool {pool}: consul {what}: index went back from {old} to {new}, "
-                          "re-reading", pool=self.pool.name, what=self.query.describe,
-                          old=sent_index, new=new)
+        elif new < self.high_index:
+            # Consul lost its state (restarted dev agent or server on fresh data, new
+            # cluster, snapshot restore) and answers before its agents have re-registered
+            # their services: Consul 1.8.7 sends 200, KnownLeader true, LastContact 0 and []
+            # for ~150 ms. The lower index is the only sign, so take additions now and
+            # removals only from a re-read after SETTLE.
+            self.log.info("pool {pool}: consul {what}: index went back from {old} to {new} "
+                          "(Consul lost its state): removing nothing for {settle:g}s while "
+                          "its agents re-register", pool=self.pool.name,
+                          what=self.query.describe, old=self.high_index, new=new,
+                          settle=SETTLE)
+            self._settle_until = now + SETTLE
             self.index = 0
             delay = 0.0
         else:
             self.index = new
             delay = 0.0
+        if new is not None and new >= 1:
+            self.high_index = new
         if parsed.skipped != self._skipped:  # once per distinct problem, not per poll
             self._skipped = parsed.skipped
             for why in parsed.skipped:
                 self.log.warn("pool {pool}: consul {what}: ignored {why}",
                               pool=self.pool.name, what=self.query.describe, why=why)
-        changed = self._apply(parsed.specs, new)
+        specs = parsed.specs
+        if now < self._settle_until:
+            specs = _keeping(self.peers or [], specs)
+            if specs != parsed.specs:  # something is held back: read again when settled
+                self.index = 0
+                delay = max(delay, self._settle_until - now)
+        changed = self._apply(specs, new)
         self._succeeded(OK if changed else UNCHANGED)
         self._schedule(delay)
 
@@ -567,10 +609,11 @@ class ConsulWatcher(Service):
         self.last_success = self.clock.seconds()  # Unix time on a real reactor
         if self.failures:
             self.log.info("pool {pool}: consul {what}: answering again after {n} failed "
-                          "request(s)", pool=self.pool.name, what=self.query.describe,
-                          n=self.failures)
+                          "request(s) (last: {error})", pool=self.pool.name,
+                          what=self.query.describe, n=self.failures, error=self.last_error)
         self.failures = 0
         self.last_error = None
+        self._logged_error = None
 
     def _error(self, result: str, detail: str) -> None:
         self.requests[result] += 1
@@ -578,13 +621,17 @@ class ConsulWatcher(Service):
         self.last_error = detail
         self.index = 0  # Consul may have restarted: start again with a plain read
         settings = self.settings()
-        delay = backoff_delay(self.failures, settings.poll_interval, self._jitter())
-        kept = len(self.peers) if self.peers is not None else 0
-        self.log.error("pool {pool}: consul {what} at {url}: {result}: {detail}; retry in "
-                       "{delay:.1f}s (failure {n}); keeping the last good set of {kept} "
-                       "peer(s)", pool=self.pool.name, what=self.query.describe,
-                       url=_safe_url(settings.url), result=result, detail=detail,
-                       delay=delay, n=self.failures, kept=kept)
+        delay = backoff_delay(self.failures, self._jitter())
+        if (result, detail) != self._logged_error:
+            # Once per distinct problem: retries come about once a second.
+            self._logged_error = (result, detail)
+            kept = len(self.peers) if self.peers is not None else 0
+            self.log.error("pool {pool}: consul {what} at {url}: {result}: {detail}; "
+                           "keeping the last good set of {kept} peer(s); retry in "
+                           "{delay:.2f}s (failure {n}; the same error again is not logged)",
+                           pool=self.pool.name, what=self.query.describe,
+                           url=_safe_url(settings.url), result=result, detail=detail,
+                           delay=delay, n=self.failures, kept=kept)
         self._schedule(delay)
 
     def _apply(self, specs: List[PeerSpec], index: Optional[int]) -> bool:
@@ -666,9 +713,19 @@ class ConsulWatcher(Service):
         self.pool.apply(SOURCE, specs, reason="consul snapshot, until Consul answers")
         self.peers = specs
         self._saved = list(specs)
+        index = document.get("index")
+        if isinstance(index, int) and not isinstance(index, bool) and index > 0:
+            self.high_index = index  # so a Consul that lost its state meanwhile is seen
         self.log.info("pool {pool}: loaded {n} Consul peer(s) from {path} (saved at "
                       "{saved_at}), serving them until Consul answers", pool=self.pool.name,
                       n=len(specs), path=path, saved_at=_iso(document.get("saved_at")))
+
+
+def _keeping(old: Sequence[PeerSpec], new: Sequence[PeerSpec]) -> List[PeerSpec]:
+    """``new`` plus the peers of ``old`` it does not list (as they were)."""
+    merged = {s.address: s for s in old}
+    merged.update((s.address, s) for s in new)
+    return [merged[a] for a in sorted(merged, key=lambda a: (a.host, a.port))]
 
 
 def _iso(value: Any) -> str:

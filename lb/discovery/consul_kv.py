@@ -11,7 +11,8 @@ value ``{"weight": 1, "max_fails": 2, "fail_timeout": 10, "down": 0, "backup": 0
 The watch blocks on ``GET /v1/kv/<prefix>/?recurse``. The trailing slash matters: Consul
 matches KV prefixes as plain strings, so ``upstreams/web`` would also return
 ``upstreams/web2/...``; keys outside ``<prefix>/`` are ignored as a second guard. A 404 is
-Consul's answer for an empty folder: the pool's KV peers go away.
+Consul's answer for an empty folder: the pool's KV peers go away. Keys of which none is a
+usable ``host:port`` are a broken answer, not an empty one: the pool keeps its last set.
 
 Mapping: ``weight`` → the peer's weight (clamped to 0..256), ``down: 1`` → ``drain``,
 ``backup: 1`` → ``drain`` too (lb has no backup tier; the peer stays visible but takes no
@@ -29,7 +30,8 @@ from typing import Any, Dict, List, Tuple
 from urllib.parse import quote
 
 from lb.config import MAX_WEIGHT, ConsulConfig, parse_address
-from lb.discovery.consul import ConsulHTTPError, InvalidAnswer, Parsed, decode_json, merge_specs
+from lb.discovery.consul import (ConsulHTTPError, InvalidAnswer, Parsed, decode_json, merge_specs,
+                                 nothing_usable)
 from lb.peer import DRAIN, READY, PeerSpec
 
 DEFAULT_WEIGHT = 1
@@ -107,6 +109,8 @@ def parse_kv_upstreams(entries: Any, prefix: str) -> Parsed:
             specs.append(spec_from_entry(name, entry.get("Value")))
         except ValueError as e:
             skipped.append(f"key {key!r}: {e}")
+    if skipped and not specs:
+        raise nothing_usable(skipped, "key")
     return Parsed(merge_specs(specs), skipped)
 
 
