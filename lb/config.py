@@ -9,17 +9,20 @@ assumes a type it has not checked.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import math
 import os
 import re
-import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import yaml
 from yaml.constructor import ConstructorError
+
+from lb.net import Address, host_name, parse_address, short_repr
+
+__all__ = ["Address", "ConfigError", "Config", "parse_address", "host_name", "check", "load",
+           "parse", "parse_duration"]
 
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "random", "p2c", "source")
 ADMIN_STATES = ("ready", "drain", "maint")
@@ -59,101 +62,7 @@ def one_line(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlong = 40
-_REPR.maxlevel = 3
-
-
-def _show(value: Any) -> str:
-    """``repr(value)`` cut short: a problem line quotes the value, not a megabyte of it."""
-    return _REPR.repr(value)
-
-
-@dataclass(frozen=True, order=True)
-class Address:
-    """A ``host:port`` pair; ``str()`` gives the canonical spelling used as a peer's key."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
-
-    @property
-    def is_ipv6(self) -> bool:
-        return ":" in self.host
-
-    @functools.cached_property
-    def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            return False
-        return True
-
-
-def parse_address(text: str, *, allow_port_zero: bool = False) -> Address:
-    """Parse ``host:port`` / ``[v6]:port``; IPs are normalised so one peer has one key."""
-    if not isinstance(text, str):
-        raise ValueError(f"expected 'host:port', got {type(text).__name__}")
-    text = text.strip()
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)", text) or re.fullmatch(
-        r"([^\s:\[\]]+):(\d+)", text
-    )
-    if not m:
-        raise ValueError(f"{_show(text)} is not 'host:port' (IPv6 as '[::1]:80')")
-    host, port_text = m.group(1), m.group(2)
-    port = int(port_text)
-    low = 0 if allow_port_zero else 1
-    if not low <= port <= 65535:
-        raise ValueError(f"port {port} in {_show(text)} is out of range {low}-65535")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        if text.startswith("["):
-            raise ValueError(f"{_show(host)} in {_show(text)} is not an IPv6 address") from None
-        try:
-            return Address(host_name(host), port)
-        except ValueError as e:
-            raise ValueError(f"{_show(host)} in {_show(text)} is not a valid host name: "
-                             f"{e}") from None
-    if ip.version == 6 and not text.startswith("["):
-        raise ValueError(f"IPv6 address in {_show(text)} must be written as [addr]:port")
-    return Address(str(ip), port)
-
-
-_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
-
-
-def host_name(text: str) -> str:
-    """A host name in the ASCII form a resolver is given (IDNA for international names).
-
-    Refused here, where a name enters (config, admin API, Consul), rather than when a
-    client is routed to it: an empty label, a label over 63 bytes, a name over 253 bytes,
-    a hyphen at either end of a label, or a name that is not valid IDNA."""
-    if not text:
-        raise ValueError("empty")
-    try:
-        ascii_name = text.lower().encode("idna").decode("ascii")
-        back = ascii_name.encode("ascii").decode("idna")
-    except UnicodeError:
-        raise ValueError("not valid IDNA (an empty label or one over 63 bytes?)") from None
-    if back != text.lower():
-        raise ValueError("not valid IDNA (it changes under IDNA mapping)")
-    if len(ascii_name) > 253:
-        raise ValueError("longer than 253 bytes")
-    for label in ascii_name.split("."):
-        if not label:
-            raise ValueError("empty label")
-        if len(label) > 63:
-            raise ValueError(f"label {label[:20]!r}... is over 63 bytes")
-        if not _LABEL.fullmatch(label):
-            raise ValueError(f"label {label!r} is not letters, digits, '-' and '_' "
-                             "(no '-' at either end)")
-    return ascii_name
+_show = short_repr  # a problem line quotes the value, not a megabyte of it
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}

@@ -18,7 +18,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, threads
 
-from lb.admin.server import AdminService
 from lb.config import parse_address
 from lb.service import LBService
 from lb.testing import NamedFactory, free_port, make_config, poll_until

@@ -1,6 +1,6 @@
 """The pool as single source of truth: source diffs, drain and removal, eligibility."""
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
 import pytest
 from twisted.internet.task import Clock

@@ -3,7 +3,7 @@
 import hashlib
 import os
 import socket
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import pytest
 import pytest_twisted

@@ -33,10 +33,10 @@ from twisted.web.client import Agent
 
 from lb.config import HealthConfig, PoolConfig
 from lb.health.probes import (HTTPProbe, Probe, ProbeResult, QuietHTTPConnectionPool,
-                              TCPProbe, format_seconds, unexpected)
+                              TCPProbe, unexpected)
 from lb.peer import Peer
 from lb.pool import PASSIVE_DEFAULTS, Pool
-from lb.proxy.backend import endpoint_for
+from lb.net import endpoint_for, format_seconds
 
 if TYPE_CHECKING:
     from lb.service import LBService

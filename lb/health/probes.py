@@ -26,7 +26,8 @@ from twisted.web import http
 from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived
 from twisted.web.client import HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 
-from lb.config import Address, HealthConfig
+from lb.config import HealthConfig
+from lb.net import Address, describe_connect_failure, failure_message, format_seconds
 
 BODY_CAP = 64 * 1024  # bytes of a check response body read (and discarded) at most
 USER_AGENT = b"lb-health-check"
@@ -42,11 +43,6 @@ class ProbeResult(NamedTuple):
 Probe = Callable[[Address], "Deferred[ProbeResult]"]
 
 
-def format_seconds(value: float) -> str:
-    """``0.5`` → ``500ms``, ``2.0`` → ``2s``: durations the way the config spells them."""
-    return f"{value * 1000:g}ms" if 0 < value < 1 else f"{value:g}s"
-
-
 def _is_cancel(failure: Failure) -> bool:
     """Cancelled by the caller (the HTTP client wraps a cancel while waiting for the
     response in ``ResponseNeverReceived``)."""
@@ -54,29 +50,6 @@ def _is_cancel(failure: Failure) -> bool:
         return True
     reasons = _reasons(failure) if failure.check(ResponseNeverReceived, ResponseFailed) else []
     return any(r.check(CancelledError) for r in reasons)
-
-
-def describe_connect_error(failure: Failure, timeout: float) -> str:
-    """A short detail for a failed connect (also used for the underlying reasons the HTTP
-    client wraps)."""
-    if failure.check(error.ConnectionRefusedError):
-        return "connection refused"
-    if failure.check(error.TimeoutError):
-        return f"connect timeout after {format_seconds(timeout)}"
-    if failure.check(error.DNSLookupError):
-        return "DNS lookup failed"
-    if failure.check(error.NoRouteError):
-        return "no route to host"
-    if failure.check(error.ConnectionLost):
-        return "connection reset"
-    if failure.check(error.ConnectionDone):
-        return "connection closed"
-    return _message(failure)
-
-
-def _message(failure: Failure) -> str:
-    text = failure.getErrorMessage().strip() or failure.type.__name__
-    return text.splitlines()[0][:200]
 
 
 def _reasons(failure: Failure) -> List[Failure]:
@@ -96,7 +69,7 @@ def describe_http_error(failure: Failure, timeout: float, phase: str) -> str:
             return "connection closed before response"
         if any(r.check(error.ConnectionLost) for r in reasons):
             return "connection reset before response"
-        return f"no response ({_message(reasons[0]) if reasons else 'unknown reason'})"
+        return f"no response ({failure_message(reasons[0]) if reasons else 'unknown reason'})"
     if failure.check(ResponseFailed):
         reasons = _reasons(failure)
         for reason in reasons:
@@ -105,8 +78,8 @@ def describe_http_error(failure: Failure, timeout: float, phase: str) -> str:
         if any(r.check(error.ConnectionDone, error.ConnectionLost,
                        http._DataLoss) for r in reasons):
             return f"connection closed mid {phase}"
-        return f"response failed ({_message(reasons[0]) if reasons else 'unknown reason'})"
-    return describe_connect_error(failure, timeout)
+        return f"response failed ({failure_message(reasons[0]) if reasons else 'unknown reason'})"
+    return describe_connect_failure(failure, timeout)
 
 
 def _parse_error(failure: Failure) -> str:
@@ -261,11 +234,11 @@ class TCPProbe:
             if _is_cancel(failure):
                 return ProbeResult(False,
                                    f"connect timeout after {format_seconds(self.timeout)}")
-            return ProbeResult(False, describe_connect_error(failure, self.timeout))
+            return ProbeResult(False, describe_connect_failure(failure, self.timeout))
         protocol.transport.loseConnection()
         return ProbeResult(True, "connected")
 
 
 def unexpected(failure: Failure) -> ProbeResult:
     """A probe that broke instead of answering (a bug, not the peer's fault)."""
-    return ProbeResult(False, f"check error: {_message(failure)}")
+    return ProbeResult(False, f"check error: {failure_message(failure)}")

@@ -6,14 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
-                                        TCP6ClientEndpoint)
-from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lb.config import Address
+from lb.net import Address, endpoint_for
 
 if TYPE_CHECKING:
     from lb.proxy.frontend import Frontend
@@ -54,29 +52,6 @@ class _Once(Factory):
         return self._protocol
 
 
-def endpoint_for(reactor: Any, address: Address, timeout: float) -> IStreamClientEndpoint:
-    if address.is_ipv6:
-        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
-    if address.is_ip:
-        return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
-    return HostnameEndpoint(reactor, address.host.encode("idna"), address.port,
-                            timeout=timeout)
-
-
 def connect(reactor: Any, address: Address, timeout: float, backend: Backend) -> Deferred:
     """Connect ``backend`` to ``address``; the Deferred is cancellable."""
     return endpoint_for(reactor, address, timeout).connect(_Once(backend))
-
-
-def describe_failure(failure: Failure, timeout: float) -> str:
-    """A short detail for logs and the status page."""
-    if failure.check(error.ConnectionRefusedError):
-        return "connection refused"
-    if failure.check(error.TimeoutError):
-        return f"connect timeout after {timeout:g}s"
-    if failure.check(error.DNSLookupError):
-        return "DNS lookup failed"
-    if failure.check(error.NoRouteError):
-        return "no route to host"
-    message = failure.getErrorMessage().strip() or failure.type.__name__
-    return message.splitlines()[0][:200]

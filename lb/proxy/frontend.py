@@ -20,20 +20,14 @@ from zope.interface import implementer
 from lb.interfaces import IClosable
 from lb.peer import Peer
 from lb.proxy import proxyprotocol
-from lb.proxy.backend import Backend, connect, describe_failure
+from lb.net import describe_connect_failure, host_port
+from lb.proxy.backend import Backend, connect
 
 if TYPE_CHECKING:
     from lb.proxy.listener import Listener
 
 
 _NOTHING: frozenset = frozenset()
-
-
-def _host_port(address: Any) -> str:
-    host = getattr(address, "host", None)
-    if host is None:
-        return str(address)
-    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
 
 
 @implementer(IHalfCloseableProtocol, IClosable)
@@ -273,7 +267,7 @@ class Frontend(Protocol):
             self.pool.connection_ended(peer, self)
             self._maybe_finish()
             return
-        detail = describe_failure(failure, self.pool.config.connect_timeout)
+        detail = describe_connect_failure(failure, self.pool.config.connect_timeout)
         self._failures = (*self._failures, f"{peer.key}: {detail}")
         self.pool.connection_failed(peer, self, detail)
         self.peer = None
@@ -369,7 +363,7 @@ class Frontend(Protocol):
 
     def describe(self, reason: str) -> dict:
         return {
-            "client": _host_port(self.client),
+            "client": host_port(self.client),
             "listener": self.listener.config.name,
             "pool": self.pool.name,
             "peer": self.peer.key if self.peer is not None else "-",
