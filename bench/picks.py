@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
+from lb.interfaces import PickContext
 from lb.balancer import create
 
 ALGORITHMS: List[Tuple[str, str, Optional[float]]] = [
@@ -30,12 +31,12 @@ SIZES = (3, 100, 10_000)
 
 
 class FakePeer:
-    __slots__ = ("key", "effective_weight", "active_connections")
+    __slots__ = ("key", "effective_weight", "load")
 
     def __init__(self, key: str, weight: float) -> None:
         self.key = key
         self.effective_weight = weight
-        self.active_connections = 0
+        self.load = 0
 
 
 def rate(step: Callable[[int], Any], seconds: float) -> float:
@@ -62,28 +63,28 @@ def measure(algorithm: str, factor: Optional[float], size: int,
         balancer.add(peer)
     clients = [f"192.168.{i >> 8}.{i & 255}" for i in range(4096)]
     started = time.perf_counter()
-    balancer.pick(clients[0], frozenset())
+    balancer.pick(PickContext(clients[0]))
     build = time.perf_counter() - started
     pick = balancer.pick
-    empty: frozenset = frozenset()
+    contexts = [PickContext(client) for client in clients]  # a proxy builds one per client
 
     def bare(i: int) -> None:
-        pick(clients[i & 4095], empty)
+        pick(contexts[i & 4095])
 
     # hold 4 connections per peer on average, opening and closing as a proxy would
     held: List[Any] = []
 
     def with_connections(i: int) -> None:
-        peer = pick(clients[i & 4095], empty)
-        peer.active_connections += 1
-        balancer.connection_opened(peer)
+        peer = pick(contexts[i & 4095])
+        peer.load += 1
+        balancer.load_added(peer)
         held.append(peer)
         if len(held) > 4 * size:
             old = held[i % len(held)]
             held[i % len(held)] = held[-1]
             held.pop()
-            old.active_connections -= 1
-            balancer.connection_closed(old)
+            old.load -= 1
+            balancer.load_removed(old)
 
     return build, rate(bare, seconds), rate(with_connections, seconds)
 

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+from typing import AbstractSet, Any, NamedTuple, Optional
+
 from zope.interface import Attribute, Interface
+
+
+class PickContext(NamedTuple):
+    """What a balancer may know about the request it picks a peer for (Envoy's
+    ``LoadBalancerContext``). Every field is optional: a pick works without a context."""
+
+    client: Optional[str] = None  # the client's IP (behind accept_proxy, the PROXY header's)
+    hash_key: Optional[str] = None  # what `source` hashes; None: the client's IP
+    exclude: AbstractSet[Any] = frozenset()  # peers already tried (connect retries)
+
+
+NO_CONTEXT = PickContext()
 
 
 class IBalancer(Interface):
@@ -10,7 +24,7 @@ class IBalancer(Interface):
 
     Like HAProxy's ``lb_ops``: the pool adds a peer when it becomes eligible for new
     connections, removes it when it stops being eligible, and reports weight changes and
-    connections opening and closing. ``pick`` must work without a client address.
+    load (connections in TCP mode, requests in flight in HTTP mode) added and removed.
     """
 
     def add(peer):
@@ -22,15 +36,16 @@ class IBalancer(Interface):
     def reweight(peer):
         """``peer.effective_weight`` changed."""
 
-    def pick(client, exclude):
-        """Return a peer for a client address string (or None), skipping ``exclude``; None
-        when no eligible peer is left."""
+    def pick(context):
+        """Return a peer for a ``PickContext`` (``NO_CONTEXT`` when there is none), skipping
+        ``context.exclude``; None when no eligible peer is left."""
 
-    def connection_opened(peer):
-        """A connection to ``peer`` started (counted from pick time)."""
+    def load_added(peer):
+        """``peer.load`` went up by one (a connection or request started; counted from pick
+        time so a burst spreads by least load)."""
 
-    def connection_closed(peer):
-        """A connection to ``peer`` ended."""
+    def load_removed(peer):
+        """``peer.load`` went down by one."""
 
     def __len__():
         """How many peers are eligible."""

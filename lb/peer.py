@@ -52,6 +52,7 @@ class Peer:
         self.ramp = 1.0  # slow start factor in (0, 1]
         self.effective_weight = 0.0  # weight × ramp, what balancers use
         self.active_connections = 0
+        self.load = 0  # in flight: connections (tcp) or requests (http); what balancers weigh
         self.total_connections = 0
         self.bytes_in = 0  # client → peer
         self.bytes_out = 0  # peer → client

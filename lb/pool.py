@@ -9,7 +9,7 @@ report results here; observers (health monitor, snapshots, status page) are told
 from __future__ import annotations
 
 import random
-from typing import AbstractSet, Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from lb import balancer as balancers
 from lb.config import Address, HealthConfig, PoolConfig
 from lb.health import risefall
-from lb.interfaces import IBalancer
+from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
 from lb.peer import DRAIN, MAINT, READY, LastCheck, Peer, PeerSpec
 
 Observer = Callable[["Pool", Peer, str], None]
@@ -221,15 +221,24 @@ class Pool:
 
     # --- the data path ---------------------------------------------------------------------
 
-    def pick(self, client: Optional[str] = None,
-             exclude: AbstractSet[Peer] = frozenset()) -> Optional[Peer]:
-        return self.balancer.pick(client, exclude)
+    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Peer]:
+        return self.balancer.pick(context)  # type: ignore[no-any-return]
+
+    def load_added(self, peer: Peer) -> None:
+        """A connection or request to ``peer`` started (counted from pick time, so a burst
+        spreads by least load)."""
+        peer.load += 1
+        self.balancer.load_added(peer)
+
+    def load_removed(self, peer: Peer) -> None:
+        peer.load -= 1
+        if peer in self._in_balancer:
+            self.balancer.load_removed(peer)
 
     def connection_started(self, peer: Peer, conn: object) -> None:
-        """Counted from pick time so a burst spreads by least-connections correctly."""
         peer.active_connections += 1
         peer.connections.add(conn)
-        self.balancer.connection_opened(peer)
+        self.load_added(peer)
 
     def connection_established(self, peer: Peer) -> None:
         """Counted only: client traffic never counts as a pass of the active check (it
@@ -247,8 +256,7 @@ class Pool:
             return
         peer.connections.discard(conn)
         peer.active_connections -= 1
-        if peer in self._in_balancer:
-            self.balancer.connection_closed(peer)
+        self.load_removed(peer)
         if peer.removing and peer.active_connections == 0 and self.peers.get(
                 peer.key) is peer:
             self._remove(peer, "drained")

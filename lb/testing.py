@@ -65,6 +65,19 @@ class NamedFactory(Factory):
         self.hits = 0
 
 
+class FakePeer:
+    """A peer as a balancer sees it: a key, an effective weight and a load (connections or
+    requests in flight). Balancer tests use it instead of a whole pool."""
+
+    def __init__(self, key: str, weight: float = 1.0) -> None:
+        self.key = key
+        self.effective_weight = float(weight)
+        self.load = 0
+
+    def __repr__(self) -> str:
+        return self.key
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (for subprocesses that must be told a port)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

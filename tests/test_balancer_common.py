@@ -10,22 +10,14 @@ from typing import Any, Optional
 import pytest
 from zope.interface.verify import verifyObject
 
+from lb.testing import FakePeer
+from lb.interfaces import PickContext
 from lb.balancer import create
 from lb.config import BALANCE_ALGORITHMS
 from lb.interfaces import IBalancer
 
 ALGORITHMS = [(name, None) for name in BALANCE_ALGORITHMS] + [("source", 1.25)]
 IDS = [name if factor is None else f"{name}-bounded" for name, factor in ALGORITHMS]
-
-
-class FakePeer:
-    def __init__(self, key: str, weight: float = 1.0) -> None:
-        self.key = key
-        self.effective_weight = float(weight)
-        self.active_connections = 0
-
-    def __repr__(self) -> str:
-        return self.key
 
 
 class CountingPeer:
@@ -44,12 +36,12 @@ class CountingPeer:
         return self._weight
 
     @property
-    def active_connections(self) -> int:
+    def load(self) -> int:
         CountingPeer.reads += 1
         return self._active
 
-    @active_connections.setter
-    def active_connections(self, value: int) -> None:
+    @load.setter
+    def load(self, value: int) -> None:
         self._active = value
 
 
@@ -66,7 +58,7 @@ def test_create_without_an_rng(name: str) -> None:
     assert verifyObject(IBalancer, balancer)
     peer = FakePeer("10.0.0.1:80")
     balancer.add(peer)
-    assert balancer.pick("192.0.2.1", frozenset()) is peer
+    assert balancer.pick(PickContext("192.0.2.1", exclude=frozenset())) is peer
 
 
 @pytest.mark.parametrize("name,factor", ALGORITHMS, ids=IDS)
@@ -74,7 +66,7 @@ def test_contract(name: str, factor: Optional[float]) -> None:
     """Empty gives None; every added peer gets picked; removed and tried peers are not;
     picks work with and without a client address; len counts peers in rotation."""
     b = make(name, factor)
-    assert b.pick(None, frozenset()) is None and b.pick("192.0.2.1", frozenset()) is None
+    assert b.pick(PickContext(exclude=frozenset())) is None and b.pick(PickContext("192.0.2.1", exclude=frozenset())) is None
     ps = [FakePeer(f"10.0.0.{i}:80") for i in range(1, 5)]
     for p in ps:
         b.add(p)
@@ -83,21 +75,21 @@ def test_contract(name: str, factor: Optional[float]) -> None:
     clients = [f"192.0.2.{i}" for i in range(200)] + [None] * 200
     seen = set()
     for client in clients:
-        peer = b.pick(client, frozenset())
-        peer.active_connections += 1
-        b.connection_opened(peer)
+        peer = b.pick(PickContext(client, exclude=frozenset()))
+        peer.load += 1
+        b.load_added(peer)
         seen.add(peer)
-        peer.active_connections -= 1
-        b.connection_closed(peer)
+        peer.load -= 1
+        b.load_removed(peer)
     assert seen == set(ps)
     b.remove(ps[0])
     b.remove(ps[0])  # idempotent
     assert len(b) == 3
     for client in clients:
-        got = b.pick(client, {ps[1]})
+        got = b.pick(PickContext(client, exclude={ps[1]}))
         assert got in (ps[2], ps[3])
-    assert b.pick("192.0.2.1", set(ps)) is None
-    assert b.pick(None, set(ps[1:])) is None
+    assert b.pick(PickContext("192.0.2.1", exclude=set(ps))) is None
+    assert b.pick(PickContext(exclude=set(ps[1:]))) is None
 
 
 @pytest.mark.parametrize("name,factor", ALGORITHMS, ids=IDS)
@@ -112,11 +104,11 @@ def test_reweight_to_a_tiny_share(name: str, factor: Optional[float]) -> None:
     b.reweight(small)
     hits = 0
     for i in range(2000):
-        peer = b.pick(f"198.51.{i >> 8}.{i & 255}", frozenset())
-        peer.active_connections += 1
-        b.connection_opened(peer)
-        peer.active_connections -= 1
-        b.connection_closed(peer)
+        peer = b.pick(PickContext(f"198.51.{i >> 8}.{i & 255}", exclude=frozenset()))
+        peer.load += 1
+        b.load_added(peer)
+        peer.load -= 1
+        b.load_removed(peer)
         hits += peer is small
     assert 0.03 * 2000 < hits < 0.16 * 2000
 
@@ -129,15 +121,15 @@ def test_picks_do_not_scan_the_pool(name: str, factor: Optional[float]) -> None:
     ps = [CountingPeer(f"10.1.{i >> 8}.{i & 255}:80", 1 + i % 3) for i in range(2000)]
     for p in ps:
         b.add(p)
-    b.pick("192.0.2.1", frozenset())  # lazy index building happens here, once
+    b.pick(PickContext("192.0.2.1", exclude=frozenset()))  # lazy index building happens here, once
     CountingPeer.reads = 0
     held = []
     for i in range(500):
-        peer = b.pick(f"192.0.{i >> 8}.{i & 255}", frozenset())
-        peer.active_connections += 1
-        b.connection_opened(peer)
+        peer = b.pick(PickContext(f"192.0.{i >> 8}.{i & 255}", exclude=frozenset()))
+        peer.load += 1
+        b.load_added(peer)
         held.append(peer)
     for peer in held:
-        peer.active_connections -= 1
-        b.connection_closed(peer)
+        peer.load -= 1
+        b.load_removed(peer)
     assert CountingPeer.reads < 20 * 500, CountingPeer.reads

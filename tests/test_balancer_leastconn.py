@@ -9,19 +9,11 @@ from typing import Any, List, Set
 import pytest
 from zope.interface.verify import verifyObject
 
+from lb.testing import FakePeer
+from lb.interfaces import PickContext
 from lb.balancer import create
 from lb.balancer.leastconn import Balancer
 from lb.interfaces import IBalancer
-
-
-class FakePeer:
-    def __init__(self, key: str, weight: float = 1.0) -> None:
-        self.key = key
-        self.effective_weight = float(weight)
-        self.active_connections = 0
-
-    def __repr__(self) -> str:
-        return self.key
 
 
 def balancer_with(*members: FakePeer) -> Balancer:
@@ -33,20 +25,20 @@ def balancer_with(*members: FakePeer) -> Balancer:
 
 def open_(b: Balancer, peer: FakePeer) -> None:
     """What the pool does at pick time: count first, then tell the balancer."""
-    peer.active_connections += 1
-    b.connection_opened(peer)
+    peer.load += 1
+    b.load_added(peer)
 
 
 def close(b: Balancer, peer: FakePeer) -> None:
-    peer.active_connections -= 1
-    b.connection_closed(peer)
+    peer.load -= 1
+    b.load_removed(peer)
 
 
 def held(b: Balancer, n: int) -> List[FakePeer]:
     """``n`` picks whose connections stay open."""
     got = []
     for _ in range(n):
-        peer = b.pick(None)
+        peer = b.pick(PickContext())
         open_(b, peer)
         got.append(peer)
     return got
@@ -56,7 +48,7 @@ def short(b: Balancer, n: int, exclude: Set[Any] = frozenset()) -> List[FakePeer
     """``n`` picks whose connections close before the next pick."""
     got = []
     for _ in range(n):
-        peer = b.pick(None, exclude)
+        peer = b.pick(PickContext(exclude=exclude))
         open_(b, peer)
         close(b, peer)
         got.append(peer)
@@ -75,7 +67,7 @@ def test_held_connections_spread_evenly() -> None:
     b = balancer_with(*ps)
     got = held(b, 30)
     assert "".join(p.key for p in got[:6]) == "abcabc"
-    assert [p.active_connections for p in ps] == [10, 10, 10]
+    assert [p.load for p in ps] == [10, 10, 10]
 
 
 def test_freed_peer_takes_new_connections_until_it_catches_up() -> None:
@@ -87,7 +79,7 @@ def test_freed_peer_takes_new_connections_until_it_catches_up() -> None:
         close(b, ps[1])
     got = held(b, 6)
     assert [p.key for p in got] == ["b"] * 6
-    assert [p.active_connections for p in ps] == [10, 10, 10]
+    assert [p.load for p in ps] == [10, 10, 10]
 
 
 def test_held_connections_follow_weights() -> None:
@@ -95,7 +87,7 @@ def test_held_connections_follow_weights() -> None:
     ps = [FakePeer("a", 3), FakePeer("b", 1), FakePeer("c", 2)]
     b = balancer_with(*ps)
     held(b, 60)
-    assert [p.active_connections for p in ps] == [30, 10, 20]
+    assert [p.load for p in ps] == [30, 10, 20]
 
 
 def test_short_connections_still_follow_weights() -> None:
@@ -122,10 +114,10 @@ def test_exclude_returns_the_least_loaded_remaining_peer() -> None:
     for _ in range(3):
         open_(b, c)
     open_(b, b_)
-    assert b.pick(None) is a
-    assert b.pick(None, {a}) is b_
-    assert b.pick(None, {a, b_}) is c
-    assert b.pick(None, {a, b_, c}) is None
+    assert b.pick(PickContext()) is a
+    assert b.pick(PickContext(exclude={a})) is b_
+    assert b.pick(PickContext(exclude={a, b_})) is c
+    assert b.pick(PickContext(exclude={a, b_, c})) is None
 
 
 def test_reweight_changes_the_load_order() -> None:
@@ -135,10 +127,10 @@ def test_reweight_changes_the_load_order() -> None:
     for _ in range(2):
         open_(b, a)
     open_(b, b_)
-    assert b.pick(None) is b_  # 2/1 against 1/1
+    assert b.pick(PickContext()) is b_  # 2/1 against 1/1
     a.effective_weight = 4.0
     b.reweight(a)
-    assert b.pick(None) is a  # 2/4 against 1/1
+    assert b.pick(PickContext()) is a  # 2/4 against 1/1
 
 
 def test_removed_peer_returns_with_its_connections_counted() -> None:
@@ -148,23 +140,23 @@ def test_removed_peer_returns_with_its_connections_counted() -> None:
     b.remove(a)
     assert len(b) == 1
     assert {p.key for p in short(b, 5)} == {"b"}
-    a.active_connections = 5  # kept while it was out of rotation (draining)
+    a.load = 5  # kept while it was out of rotation (draining)
     b.add(a)
     assert len(b) == 2
     assert [p.key for p in held(b, 5)] == ["b"] * 5
-    assert b.pick(None) in (a, b_)
+    assert b.pick(PickContext()) in (a, b_)
 
 
 def test_zero_weight_and_empty() -> None:
     """No peers, or only a peer without weight: nothing to pick."""
     b = Balancer()
-    assert b.pick(None) is None
+    assert b.pick(PickContext()) is None
     z = FakePeer("z", 0)
     b.add(z)
-    assert b.pick(None) is None
+    assert b.pick(PickContext()) is None
     z.effective_weight = 1.0
     b.reweight(z)
-    assert b.pick(None) is z
+    assert b.pick(PickContext()) is z
 
 
 def test_index_stays_bounded() -> None:
@@ -172,7 +164,7 @@ def test_index_stays_bounded() -> None:
     ps = [FakePeer(str(i)) for i in range(5)]
     b = balancer_with(*ps)
     for _ in range(5000):
-        peer = b.pick(None)
+        peer = b.pick(PickContext())
         open_(b, peer)
         close(b, peer)
     assert len(b._heap) <= 2 * len(ps) + 65
@@ -206,19 +198,19 @@ def test_always_picks_a_least_loaded_peer(seed: int) -> None:
             b.reweight(peer)
         elif op < 0.4 and conns:
             peer = conns.pop(rng.randrange(len(conns)))
-            peer.active_connections -= 1
+            peer.load -= 1
             if peer in inside:
-                b.connection_closed(peer)
+                b.load_removed(peer)
         else:
             exclude = set(rng.sample(pool, rng.choice([0, 0, 1, 3])))
-            got = b.pick(None, exclude)
+            got = b.pick(PickContext(exclude=exclude))
             allowed = [p for p in inside if p not in exclude]
             if not allowed:
                 assert got is None
                 continue
-            best = min(p.active_connections / round(p.effective_weight * 1000)
+            best = min(p.load / round(p.effective_weight * 1000)
                        for p in allowed)
             assert got in allowed, f"step {step}"
-            assert got.active_connections / round(got.effective_weight * 1000) == best
+            assert got.load / round(got.effective_weight * 1000) == best
             open_(b, got)
             conns.append(got)

@@ -8,19 +8,11 @@ from typing import List
 
 from zope.interface.verify import verifyObject
 
+from lb.testing import FakePeer
+from lb.interfaces import PickContext
 from lb.balancer import create
 from lb.balancer.p2c import Balancer
 from lb.interfaces import IBalancer
-
-
-class FakePeer:
-    def __init__(self, key: str, weight: float = 1.0) -> None:
-        self.key = key
-        self.effective_weight = float(weight)
-        self.active_connections = 0
-
-    def __repr__(self) -> str:
-        return self.key
 
 
 def balancer_with(seed: int, *members: FakePeer) -> Balancer:
@@ -33,9 +25,9 @@ def balancer_with(seed: int, *members: FakePeer) -> Balancer:
 def hold(b: Balancer, n: int) -> List[FakePeer]:
     got = []
     for _ in range(n):
-        peer = b.pick(None)
-        peer.active_connections += 1
-        b.connection_opened(peer)
+        peer = b.pick(PickContext())
+        peer.load += 1
+        b.load_added(peer)
         got.append(peer)
     return got
 
@@ -50,8 +42,8 @@ def test_two_peers_always_compare_both() -> None:
     """The two draws are different peers: with two peers the busier one never wins."""
     a, b_ = FakePeer("a"), FakePeer("b")
     b = balancer_with(1, a, b_)
-    a.active_connections = 1
-    assert {b.pick(None).key for _ in range(200)} == {"b"}
+    a.load = 1
+    assert {b.pick(PickContext()).key for _ in range(200)} == {"b"}
 
 
 def test_held_connections_stay_balanced() -> None:
@@ -60,7 +52,7 @@ def test_held_connections_stay_balanced() -> None:
     ps = [FakePeer(str(i)) for i in range(10)]
     b = balancer_with(7, *ps)
     hold(b, 1000)
-    loads = [p.active_connections for p in ps]
+    loads = [p.load for p in ps]
     assert sum(loads) == 1000
     assert max(loads) - min(loads) <= 4, loads
 
@@ -70,14 +62,14 @@ def test_held_connections_follow_weights() -> None:
     a, b_ = FakePeer("a", 3), FakePeer("b", 1)
     b = balancer_with(2, a, b_)
     hold(b, 400)
-    assert abs(a.active_connections - 300) <= 3
+    assert abs(a.load - 300) <= 3
 
 
 def test_idle_peers_share_by_weight() -> None:
     """With no connections held, ties go to the first (weighted) draw: 3:1 traffic."""
     a, b_ = FakePeer("a", 3), FakePeer("b", 1)
     b = balancer_with(3, a, b_)
-    counts = Counter(b.pick(None).key for _ in range(8000))
+    counts = Counter(b.pick(PickContext()).key for _ in range(8000))
     assert abs(counts["a"] / 8000 - 0.75) < 0.02, counts
 
 
@@ -85,21 +77,21 @@ def test_exclude() -> None:
     """Retries never get a tried peer; one untried peer left is returned as is."""
     ps = [FakePeer(k) for k in "abc"]
     b = balancer_with(4, *ps)
-    ps[2].active_connections = 50
-    assert {b.pick(None, {ps[0], ps[1]}).key for _ in range(20)} == {"c"}
-    assert {b.pick(None, {ps[0]}).key for _ in range(50)} == {"b"}
-    assert b.pick(None, set(ps)) is None
+    ps[2].load = 50
+    assert {b.pick(PickContext(exclude={ps[0], ps[1]})).key for _ in range(20)} == {"c"}
+    assert {b.pick(PickContext(exclude={ps[0]})).key for _ in range(50)} == {"b"}
+    assert b.pick(PickContext(exclude=set(ps))) is None
 
 
 def test_changes_and_empty() -> None:
     """Removed peers are not picked; an empty or weightless set gives None."""
     a, b_ = FakePeer("a"), FakePeer("b")
     b = balancer_with(5)
-    assert b.pick(None) is None
+    assert b.pick(PickContext()) is None
     b.add(FakePeer("z", 0))
-    assert b.pick(None) is None
+    assert b.pick(PickContext()) is None
     b.add(a)
     b.add(b_)
     b.remove(a)
-    assert {b.pick(None).key for _ in range(30)} == {"b"}
+    assert {b.pick(PickContext()).key for _ in range(30)} == {"b"}
     assert len(b) == 2  # b and the weightless z

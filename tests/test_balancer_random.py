@@ -9,19 +9,11 @@ from typing import Any, List
 import pytest
 from zope.interface.verify import verifyObject
 
+from lb.testing import FakePeer
+from lb.interfaces import PickContext
 from lb.balancer import create
 from lb.balancer.random import Balancer, WeightedSet
 from lb.interfaces import IBalancer
-
-
-class FakePeer:
-    def __init__(self, key: str, weight: float = 1.0) -> None:
-        self.key = key
-        self.effective_weight = float(weight)
-        self.active_connections = 0
-
-    def __repr__(self) -> str:
-        return self.key
 
 
 class FixedDraw:
@@ -57,7 +49,7 @@ def test_seeded_distribution_follows_weights() -> None:
     """20,000 seeded picks over weights 5,3,2 land within 1.5 points of 50/30/20%."""
     ps = [FakePeer("a", 5), FakePeer("b", 3), FakePeer("c", 2)]
     b = balancer_with(1, *ps)
-    counts = Counter(b.pick(None).key for _ in range(20000))
+    counts = Counter(b.pick(PickContext()).key for _ in range(20000))
     for key, share in (("a", 0.5), ("b", 0.3), ("c", 0.2)):
         assert abs(counts[key] / 20000 - share) < 0.015, counts
 
@@ -66,7 +58,7 @@ def test_same_seed_same_sequence() -> None:
     """Picks are a function of the rng: a seeded run is repeatable."""
     def run() -> List[str]:
         b = balancer_with(42, *[FakePeer(k, w) for k, w in zip("abcd", (1, 2, 3, 4))])
-        return [b.pick(None).key for _ in range(200)]
+        return [b.pick(PickContext()).key for _ in range(200)]
     first = run()
     assert first == run()
     assert len(set(first)) == 4
@@ -111,33 +103,33 @@ def test_exclude_never_returns_a_tried_peer() -> None:
     """Retries get a peer by weight among the untried ones, None once all are tried."""
     ps = [FakePeer("a", 5), FakePeer("b", 3), FakePeer("c", 2)]
     b = balancer_with(3, *ps)
-    counts = Counter(b.pick(None, {ps[0]}).key for _ in range(5000))
+    counts = Counter(b.pick(PickContext(exclude={ps[0]})).key for _ in range(5000))
     assert set(counts) == {"b", "c"}
     assert abs(counts["b"] / 5000 - 0.6) < 0.03
-    assert b.pick(None, set(ps)) is None
+    assert b.pick(PickContext(exclude=set(ps))) is None
 
 
 def test_changes_apply_to_the_next_pick() -> None:
     """Adds, removals and weight changes take effect at once (lazy rebuild)."""
     a, b_, c = FakePeer("a"), FakePeer("b"), FakePeer("c")
     b = balancer_with(5, a, b_)
-    assert {b.pick(None).key for _ in range(100)} == {"a", "b"}
+    assert {b.pick(PickContext()).key for _ in range(100)} == {"a", "b"}
     b.add(c)
     b.remove(a)
     assert len(b) == 2
-    assert {b.pick(None).key for _ in range(100)} == {"b", "c"}
+    assert {b.pick(PickContext()).key for _ in range(100)} == {"b", "c"}
     c.effective_weight = 9.0
     b.reweight(c)
-    counts = Counter(b.pick(None).key for _ in range(2000))
+    counts = Counter(b.pick(PickContext()).key for _ in range(2000))
     assert counts["c"] > 1700
 
 
 def test_zero_weight_and_empty() -> None:
     """No peers or only weightless peers: None."""
     b = Balancer(rng=random.Random(1))
-    assert b.pick(None) is None
+    assert b.pick(PickContext()) is None
     b.add(FakePeer("z", 0))
-    assert b.pick(None) is None
+    assert b.pick(PickContext()) is None
     one = FakePeer("o", 0.1)
     b.add(one)
-    assert {b.pick(None) for _ in range(20)} == {one}
+    assert {b.pick(PickContext()) for _ in range(20)} == {one}

@@ -9,19 +9,11 @@ from typing import Any, List, Optional, Set
 import pytest
 from zope.interface.verify import verifyObject
 
+from lb.testing import FakePeer
+from lb.interfaces import PickContext
 from lb.balancer import create
 from lb.balancer.roundrobin import Balancer, heap_in_order
 from lb.interfaces import IBalancer
-
-
-class FakePeer:
-    def __init__(self, key: str, weight: float = 1.0) -> None:
-        self.key = key
-        self.effective_weight = float(weight)
-        self.active_connections = 0
-
-    def __repr__(self) -> str:
-        return self.key
 
 
 def peers(**weights: float) -> List[FakePeer]:
@@ -36,7 +28,7 @@ def balancer_with(*members: FakePeer) -> Balancer:
 
 
 def sequence(b: Balancer, n: int, exclude: Set[Any] = frozenset()) -> str:
-    return "".join(b.pick(None, exclude).key for _ in range(n))
+    return "".join(b.pick(PickContext(exclude=exclude)).key for _ in range(n))
 
 
 class NginxReference:
@@ -132,10 +124,10 @@ def test_exclude_skips_tried_peers() -> None:
     """Connect retries exclude tried peers: the best remaining one is returned."""
     a, b_, c = peers(a=5, b=1, c=1)
     b = balancer_with(a, b_, c)
-    got = [b.pick(None, {a}).key for _ in range(10)]
+    got = [b.pick(PickContext(exclude={a})).key for _ in range(10)]
     assert "a" not in got and Counter(got) == {"b": 5, "c": 5}
-    assert b.pick(None, {a, b_}) is c
-    assert b.pick(None, {a, b_, c}) is None
+    assert b.pick(PickContext(exclude={a, b_})) is c
+    assert b.pick(PickContext(exclude={a, b_, c})) is None
 
 
 def test_exclude_all_does_not_disturb_the_rotation() -> None:
@@ -143,7 +135,7 @@ def test_exclude_all_does_not_disturb_the_rotation() -> None:
     ps = peers(a=5, b=1, c=1)
     b = balancer_with(*ps)
     assert sequence(b, 3) == "aab"
-    assert b.pick(None, set(ps)) is None
+    assert b.pick(PickContext(exclude=set(ps))) is None
     assert sequence(b, 11) == "acaa" + "aabacaa"
 
 
@@ -153,7 +145,7 @@ def test_exclude_finds_live_peer_behind_stale_heap_entries() -> None:
     a, b_, c, d = peers(a=1, b=1, c=1, d=1)
     b = balancer_with(a, b_, c, d)
     b.remove(b_)  # leaves a dead entry right under the top of the weight group's heap
-    assert b.pick(None, {a}) is c
+    assert b.pick(PickContext(exclude={a})) is c
     ps = [FakePeer(f"p{i}") for i in range(8)]
     b = balancer_with(*ps)
     for step in range(40):
@@ -161,18 +153,18 @@ def test_exclude_finds_live_peer_behind_stale_heap_entries() -> None:
             victim = ps[step % 8]
             b.remove(victim)
             b.add(victim)
-        best = b.pick(None)
-        other = b.pick(None, {best})
+        best = b.pick(PickContext())
+        other = b.pick(PickContext(exclude={best}))
         assert other is not None and other is not best
 
 
 def test_empty_and_zero_weight() -> None:
     """No peers: None. A peer with no effective weight is never picked."""
     b = Balancer()
-    assert b.pick(None) is None and len(b) == 0
+    assert b.pick(PickContext()) is None and len(b) == 0
     zero, one = peers(z=0, o=1)
     b.add(zero)
-    assert b.pick(None) is None
+    assert b.pick(PickContext()) is None
     b.add(one)
     assert sequence(b, 5) == "ooooo"
 
@@ -219,5 +211,5 @@ def test_matches_nginx_reference_under_random_changes(seed: int) -> None:
             b.reweight(peer)
         else:
             exclude = set(rng.sample(pool, rng.choice([0, 0, 0, 1, 2, 5])))
-            assert b.pick(None, exclude) is ref.pick(exclude), f"step {step}"
+            assert b.pick(PickContext(exclude=exclude)) is ref.pick(exclude), f"step {step}"
         assert len(b) == len(inside)

@@ -10,21 +10,13 @@ from typing import Dict, List, Optional
 import pytest
 from zope.interface.verify import verifyObject
 
+from lb.testing import FakePeer
+from lb.interfaces import PickContext
 from lb.balancer import create, source
 from lb.balancer.source import Balancer
 from lb.interfaces import IBalancer
 
 CLIENTS = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(20000)]
-
-
-class FakePeer:
-    def __init__(self, key: str, weight: float = 1.0) -> None:
-        self.key = key
-        self.effective_weight = float(weight)
-        self.active_connections = 0
-
-    def __repr__(self) -> str:
-        return self.key
 
 
 def make_peers(n: int, weight: float = 1.0) -> List[FakePeer]:
@@ -40,7 +32,7 @@ def balancer_with(*members: FakePeer, factor: Optional[float] = None,
 
 
 def mapping(b: Balancer, clients: List[str] = CLIENTS) -> Dict[str, str]:
-    return {c: b.pick(c).key for c in clients}
+    return {c: b.pick(PickContext(c)).key for c in clients}
 
 
 def test_provides_the_interface() -> None:
@@ -59,7 +51,7 @@ def test_same_client_same_peer_whatever_the_order_peers_arrive() -> None:
     random.Random(3).shuffle(shuffled)
     assert mapping(balancer_with(*shuffled), CLIENTS[:3000]) == first
     b = balancer_with(*ps)
-    assert all(b.pick(c).key == first[c] for c in CLIENTS[:3000])
+    assert all(b.pick(PickContext(c)).key == first[c] for c in CLIENTS[:3000])
 
 
 def test_clients_spread_evenly() -> None:
@@ -137,7 +129,7 @@ def test_ipv4_mapped_ipv6_client_hashes_like_ipv4() -> None:
     """A client seen on a dual-stack listener as ::ffff:a.b.c.d maps like a.b.c.d."""
     b = balancer_with(*make_peers(5))
     for client in CLIENTS[:200]:
-        assert b.pick("::ffff:" + client) is b.pick(client)
+        assert b.pick(PickContext("::ffff:" + client)) is b.pick(PickContext(client))
 
 
 def test_without_a_client_address_it_falls_back_to_weighted_random() -> None:
@@ -145,7 +137,7 @@ def test_without_a_client_address_it_falls_back_to_weighted_random() -> None:
     ps = make_peers(3)
     ps[0].effective_weight = 2.0
     b = balancer_with(*ps, seed=9)
-    counts = Counter(b.pick(None).key for _ in range(8000))
+    counts = Counter(b.pick(PickContext()).key for _ in range(8000))
     assert abs(counts[ps[0].key] / 8000 - 0.5) < 0.06, counts
 
 
@@ -155,13 +147,13 @@ def test_exclude_walks_to_the_next_peer_on_the_ring() -> None:
     ps = make_peers(5)
     b = balancer_with(*ps)
     for client in CLIENTS[:300]:
-        first = b.pick(client)
-        second = b.pick(client, {first})
+        first = b.pick(PickContext(client))
+        second = b.pick(PickContext(client, exclude={first}))
         assert second is not None and second is not first
-        assert b.pick(client, {first}) is second
-        third = b.pick(client, {first, second})
+        assert b.pick(PickContext(client, exclude={first})) is second
+        third = b.pick(PickContext(client, exclude={first, second}))
         assert third not in (first, second)
-    assert b.pick(CLIENTS[0], set(ps)) is None
+    assert b.pick(PickContext(CLIENTS[0], exclude=set(ps))) is None
 
 
 def test_bounded_load_caps_every_peer() -> None:
@@ -170,12 +162,12 @@ def test_bounded_load_caps_every_peer() -> None:
     ps = make_peers(4)
     b = balancer_with(*ps, factor=1.25)
     for total in range(1, 401):
-        peer = b.pick("203.0.113.7")
-        peer.active_connections += 1
-        b.connection_opened(peer)
+        peer = b.pick(PickContext("203.0.113.7"))
+        peer.load += 1
+        b.load_added(peer)
         cap = math.ceil(1.25 * total / 4)
-        assert max(p.active_connections for p in ps) <= cap, total
-    assert sum(p.active_connections for p in ps) == 400
+        assert max(p.load for p in ps) <= cap, total
+    assert sum(p.load for p in ps) == 400
 
 
 def test_without_the_factor_the_same_load_piles_onto_one_peer() -> None:
@@ -183,10 +175,10 @@ def test_without_the_factor_the_same_load_piles_onto_one_peer() -> None:
     ps = make_peers(4)
     b = balancer_with(*ps)
     for _ in range(100):
-        peer = b.pick("203.0.113.7")
-        peer.active_connections += 1
-        b.connection_opened(peer)
-    assert sorted(p.active_connections for p in ps) == [0, 0, 0, 100]
+        peer = b.pick(PickContext("203.0.113.7"))
+        peer.load += 1
+        b.load_added(peer)
+    assert sorted(p.load for p in ps) == [0, 0, 0, 100]
 
 
 def test_bounded_load_keeps_affinity_below_the_cap() -> None:
@@ -195,18 +187,18 @@ def test_bounded_load_keeps_affinity_below_the_cap() -> None:
     ps = make_peers(6)
     plain, bounded = balancer_with(*ps), balancer_with(*ps, factor=2.0)
     assert mapping(bounded, CLIENTS[:2000]) == mapping(plain, CLIENTS[:2000])
-    hot = bounded.pick("203.0.113.7")
+    hot = bounded.pick(PickContext("203.0.113.7"))
     opened = []
     for _ in range(12):
-        peer = bounded.pick("203.0.113.7")
-        peer.active_connections += 1
-        bounded.connection_opened(peer)
+        peer = bounded.pick(PickContext("203.0.113.7"))
+        peer.load += 1
+        bounded.load_added(peer)
         opened.append(peer)
-    assert hot.active_connections < 12  # spilled
+    assert hot.load < 12  # spilled
     for peer in opened:
-        peer.active_connections -= 1
-        bounded.connection_closed(peer)
-    assert bounded.pick("203.0.113.7") is hot
+        peer.load -= 1
+        bounded.load_removed(peer)
+    assert bounded.pick(PickContext("203.0.113.7")) is hot
 
 
 def test_bounded_load_cap_is_weighted() -> None:
@@ -216,10 +208,10 @@ def test_bounded_load_cap_is_weighted() -> None:
     ps[0].effective_weight = 3.0
     b = balancer_with(*ps, factor=1.1)
     for _ in range(400):
-        peer = b.pick("198.51.100.1")
-        peer.active_connections += 1
-        b.connection_opened(peer)
-    assert 280 <= ps[0].active_connections <= 330  # 1:1 caps would stop it at 220
+        peer = b.pick(PickContext("198.51.100.1"))
+        peer.load += 1
+        b.load_added(peer)
+    assert 280 <= ps[0].load <= 330  # 1:1 caps would stop it at 220
 
 
 def test_ring_updates_in_place_match_a_fresh_ring() -> None:
@@ -254,12 +246,12 @@ def test_ring_size_is_bounded_with_hysteresis(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(source, "MAX_POINTS", 4000)
     ps = make_peers(60)
     b = balancer_with(*ps)
-    b.pick(CLIENTS[0])
+    b.pick(PickContext(CLIENTS[0]))
     assert len(b._ring) <= 4000
     assert b._per_weight == source.MAX_POINTS_PER_WEIGHT / 4  # 60 × 40 = 2400 points
     for peer in ps[:50]:
         b.remove(peer)
-    b.pick(CLIENTS[0])
+    b.pick(PickContext(CLIENTS[0]))
     assert b._per_weight == source.MAX_POINTS_PER_WEIGHT  # 10 × 160 = 1600 points
     assert len(b._ring) == 1600
     assert mapping(b, CLIENTS[:2000]) == mapping(balancer_with(*ps[50:]), CLIENTS[:2000])
@@ -268,14 +260,24 @@ def test_ring_size_is_bounded_with_hysteresis(monkeypatch: pytest.MonkeyPatch) -
 def test_empty_zero_weight_and_len() -> None:
     """No peers: None; a weightless peer owns no points; len counts peers in rotation."""
     b = Balancer(rng=random.Random(1))
-    assert b.pick("10.0.0.1") is None and b.pick(None) is None
+    assert b.pick(PickContext("10.0.0.1")) is None and b.pick(PickContext()) is None
     z = FakePeer("10.9.9.9:80", 0)
     b.add(z)
-    assert b.pick("10.0.0.1") is None
+    assert b.pick(PickContext("10.0.0.1")) is None
     p = FakePeer("10.9.9.8:80")
     b.add(p)
     assert len(b) == 2
-    assert {b.pick(c) for c in CLIENTS[:50]} == {p}
+    assert {b.pick(PickContext(c)) for c in CLIENTS[:50]} == {p}
     b.remove(p)
     b.remove(z)
-    assert len(b) == 0 and b.pick("10.0.0.1") is None
+    assert len(b) == 0 and b.pick(PickContext("10.0.0.1")) is None
+
+
+def test_hash_key_is_hashed_instead_of_the_client() -> None:
+    """A context's hash_key (a header or cookie in HTTP mode) decides the peer, whatever
+    the client address; without one the client's IP does."""
+    b = balancer_with(*make_peers(8))
+    by_key = {b.pick(PickContext(client=c, hash_key="user-42")) for c in CLIENTS[:200]}
+    assert len(by_key) == 1
+    assert b.pick(PickContext(client="10.9.8.7")) is b.pick(PickContext(hash_key="10.9.8.7"))
+    assert len({b.pick(PickContext(client=c)) for c in CLIENTS[:200]}) == 8

@@ -10,6 +10,7 @@ from typing import Optional
 import pytest
 from twisted.internet.task import Clock
 
+from lb.interfaces import PickContext
 from lb.config import BALANCE_ALGORITHMS, Address, PoolConfig
 from lb.peer import PeerSpec
 from lb.pool import Pool
@@ -25,7 +26,7 @@ def make_pool(balance: str = "roundrobin") -> Pool:
 def picks(pool: Pool, n: int) -> Counter:
     counts: Counter = Counter()
     for i in range(n):
-        peer = pool.pick(f"10.0.{i >> 8}.{i & 255}")
+        peer = pool.pick(PickContext(f"10.0.{i >> 8}.{i & 255}"))
         if peer is None:
             counts[None] += 1
             continue

@@ -9,6 +9,7 @@ from typing import List, Optional
 import pytest
 from twisted.internet.task import Clock
 
+from lb.interfaces import PickContext
 from lb.config import Address, HealthConfig, PoolConfig
 from lb.peer import PeerSpec
 from lb.pool import SLOW_START_FLOOR, SLOW_START_STEPS, Pool
@@ -185,7 +186,7 @@ def share_of_new(pool: Pool, n: int) -> float:
     hits = 0
     for i in range(n):
         client = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
-        peer = pool.pick(client)
+        peer = pool.pick(PickContext(client))
         conn = object()
         pool.connection_started(peer, conn)
         pool.connection_ended(peer, conn)

@@ -17,12 +17,12 @@ rescans the pool.
 from __future__ import annotations
 
 import heapq
-from typing import AbstractSet, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from zope.interface import implementer
 
 from lb.balancer.roundrobin import heap_in_order, scaled_weight
-from lb.interfaces import IBalancer
+from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
 
 _STRIDE_ONE = 1 << 40  # a pick of a weight-1 peer advances its pass by 2**40 / 1000
 
@@ -53,7 +53,7 @@ class Balancer:
             self._live.pop(peer, None)  # no weight, no new connections
             return
         self._seq += 1
-        item = (peer.active_connections / weight, self._pass[peer], self._seq, peer)
+        item = (peer.load / weight, self._pass[peer], self._seq, peer)
         self._live[peer] = item
         heap = self._heap
         heapq.heappush(heap, item)
@@ -80,8 +80,8 @@ class Balancer:
             self._weight[peer] = scaled_weight(peer)
             self._push(peer)
 
-    def pick(self, client: Optional[str] = None,
-             exclude: AbstractSet[Any] = frozenset()) -> Optional[Any]:
+    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Any]:
+        exclude = context.exclude
         heap, live = self._heap, self._live
         while heap and live.get(heap[0][3]) is not heap[0]:
             heapq.heappop(heap)
@@ -104,10 +104,10 @@ class Balancer:
         self._push(peer)
         return peer
 
-    def connection_opened(self, peer: Any) -> None:
+    def load_added(self, peer: Any) -> None:
         if peer in self._live:
             self._push(peer)
 
-    def connection_closed(self, peer: Any) -> None:
+    def load_removed(self, peer: Any) -> None:
         if peer in self._live:
             self._push(peer)

@@ -9,12 +9,12 @@ one least-loaded peer (Mitzenmacher; Envoy's and nginx's ``random two``).
 
 from __future__ import annotations
 
-from typing import AbstractSet, Any, Optional
+from typing import Any, Optional
 
 from zope.interface import implementer
 
 from lb.balancer import random as weighted_random
-from lb.interfaces import IBalancer
+from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
 
 
 @implementer(IBalancer)
@@ -22,8 +22,8 @@ class Balancer(weighted_random.Balancer):
     """Weighted power of two choices on active connections (``balance: p2c``): the weighted
     random draw, twice."""
 
-    def pick(self, client: Optional[str] = None,
-             exclude: AbstractSet[Any] = frozenset()) -> Optional[Any]:
+    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Any]:
+        exclude = context.exclude
         first = self._set.draw(self._rng, exclude)
         if first is None:
             return None
@@ -32,6 +32,6 @@ class Balancer(weighted_random.Balancer):
             return first
         # a.active / a.weight <= b.active / b.weight, without division
         w1, w2 = self._set.weight(first), self._set.weight(second)
-        if second.active_connections * w1 < first.active_connections * w2:
+        if second.load * w1 < first.load * w2:
             return second
         return first

@@ -19,7 +19,7 @@ from typing import AbstractSet, Any, Dict, List, Optional
 from zope.interface import implementer
 
 from lb.balancer.roundrobin import scaled_weight
-from lb.interfaces import IBalancer
+from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
 
 # Importing this module binds ``lb.balancer.random`` to it, shadowing the standard
 # library's ``random`` that lb/balancer/__init__.py imported under the same name; keep
@@ -113,12 +113,12 @@ class Balancer:
         if peer in self._set:
             self._set.set(peer, scaled_weight(peer))
 
-    def pick(self, client: Optional[str] = None,
-             exclude: AbstractSet[Any] = frozenset()) -> Optional[Any]:
+    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Any]:
+        exclude = context.exclude
         return self._set.draw(self._rng, exclude)
 
-    def connection_opened(self, peer: Any) -> None:
+    def load_added(self, peer: Any) -> None:
         pass
 
-    def connection_closed(self, peer: Any) -> None:
+    def load_removed(self, peer: Any) -> None:
         pass

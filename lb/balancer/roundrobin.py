@@ -16,11 +16,11 @@ the winner pays is the sum of the weights that took part.
 from __future__ import annotations
 
 import heapq
-from typing import AbstractSet, Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 from zope.interface import implementer
 
-from lb.interfaces import IBalancer
+from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
 
 _SCALE = 1000  # effective weights are floats (slow start); integers keep the sums exact
 
@@ -146,8 +146,8 @@ class Balancer:
             current = self._discard(peer)
             self._insert(peer, current or 0)
 
-    def pick(self, client: Optional[str] = None,
-             exclude: AbstractSet[Any] = frozenset()) -> Optional[Any]:
+    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Any]:
+        exclude = context.exclude
         if not self._entries:
             return None
         skipped: List[_Entry] = []
@@ -186,8 +186,8 @@ class Balancer:
             self._insert(entry.peer, (grown or 0) - entry.weight)
         return peer
 
-    def connection_opened(self, peer: Any) -> None:
+    def load_added(self, peer: Any) -> None:
         pass
 
-    def connection_closed(self, peer: Any) -> None:
+    def load_removed(self, peer: Any) -> None:
         pass

@@ -29,11 +29,11 @@ import struct
 from array import array
 from bisect import bisect_left, insort
 from hashlib import blake2b
-from typing import AbstractSet, Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 from zope.interface import implementer
 
-from lb.interfaces import IBalancer
+from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
 
 _INDEX_BITS = 20  # up to 2**20 peers; a point keeps the upper 44 bits of its hash
 _INDEX_MASK = (1 << _INDEX_BITS) - 1
@@ -127,7 +127,7 @@ class Balancer:
         member.peer = peer
         member.live = True
         self._live += 1
-        self._active += peer.active_connections
+        self._active += peer.load
         self._set_weight(member, peer.effective_weight)
 
     def remove(self, peer: Any) -> None:
@@ -136,7 +136,7 @@ class Balancer:
             return
         member.live = False
         self._live -= 1
-        self._active -= peer.active_connections
+        self._active -= peer.load
         self._set_weight(member, 0.0)
 
     def reweight(self, peer: Any) -> None:
@@ -155,12 +155,12 @@ class Balancer:
         if member.target != member.count or not member.live:
             self._dirty.add(member)
 
-    def connection_opened(self, peer: Any) -> None:
+    def load_added(self, peer: Any) -> None:
         member = self._members.get(peer.key)
         if member is not None and member.live and member.peer is peer:
             self._active += 1
 
-    def connection_closed(self, peer: Any) -> None:
+    def load_removed(self, peer: Any) -> None:
         member = self._members.get(peer.key)
         if member is not None and member.live and member.peer is peer:
             self._active = max(0, self._active - 1)
@@ -250,8 +250,9 @@ class Balancer:
         cap = self._factor * (self._active + 1) * weight / self._total_weight  # type: ignore
         return math.ceil(cap - 1e-9)  # 1.1 × 400 × 0.75 is 330, not 330.00000000000006
 
-    def pick(self, client: Optional[str] = None,
-             exclude: AbstractSet[Any] = frozenset()) -> Optional[Any]:
+    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Any]:
+        exclude = context.exclude
+        client = context.hash_key or context.client
         if self._dirty:
             self._sync()
         ring = self._ring
@@ -280,7 +281,7 @@ class Balancer:
                 continue
             if not bounded:
                 return peer
-            if peer.active_connections < self._cap(member):
+            if peer.load < self._cap(member):
                 return peer
             if first is None:
                 first = peer

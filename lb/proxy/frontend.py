@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lb.interfaces import IClosable
+from lb.interfaces import IClosable, PickContext
 from lb.peer import Peer
 from lb.proxy import proxyprotocol
 from lb.net import describe_connect_failure, host_port
@@ -171,7 +171,7 @@ class Frontend(Protocol):
 
     def _pick_and_connect(self) -> None:
         client_host = getattr(self.client, "host", None)
-        peer = self.pool.pick(client_host, self._tried)
+        peer = self.pool.pick(PickContext(client_host, None, self._tried))
         if peer is None:
             if not self._tried:
                 self.listener.no_peer += 1
