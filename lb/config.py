@@ -25,7 +25,6 @@ __all__ = ["Address", "ConfigError", "Config", "parse_address", "host_name", "ch
            "parse", "parse_duration"]
 
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "random", "p2c", "source")
-ADMIN_STATES = ("ready", "drain", "maint")
 MAX_WEIGHT = 256  # HAProxy's bound; Consul weights above it are clamped
 DEFAULT_CONSUL_URL = "http://127.0.0.1:8500"
 

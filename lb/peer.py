@@ -8,13 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Set
 
-from lb.config import Address
+from lb.net import Address
 from lb.health.risefall import UNKNOWN, UP, HealthState
 
+# Admin states, least restrictive first: the one place they are named.
 READY = "ready"
 DRAIN = "drain"
 MAINT = "maint"
-_SEVERITY = {READY: 0, DRAIN: 1, MAINT: 2}
+ADMIN_STATES = (READY, DRAIN, MAINT)
+_SEVERITY = {state: i for i, state in enumerate(ADMIN_STATES)}
 
 # Where a peer's weight comes from when several sources want it: an operator's choice
 # first, then the config file, then discovery.

@@ -15,17 +15,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from lb import balancer as balancers
-from lb.config import Address, HealthConfig, PoolConfig
-from lb.health import risefall
+from lb.config import HealthConfig, PoolConfig
+from lb.health import passive, risefall
 from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
-from lb.peer import DRAIN, MAINT, READY, LastCheck, Peer, PeerSpec
+from lb.net import Address
+from lb.peer import ADMIN_STATES, MAINT, READY, LastCheck, Peer, PeerSpec
+from lb.slowstart import SlowStart
 
 Observer = Callable[["Pool", Peer, str], None]
-
-# Without a health section passive checks still count, with HAProxy's default thresholds.
-PASSIVE_DEFAULTS = HealthConfig(type="tcp")
-SLOW_START_FLOOR = 0.1
-SLOW_START_STEPS = 20
 # The sources an operator may remove a peer from (DELETE): their own runtime adds, and the
 # config file's peers until the next reload. Discovery would announce a peer again.
 REMOVABLE_SOURCES = ("admin", "static")
@@ -54,12 +51,13 @@ class Pool:
         self._timers: Dict[tuple, IDelayedCall] = {}
         self._up_serving: set = set()  # serving and up; when empty, unknown peers get traffic
         self._in_balancer: set = set()
+        self.slow_start = SlowStart(clock, lambda: self.config.slow_start, self._set_ramp)
 
     # --- configuration ---------------------------------------------------------------------
 
     @property
     def thresholds(self) -> HealthConfig:
-        return self.config.health or PASSIVE_DEFAULTS
+        return self.config.health or passive.THRESHOLDS_WITHOUT_CHECKS
 
     def _new_balancer(self) -> IBalancer:
         return balancers.create(self.config.balance, rng=self._rng,
@@ -74,10 +72,10 @@ class Pool:
             self.balancer = self._new_balancer()
             for peer in self._in_balancer:
                 self.balancer.add(peer)
-        if config.slow_start != old.slow_start:
+        if config.slow_start <= 0 < old.slow_start:
+            self.slow_start.stop_all()
             for peer in self.peers.values():
-                if peer.ramp < 1.0 and config.slow_start <= 0:
-                    self._set_ramp(peer, 1.0)
+                self._set_ramp(peer, 1.0)
 
     def subscribe(self, observer: Observer) -> None:
         self._observers.append(observer)
@@ -177,7 +175,7 @@ class Pool:
     # --- operator changes ------------------------------------------------------------------
 
     def set_admin_state(self, key: str, state: str, reason: str = "admin call") -> Peer:
-        if state not in (READY, DRAIN, MAINT):
+        if state not in ADMIN_STATES:
             raise PoolError(f"unknown admin_state {state!r} (ready, drain or maint)")
         peer = self.get(key)
         before = self._describe(peer)
@@ -194,14 +192,21 @@ class Pool:
 
     # --- health ----------------------------------------------------------------------------
 
-    def report_check(self, peer: Peer, ok: bool, detail: str, passive: bool = False) -> None:
-        """One check verdict (a probe, or a client connect on the data path)."""
+    def report_check(self, peer: Peer, ok: bool, detail: str) -> None:
+        """One active probe's verdict."""
         if self.peers.get(peer.key) is not peer:
             return  # removed meanwhile
-        if not passive:
-            peer.last_check = LastCheck(ok, detail, self.clock.seconds())
-        elif ok:
-            return  # client traffic only ever takes a peer out
+        peer.last_check = LastCheck(ok, detail, self.clock.seconds())
+        self._count_check(peer, ok, detail)
+
+    def report_traffic(self, peer: Peer, ok: bool, detail: str) -> None:
+        """What client traffic to ``peer`` showed; lb.health.passive decides what it counts
+        for (a failure is a failed check, a success nothing)."""
+        verdict = passive.traffic_verdict(ok, detail)
+        if verdict is not None and self.peers.get(peer.key) is peer:
+            self._count_check(peer, *verdict)
+
+    def _count_check(self, peer: Peer, ok: bool, detail: str) -> None:
         t = self.thresholds
         new_state = risefall.step(peer.health_state, ok, t.rise, t.fall)
         if new_state == peer.health_state:
@@ -210,13 +215,11 @@ class Pool:
         old_status = peer.health
         peer.health_state = new_state
         if new_state.status != old_status:
-            if passive:
-                detail = f"{detail} (client traffic)"
             self.log.info("pool {pool}: peer {peer} health {old} -> {new} ({detail})",
                           pool=self.name, peer=peer.key, old=old_status,
                           new=new_state.status, detail=detail)
-            if new_state.status == risefall.UP and self.config.slow_start > 0:
-                self._start_ramp(peer)
+            if new_state.status == risefall.UP and self.slow_start.enabled:
+                self.slow_start.start(peer)
         self._changed(peer, before, detail, log=False)
 
     # --- the data path ---------------------------------------------------------------------
@@ -249,7 +252,7 @@ class Pool:
         """A connect on a client's behalf failed: a failed passive check."""
         peer.connect_failures += 1
         self.connection_ended(peer, conn)
-        self.report_check(peer, False, detail, passive=True)
+        self.report_traffic(peer, False, detail)
 
     def connection_ended(self, peer: Peer, conn: object) -> None:
         if conn not in peer.connections:
@@ -267,8 +270,7 @@ class Pool:
         checked = self.config.health is not None
         t = self.thresholds
         peer = Peer(address, risefall.initial(checked, t.rise, t.fall))
-        if self.config.slow_start > 0:
-            peer.ramp = SLOW_START_FLOOR
+        peer.ramp = self.slow_start.initial()
         return peer
 
     def _added(self, peer: Peer, reason: str) -> None:
@@ -276,8 +278,8 @@ class Pool:
         self.log.info("pool {pool}: peer {peer} added ({reason}), {state}/{health} weight "
                       "{weight}", pool=self.name, peer=peer.key, reason=reason,
                       state=peer.admin_state, health=peer.health, weight=peer.weight)
-        if self.config.slow_start > 0 and not peer.is_unknown:
-            self._start_ramp(peer)
+        if self.slow_start.enabled and not peer.is_unknown:
+            self.slow_start.start(peer)
         self._refresh(peer)
         self._notify(peer, "added")
 
@@ -294,9 +296,9 @@ class Pool:
                 ("admin_state", "health", "weight"), before, after) if a != b)
             self.log.info("pool {pool}: peer {peer} {changes} ({reason})", pool=self.name,
                           peer=peer.key, changes=changes, reason=reason)
-        if (before[0] == MAINT and after[0] == READY and self.config.slow_start > 0
+        if (before[0] == MAINT and after[0] == READY and self.slow_start.enabled
                 and peer.is_up):
-            self._start_ramp(peer)  # back from maintenance: ramp up like HAProxy
+            self.slow_start.start(peer)  # back from maintenance: ramp up like HAProxy
         if before[0] != MAINT and after[0] == MAINT:
             self._schedule((peer.key, "maint"), self.config.drain_timeout,
                            self._close_connections, peer)
@@ -315,8 +317,9 @@ class Pool:
     def _remove(self, peer: Peer, why: str) -> None:
         if self.peers.get(peer.key) is not peer or not peer.removing:
             return
-        for kind in ("remove", "maint", "ramp"):
+        for kind in ("remove", "maint"):
             self._cancel((peer.key, kind))
+        self.slow_start.stop(peer)
         del self.peers[peer.key]
         self._refresh(peer)
         self.log.info("pool {pool}: peer {peer} removed ({why})", pool=self.name,
@@ -364,33 +367,6 @@ class Pool:
             self._in_balancer.discard(peer)
             self.balancer.remove(peer)
 
-    # slow start: weight ramps 10% → 100% over slow_start after a peer comes up or is added
-
-    def _start_ramp(self, peer: Peer) -> None:
-        self._cancel((peer.key, "ramp"))
-        self._set_ramp(peer, SLOW_START_FLOOR)
-        self._ramp_tick(peer, self.clock.seconds())
-
-    def _ramp_tick(self, peer: Peer, started: float) -> None:
-        duration = self.config.slow_start
-        if duration <= 0:
-            self._set_ramp(peer, 1.0)
-            return
-        # Whole steps from the start time, however late a tick fires: every ramping peer
-        # takes one of the same 21 ramp values, so balancers indexing peers by weight
-        # (roundrobin's weight groups) stay small however many peers ramp at once.
-        # A tick counts as on time within a millionth of a step (float sums of delays).
-        period = duration / SLOW_START_STEPS
-        step = int((self.clock.seconds() - started) / period + 1e-6)
-        if step >= SLOW_START_STEPS:
-            self._set_ramp(peer, 1.0)
-            return
-        self._set_ramp(peer, SLOW_START_FLOOR
-                       + (1 - SLOW_START_FLOOR) * step / SLOW_START_STEPS)
-        due = started + (step + 1) * period - period * 1e-7
-        self._schedule((peer.key, "ramp"), max(0.0, due - self.clock.seconds()),
-                       self._ramp_tick, peer, started)
-
     def _set_ramp(self, peer: Peer, ramp: float) -> None:
         if peer.ramp != ramp:
             peer.ramp = ramp
@@ -413,6 +389,7 @@ class Pool:
         """Cancel every timer (the service is stopping)."""
         for key in list(self._timers):
             self._cancel(key)
+        self.slow_start.stop_all()
 
     def snapshot(self) -> Mapping[str, Peer]:
         return dict(self.peers)

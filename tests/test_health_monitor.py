@@ -19,7 +19,8 @@ from lb.discovery import static
 from lb.health.monitor import FAIL, PASS, HealthMonitor, build_part
 from lb.health.probes import HTTPProbe, ProbeResult, TCPProbe
 from lb.peer import PeerSpec
-from lb.pool import PASSIVE_DEFAULTS, Pool
+from lb.health.passive import THRESHOLDS_WITHOUT_CHECKS as PASSIVE_DEFAULTS
+from lb.pool import Pool
 from lb.service import LBService
 from lb.testing import make_config
 

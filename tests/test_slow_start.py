@@ -12,7 +12,8 @@ from twisted.internet.task import Clock
 from lb.interfaces import PickContext
 from lb.config import Address, HealthConfig, PoolConfig
 from lb.peer import PeerSpec
-from lb.pool import SLOW_START_FLOOR, SLOW_START_STEPS, Pool
+from lb.pool import Pool
+from lb.slowstart import FLOOR as SLOW_START_FLOOR, STEPS as SLOW_START_STEPS
 
 OLD = [Address("127.0.0.1", 9001 + i) for i in range(3)]
 NEW = Address("127.0.0.1", 9100)

@@ -29,7 +29,9 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from lb.config import ADMIN_STATES, MAX_WEIGHT, parse_address
+from lb.config import MAX_WEIGHT
+from lb.net import parse_address
+from lb.peer import ADMIN_STATES
 from lb.peer import Peer
 from lb.pool import Pool, PoolError
 

@@ -28,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 import lb
-from lb.config import ADMIN_STATES
+from lb.peer import ADMIN_STATES
 from lb.health.risefall import UP
 
 REFUSE_REASONS = ("allow", "max_connections")

@@ -20,12 +20,11 @@ from twisted.web.server import Request
 
 import lb
 from lb.admin.api import listener_address
-from lb.peer import Peer
+from lb.peer import ADMIN_STATES, Peer
 from lb.pool import REMOVABLE_SOURCES, Pool
 
 REFRESH_SECONDS = 5
 MAX_REFRESH_SECONDS = 3600
-ADMIN_ACTIONS = ("ready", "drain", "maint")
 
 # the page may run its own inline script and style and talk to this server only
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
@@ -262,7 +261,7 @@ class StatusPage(Resource):
         data = f'data-pool="{_e(pool.name)}" data-peer="{_e(peer.key)}"'
         buttons = [f'<button type="button" class="{state}" data-action="state" '
                    f'data-state="{state}" {data}>{state}</button>'
-                   for state in ADMIN_ACTIONS if state != peer.operator_state]
+                   for state in ADMIN_STATES if state != peer.operator_state]
         if not peer.removing and all(s in REMOVABLE_SOURCES for s in peer.wants):
             buttons.append(f'<button type="button" class="remove" data-action="remove" '
                            f'{data}>remove</button>')

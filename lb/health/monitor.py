@@ -35,7 +35,8 @@ from lb.config import HealthConfig, PoolConfig
 from lb.health.probes import (HTTPProbe, Probe, ProbeResult, QuietHTTPConnectionPool,
                               TCPProbe, unexpected)
 from lb.peer import Peer
-from lb.pool import PASSIVE_DEFAULTS, Pool
+from lb.health.passive import THRESHOLDS_WITHOUT_CHECKS
+from lb.pool import Pool
 from lb.net import endpoint_for, format_seconds
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ def build_part(root: "LBService", pool: Pool, config: PoolConfig) -> IService:
     """The ``health`` part of a pool: always a monitor (see the module docstring)."""
     reactor = root.reactor
     health = config.health
-    settings = health or PASSIVE_DEFAULTS
+    settings = health or THRESHOLDS_WITHOUT_CHECKS
     on_stop: Optional[Callable[[], Any]] = None
     probe: Probe
     if health is not None and health.type == "http":
