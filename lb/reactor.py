@@ -1,6 +1,6 @@
 """The reactor lb runs on: Twisted's epoll reactor, sharing its epoll set with the pump.
 
-The pump (``lb/proxy/pump.py``) moves the bytes of joined connections outside Twisted's
+The pump (``lb/proxy/carriers/pump.py``) moves the bytes of joined connections outside Twisted's
 per-event dispatch. As one more reader nested in the reactor, it cost a second epoll_wait and a
 pass through Twisted's logging-context wrappers on every wakeup. Here the pump's sockets sit in
 the reactor's own epoll set: one epoll_wait per loop serves both, and the events whose file
@@ -18,17 +18,27 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import installReactor
 from twisted.python import log
 
+from lb.proxy.carriers.pump import Pump
+
 PUMP_EVENTS = 256  # pump events taken per wakeup, besides one per Twisted selectable
 
 Events = List[Tuple[int, int]]
 
 
 class Reactor(EPollReactor):
-    """An EPollReactor whose poll also serves the pump's sockets."""
+    """An EPollReactor whose poll also serves the pump's sockets. It makes its one pump (a
+    reactor's epoll set can feed one pump), which the composition root hands to listeners."""
 
     def __init__(self) -> None:
         super().__init__()
         self.pump_events: Optional[Callable[[Events], None]] = None
+        self._pump: Optional[Pump] = None
+
+    @property
+    def pump(self) -> Pump:
+        if self._pump is None:
+            self._pump = Pump(self)
+        return self._pump
 
     def share_poller(self, handler: Callable[[Events], None]) -> object:
         """Hand events on descriptors Twisted does not track to ``handler``; the caller

@@ -13,10 +13,12 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from lb import config as lbconfig
-from lb.config import Config, PoolConfig
+from lb.config import Config, ListenerConfig, PoolConfig
 from lb.discovery import static
 from lb.pool import Pool
-from lb.proxy.connlog import connection_log_for
+from lb.proxy.carriers.pump import Pump
+from lb.reactor import Reactor
+from lb.proxy.connlog import ConnectionLog
 from lb.proxy.listener import Listener, ListenerService
 
 # Builders of per-pool services (health monitor, discovery watchers). Each takes the root
@@ -74,13 +76,16 @@ class LBService(MultiService):
         self.pools: Dict[str, PoolService] = {}
         self.listeners: Dict[str, ListenerService] = {}
         self.stopping = False  # shutdown has begun (/healthz answers 503 from then on)
+        # lb's reactor runs the fast data path (its one pump); any other reactor does not
+        self.pump: Optional[Pump] = reactor.pump if isinstance(reactor, Reactor) else None
+        self.connection_log = ConnectionLog(reactor)
         # callables (service, old, new) run after a reload for top-level sections
         self.global_hooks: List[Callable[["LBService", Config, Config], None]] = []
         for name, pool_config in config.pools.items():
             self._add_pool(pool_config)
         for name, listener_config in config.listeners.items():
             self._add_listener(ListenerService(
-                Listener(listener_config, self.pools[listener_config.pool].pool, reactor),
+                self._listener(listener_config, self.pools[listener_config.pool].pool),
                 config.shutdown_timeout))
         from lb.admin.server import AdminService
 
@@ -105,6 +110,9 @@ class LBService(MultiService):
         for kind, build in self.pool_parts.items():
             if only is None or kind in only:
                 service.set_part(kind, build(self, service.pool, pool_config))
+
+    def _listener(self, config: ListenerConfig, pool: Pool) -> Listener:
+        return Listener(config, pool, self.reactor, self.pump, self.connection_log)
 
     def _add_listener(self, service: ListenerService) -> None:
         self.listeners[service.listener.config.name] = service
@@ -151,7 +159,7 @@ class LBService(MultiService):
                 current = self.listeners.get(name)
                 if current is not None and current.listener.config.bind == lc.bind:
                     continue
-                service = ListenerService(Listener(lc, None, self.reactor),  # type: ignore
+                service = ListenerService(self._listener(lc, None),  # type: ignore[arg-type]
                                           new.shutdown_timeout)
                 if self.running:
                     try:
@@ -239,7 +247,7 @@ class LBService(MultiService):
         yield defer.gatherResults([s.stop_accepting() for s in listeners])
         timeout = self.config.shutdown_timeout
         yield defer.gatherResults([s.drain(timeout) for s in listeners])
-        connection_log_for(self.reactor).flush()
+        self.connection_log.flush()
         yield defer.maybeDeferred(super().stopService)
 
 

@@ -139,7 +139,7 @@ def test_get_one_pool_peers_and_peer(admin: Admin) -> None:
 def test_listeners_endpoint_shows_counters(admin: Admin) -> None:
     """GET /api/listeners shows each listener's pool and counters, refusals by reason."""
     listener = admin.root.listeners["front"].listener
-    listener.total, listener.no_peer = 7, 2
+    listener.total, listener.ended["no_peer"] = 7, 2
     listener.refused["max_connections"] += 3
     listener.ended["closed"] += 5
     status, body, _ = admin.call("GET", "/api/listeners")
@@ -149,7 +149,7 @@ def test_listeners_endpoint_shows_counters(admin: Admin) -> None:
     assert (front["total_connections"], front["no_peer"], front["active_connections"]) == (
         7, 2, 0)
     assert front["refused"] == {"allow": 0, "max_connections": 3}
-    assert front["ended"] == {"closed": 5}
+    assert front["ended"] == {"closed": 5, "no_peer": 2}  # no_peer: the clients that ended so
 
 
 # --- adding -----------------------------------------------------------------------------------

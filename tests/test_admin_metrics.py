@@ -93,9 +93,9 @@ def test_spec_metrics_parse_and_carry_the_live_values(root: LBService) -> None:
     pool.report_check(peer, True, "connected")
     peer.bytes_in, peer.bytes_out, peer.connect_failures = 100, 2000, 3
     for _ in range(3):
-        listener.connected(peer)
+        listener.peer_connected(peer)
     listener.per_peer[peer.key][1] = 1  # two of the three ended
-    listener.no_peer = 6
+    listener.ended["no_peer"] = 6
     listener.refused["allow"] += 2
     listener.ended["closed"] += 2
     status, text, headers = scrape(root)
@@ -172,7 +172,7 @@ def test_a_removed_peers_series_disappear(root: LBService) -> None:
     pool = root.pool("other")
     peer = pool.add_peer(parse_address("127.0.0.1:9200"))
     peer.bytes_in = 50
-    root.listeners["front"].listener.connected(root.pool("web").get("[::1]:9002"))
+    root.listeners["front"].listener.peer_connected(root.pool("web").get("[::1]:9002"))
     assert '127.0.0.1:9200' in scrape(root)[1]
     pool.remove_peer("127.0.0.1:9200")
     text = scrape(root)[1]

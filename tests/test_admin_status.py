@@ -177,7 +177,7 @@ def test_buttons_offer_the_other_states_and_remove_where_delete_works(
 def test_listeners_and_empty_pools(root: LBService) -> None:
     """Listeners show address, pool and counts; an empty pool says clients are closed."""
     listener = root.listeners["front"].listener
-    listener.total, listener.no_peer = 40, 4
+    listener.total, listener.ended["no_peer"] = 40, 4
     listener.refused["max_connections"] += 2
     page = fetch(root)[1]
     (front,) = [r for r in parse(page).rows if r["attrs"].get("data-listener") == "front"]

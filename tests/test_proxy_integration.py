@@ -13,7 +13,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import implementer
 
-from lb.proxy.pump import HAVE_SPLICE, pump_for
+from lb.proxy.carriers.pump import HAVE_SPLICE
 from lb.service import LBService
 from lb.testing import EchoFactory, free_port, make_config, poll_until
 
@@ -65,7 +65,7 @@ def data_path(request: Any) -> Any:
     if mode == "twisted":
         yield None
         return
-    pump = pump_for(reactor)
+    pump = reactor.pump
     pump.splice = mode == "splice"
     yield pump
     pump.splice = HAVE_SPLICE
@@ -259,7 +259,7 @@ def test_slow_reader_keeps_proxy_buffers_bounded(cleanup: List[Any], data_path: 
 
     def sample() -> None:
         for session in list(listener.sessions):
-            samples.append(session.buffered_bytes())
+            samples.append(session.buffered())
 
     sampler = task.LoopingCall(sample)
     sampler.start(0.005)

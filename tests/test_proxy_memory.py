@@ -1,4 +1,5 @@
-"""The proxy's wiring, in memory: MemoryReactorClock for connects and time, fake transports."""
+"""Sessions on the transports carrier, in memory: MemoryReactorClock for connects and time,
+fake transports (the path for PROXY headers, host-name peers and reactors without a pump)."""
 
 from typing import Any, Dict, List, Tuple
 
@@ -27,7 +28,7 @@ def build(listener: Dict[str, Any] = None, pool: Dict[str, Any] = None,
     p = Pool(config.pools["p"], reactor)
     from lb.discovery import static
     static.apply(p, config.pools["p"])
-    return reactor, Listener(config.listeners["l"], p, reactor), p
+    return reactor, Listener(config.listeners["l"], p, reactor), p  # no pump: transports
 
 
 def accept(listener: Listener, client: Any = CLIENT) -> Tuple[Any, FakeTCPTransport]:
@@ -82,11 +83,11 @@ def test_bytes_flow_both_ways_and_are_counted() -> None:
     frontend.dataReceived(b"hello ")
     frontend.dataReceived(b"peer")
     assert peer_t.value() == b"hello peer"
-    frontend.backend.dataReceived(b"hi client")
+    frontend.join.peer.dataReceived(b"hi client")
     assert client.value() == b"hi client"
     peer = pool.peers["127.0.0.1:9001"]
     assert (peer.bytes_in, peer.bytes_out) == (10, 9)
-    assert (frontend.bytes_in, frontend.bytes_out) == (10, 9)
+    assert (frontend.session.bytes_in, frontend.session.bytes_out) == (10, 9)
 
 
 def test_connect_failure_retries_next_peer_then_gives_up() -> None:
@@ -100,7 +101,7 @@ def test_connect_failure_retries_next_peer_then_gives_up() -> None:
     tried = {(h, p) for h, p, *_ in reactor.tcpClients}
     assert tried == {("127.0.0.1", 9001), ("127.0.0.1", 9002), ("127.0.0.1", 9003)}
     assert client.disconnecting
-    assert frontend.end_reason == "connect_failed"
+    assert frontend.session.end_reason == "connect_failed"
     assert all(p.connect_failures == 1 for p in pool.peers.values())
     assert all(p.active_connections == 0 for p in pool.peers.values())
 
@@ -114,7 +115,7 @@ def test_retry_succeeds_on_second_peer() -> None:
     frontend.dataReceived(b"x")
     assert peer_t.value() == b"x"
     assert not client.disconnecting
-    assert frontend.peer.key == "127.0.0.1:9002"
+    assert frontend.session.peer.key == "127.0.0.1:9002"
 
 
 def test_retries_zero_means_one_attempt() -> None:
@@ -124,7 +125,7 @@ def test_retries_zero_means_one_attempt() -> None:
     fail_connect(reactor, error.TimeoutError())
     assert len(reactor.tcpClients) == 1
     assert client.disconnecting
-    assert "connect timeout after 2s" in frontend._failures[0]
+    assert "connect timeout after 2s" in frontend.session.failures[0]
 
 
 def test_no_peer_closes_client_at_once_and_counts() -> None:
@@ -134,7 +135,7 @@ def test_no_peer_closes_client_at_once_and_counts() -> None:
     assert client.disconnecting
     assert reactor.tcpClients == []
     assert listener.no_peer == 1
-    assert frontend.end_reason == "no_peer"
+    assert frontend.session.end_reason == "no_peer"
 
 
 def test_half_close_from_client_is_forwarded() -> None:
@@ -145,9 +146,9 @@ def test_half_close_from_client_is_forwarded() -> None:
     frontend.readConnectionLost()
     assert peer_t.write_closed
     assert not peer_t.disconnecting
-    frontend.backend.dataReceived(b"reply")
+    frontend.join.peer.dataReceived(b"reply")
     assert client.value() == b"reply"
-    frontend.backend.readConnectionLost()
+    frontend.join.peer.readConnectionLost()
     assert client.write_closed
 
 
@@ -155,7 +156,7 @@ def test_half_close_from_peer_is_forwarded() -> None:
     """The peer's FIN becomes a write shutdown towards the client while the client may
     still send."""
     reactor, listener, pool, frontend, client, peer_t = connected_pair()
-    frontend.backend.readConnectionLost()
+    frontend.join.peer.readConnectionLost()
     assert client.write_closed and not client.disconnecting
     frontend.dataReceived(b"more")
     assert peer_t.value() == b"more"
@@ -165,8 +166,8 @@ def test_both_halves_closed_closes_both_sockets() -> None:
     """Once each side has both sent and received FIN its socket is closed."""
     reactor, listener, pool, frontend, client, peer_t = connected_pair()
     frontend.readConnectionLost()
-    frontend.backend.writeConnectionLost()
-    frontend.backend.readConnectionLost()
+    frontend.join.peer.writeConnectionLost()
+    frontend.join.peer.readConnectionLost()
     frontend.writeConnectionLost()
     assert client.disconnecting and peer_t.disconnecting
 
@@ -181,7 +182,7 @@ def test_idle_timeout_cuts_both_sides() -> None:
     assert not client.disconnected
     reactor.advance(2.5)
     assert client.disconnected and peer_t.disconnected
-    assert frontend.end_reason == "idle_timeout"
+    assert frontend.session.end_reason == "idle_timeout"
 
 
 def test_idle_sweep_is_one_timer_that_stops_with_the_last_connection() -> None:
@@ -200,10 +201,10 @@ def test_idle_sweep_is_one_timer_that_stops_with_the_last_connection() -> None:
     assert client1.disconnected and not client2.disconnected
     reactor.pump([0.2] * 5)  # t=3.2
     assert client2.disconnected
-    assert first.end_reason == second.end_reason == "idle_timeout"
+    assert first.session.end_reason == second.session.end_reason == "idle_timeout"
     for frontend in (first, second):  # both transports report the close
         frontend.connectionLost(Failure(error.ConnectionDone()))
-        frontend.backend.connectionLost(Failure(error.ConnectionDone()))
+        frontend.join.peer.connectionLost(Failure(error.ConnectionDone()))
     assert not listener.sessions
     reactor.advance(0.2)
     assert reactor.getDelayedCalls() == []
@@ -236,10 +237,10 @@ def test_session_end_updates_counters_and_logs_once() -> None:
     self_cleanup = lambda: globalLogPublisher.removeObserver(events.append)  # noqa: E731
     reactor, listener, pool, frontend, client, peer_t = connected_pair()
     frontend.dataReceived(b"12345")
-    frontend.backend.dataReceived(b"123")
-    peer = frontend.peer
+    frontend.join.peer.dataReceived(b"123")
+    peer = frontend.session.peer
     assert peer.active_connections == 1 and len(listener.sessions) == 1
-    frontend.backend.connectionLost(Failure(error.ConnectionDone()))
+    frontend.join.peer.connectionLost(Failure(error.ConnectionDone()))
     frontend.connectionLost(Failure(error.ConnectionDone()))
     assert peer.active_connections == 0
     assert listener.sessions == set()
@@ -259,8 +260,8 @@ def test_peer_reset_closes_client_and_is_counted() -> None:
     """A peer that resets mid-stream: the client is closed after what was received is
     flushed, and the end is counted as peer_reset."""
     reactor, listener, pool, frontend, client, peer_t = connected_pair()
-    frontend.backend.dataReceived(b"partial")
-    frontend.backend.connectionLost(Failure(error.ConnectionLost()))
+    frontend.join.peer.dataReceived(b"partial")
+    frontend.join.peer.connectionLost(Failure(error.ConnectionLost()))
     assert client.disconnecting and client.value() == b"partial"
     frontend.connectionLost(Failure(error.ConnectionDone()))
     assert listener.ended["peer_reset"] == 1
@@ -271,7 +272,7 @@ def test_client_reset_aborts_peer() -> None:
     reactor, listener, pool, frontend, client, peer_t = connected_pair()
     frontend.connectionLost(Failure(error.ConnectionLost()))
     assert peer_t.disconnected
-    frontend.backend.connectionLost(Failure(error.ConnectionAborted()))
+    frontend.join.peer.connectionLost(Failure(error.ConnectionAborted()))
     assert listener.ended["client_reset"] == 1
 
 
@@ -280,7 +281,7 @@ def test_client_gone_while_connecting_cancels_connect() -> None:
     the peer's slot."""
     reactor, listener, pool = build()
     frontend, client = accept(listener)
-    peer = frontend.peer
+    peer = frontend.session.attempt.peer  # being dialled
     frontend.connectionLost(Failure(error.ConnectionLost()))
     assert reactor.connectors[0].stoppedConnecting
     assert peer.active_connections == 0
@@ -303,7 +304,7 @@ def test_accept_proxy_reads_header_split_across_reads(header: bytes) -> None:
     frontend.dataReceived(b"payload")
     assert client.producerState == "paused"
     peer_t = finish_connect(reactor)
-    assert frontend.client.host == "203.0.113.7" and frontend.client.port == 51000
+    assert frontend.session.client.host == "203.0.113.7" and frontend.session.client.port == 51000
     assert peer_t.value() == b"payload"
 
 
@@ -312,7 +313,7 @@ def test_accept_proxy_garbage_closes_connection() -> None:
     reactor, listener, pool = build(listener={"accept_proxy": True})
     frontend, client = accept(listener)
     frontend.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
-    assert client.disconnected and frontend.end_reason == "bad_proxy_header"
+    assert client.disconnected and frontend.session.end_reason == "bad_proxy_header"
     assert reactor.tcpClients == []
     other, other_t = accept(listener)
     other.dataReceived(b"PROXY TCP4 1.2.3.4 127.0.0.1 1 2\r\n")
@@ -357,7 +358,7 @@ def test_maint_cuts_connections_after_drain_timeout() -> None:
     drain keeps them."""
     reactor, listener, pool, frontend, client, peer_t = connected_pair(
         pool={"drain_timeout": "5s"})
-    key = frontend.peer.key
+    key = frontend.session.peer.key
     pool.set_admin_state(key, "drain")
     reactor.advance(10)
     assert not client.disconnected
@@ -366,7 +367,7 @@ def test_maint_cuts_connections_after_drain_timeout() -> None:
     assert not client.disconnected
     reactor.advance(1.5)
     assert client.disconnected and peer_t.disconnected
-    assert frontend.end_reason == "maint"
+    assert frontend.session.end_reason == "maint"
 
 
 def test_shutdown_drain_waits_then_cuts() -> None:
@@ -382,7 +383,7 @@ def test_shutdown_drain_waits_then_cuts() -> None:
     assert not fired and not client.disconnected
     reactor.advance(0.2)
     assert client.disconnected
-    frontend.backend.connectionLost(Failure(error.ConnectionAborted()))
+    frontend.join.peer.connectionLost(Failure(error.ConnectionAborted()))
     frontend.connectionLost(Failure(error.ConnectionAborted()))
     assert fired == [None]
     assert listener.ended["shutdown"] == 1

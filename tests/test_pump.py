@@ -7,7 +7,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, error, reactor
 
-from lb.proxy.pump import Pump, pump_for
+from lb.proxy.carriers.pump import Pump
 from lb.testing import free_port, poll_until
 
 pytestmark = pytest.mark.integration
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def pump() -> Any:
-    p = pump_for(reactor)
+    p = reactor.pump
     assert p is not None, "tests run on lb's reactor (tests/conftest.py)"
     return p
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from typing import Any, Optional
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort, IReadDescriptor
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 ACCEPTS_PER_WAKEUP = 128
 READ_EARLY = 65536
+_LINGER_RST = struct.pack("ii", 1, 0)
 
 
 def _address(family: int, sockaddr: Any) -> Any:
@@ -30,70 +31,46 @@ def _address(family: int, sockaddr: Any) -> Any:
     return IPv4Address("TCP", sockaddr[0], sockaddr[1])
 
 
-class RawTransport:
-    """The accepted socket of a client, until the pump adopts it."""
+class RawClient:
+    """A client accepted as a bare socket: the session's front until the pump adopts it.
 
-    __slots__ = ("socket", "_peer", "_host", "protocol", "connected", "disconnecting")
+    Nothing reads the socket before that, so there is nothing to pause, and a client that
+    leaves meanwhile is noticed by the pump."""
 
-    def __init__(self, sock: socket.socket, peer: Any, host: Any, protocol: Any) -> None:
-        self.socket = sock
-        self._peer = peer
-        self._host = host
-        self.protocol = protocol
-        self.connected = True
-        self.disconnecting = False
+    __slots__ = ("socket",)
+    eof = False  # a FIN before the join shows up in the pump's first read
 
-    def getPeer(self) -> Any:
-        return self._peer
-
-    def getHost(self) -> Any:
-        return self._host
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        if not enabled:  # on: inherited from the listening socket
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket: Optional[socket.socket] = sock
 
     def read_early(self) -> bytes:
         """What the client sent along with its connect (one non-blocking read; b"" if
         nothing yet). Passed to the peer as the connect's first write, it saves a wakeup per
         connection and tells at once whether the connect worked, as HAProxy does."""
         try:
-            return self.socket.recv(READ_EARLY)
+            return self.socket.recv(READ_EARLY)  # type: ignore[union-attr]
         except BlockingIOError:
             return b""
 
-    # Nothing reads this socket before the pump has it: pausing and unregistering are no-ops.
-    def pauseProducing(self) -> None:
-        pass
+    def take_pending(self) -> bytes:
+        return b""
 
-    def resumeProducing(self) -> None:
-        pass
+    def detach(self) -> None:
+        """The pump takes the socket."""
+        self.socket = None
 
-    def stopReading(self) -> None:
-        pass
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
 
-    def stopWriting(self) -> None:
-        pass
-
-    def _close(self, reason: Failure, reset: bool) -> None:
-        if not self.connected:
-            return
-        self.connected = False
-        self.disconnecting = True
-        if reset:
+    def abort(self) -> None:
+        if self.socket is not None:
             try:
-                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                       b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
             except OSError:
                 pass
-        self.socket.close()
-        self.protocol.connectionLost(reason)
-
-    def loseConnection(self) -> None:
-        self._close(Failure(error.ConnectionDone()), reset=False)
-
-    def abortConnection(self) -> None:
-        self._close(Failure(error.ConnectionAborted()), reset=True)
+            self.close()
 
 
 @implementer(IReadDescriptor, IListeningPort)
@@ -151,12 +128,7 @@ class RawPort:
             sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             try:
                 sock.setblocking(False)
-                peer = _address(family, sockaddr)
-                protocol = factory.buildProtocol(peer)
-                if protocol is None:
-                    sock.close()
-                    continue
-                protocol.makeConnection(RawTransport(sock, peer, host, protocol))
+                factory.accept_raw(sock, _address(family, sockaddr), host)
             except Exception:
                 # One client's trouble ends that client: an exception escaping doRead
                 # would make the reactor close this listening socket for good.

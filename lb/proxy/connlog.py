@@ -54,14 +54,3 @@ class ConnectionLog:
         lines, self._lines = self._lines, []
         infos, self._infos = self._infos, []
         _log.info("{lines}", lines="\n".join(lines), connections=infos)
-
-
-_logs: Dict[int, ConnectionLog] = {}
-
-
-def connection_log_for(clock: Any) -> ConnectionLog:
-    """The one connection log of a reactor (or test clock)."""
-    log = _logs.get(id(clock))
-    if log is None or log.clock is not clock:
-        log = _logs[id(clock)] = ConnectionLog(clock)
-    return log

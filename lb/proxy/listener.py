@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections import Counter
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -14,38 +15,49 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from lb.config import ListenerConfig
+from lb.net import Address, host_port
 from lb.peer import Peer
 from lb.pool import Pool
-from lb.proxy.accept import RawPort
-from lb.proxy.connlog import connection_log_for
-from lb.proxy.frontend import Frontend
-from lb.proxy.pump import pump_for
+from lb.proxy.accept import RawClient, RawPort
+from lb.proxy.carriers import transports
+from lb.proxy.carriers.pump import Pump
+from lb.proxy.carriers.transports import TransportClient
+from lb.proxy.connector import Dial
+from lb.proxy.connlog import ConnectionLog
+from lb.proxy.session import Session
 
 BACKLOG = 1024
 IDLE_SWEEP = 1.0  # at most this long between idle checks (less for short idle timeouts)
 
 
 class Listener(Factory):
-    """Builds a ``Frontend`` per accepted client and keeps the listener's counters."""
+    """Accepts clients for one pool: refuses what it must, starts a ``Session`` per client
+    (from a raw socket, or as a Twisted transport's protocol) and keeps the counters."""
 
     log = Logger()
     noisy = False
 
-    def __init__(self, config: ListenerConfig, pool: Pool, reactor: Any) -> None:
+    def __init__(self, config: ListenerConfig, pool: Pool, reactor: Any,
+                 pump: Optional[Pump] = None,
+                 connection_log: Optional[ConnectionLog] = None) -> None:
         self.config = config
         self.pool = pool
         self.reactor = reactor
         self.clock = reactor
-        self.sessions: set = set()
+        self.pump = pump  # the fast data path; None where it cannot run
+        self.connection_log = connection_log or ConnectionLog(reactor)
+        self.sessions: Set[Session] = set()
         self.total = 0
-        self.no_peer = 0
         self.refused: Counter = Counter()  # reason → count
         self.ended: Counter = Counter()  # how connections ended → count
         self.per_peer: Dict[str, List[int]] = {}  # peer key → [total, active]
-        self.pump = pump_for(reactor)  # the fast data path, None where it cannot run
-        self.connection_log = connection_log_for(reactor)
         self._idle_waiters: List[defer.Deferred] = []
         self._idle_sweep: Optional[LoopingCall] = None
+
+    @property
+    def no_peer(self) -> int:
+        """Clients closed because no peer could take them."""
+        return self.ended["no_peer"]
 
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
         """New settings for new clients; the idle timeout applies to open connections too."""
@@ -72,17 +84,10 @@ class Listener(Factory):
             sweep.clock = self.clock
             sweep.start(period, now=False)
 
-    def _allowed(self, addr: Any) -> bool:
-        host = getattr(addr, "host", None)
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.config.allow)
+    # --- accepting -------------------------------------------------------------------------
 
-    def buildProtocol(self, addr: Any) -> Optional[Frontend]:
+    def _refuse(self, addr: Any) -> Optional[str]:
+        """Why a new client must be closed at once (allow list, max_connections), if so."""
         reason = None
         if self.config.allow and not self._allowed(addr):
             reason = "allow"
@@ -91,18 +96,65 @@ class Listener(Factory):
         if reason is not None:
             self.refused[reason] += 1
             self.log.info("client {client} refused by listener {listener} ({reason})",
-                          client=f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}",
-                          listener=self.config.name, reason=reason)
-            return None  # Twisted closes the socket at once
-        frontend = Frontend(self)
-        frontend.factory = self
-        return frontend
+                          client=host_port(addr), listener=self.config.name, reason=reason)
+        return reason
 
-    def session_started(self, frontend: Frontend) -> None:
-        self.sessions.add(frontend)
+    def _allowed(self, addr: Any) -> bool:
+        host = getattr(addr, "host", None)
+        try:
+            ip = ipaddress.ip_address(host)  # type: ignore[arg-type]
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.config.allow)
+
+    def accept_raw(self, sock: socket.socket, addr: Any, host: Any) -> None:
+        """A client accepted as a bare socket (``RawPort``): its bytes go through the pump
+        from the start."""
+        if self._refuse(addr) is not None:
+            sock.close()
+            return
+        front = RawClient(sock)
+        session = self.session_for(front, addr, host)
+        try:
+            early = front.read_early()
+        except OSError:
+            session.abort("client_reset")
+            return
+        session.start(early)
+
+    def buildProtocol(self, addr: Any) -> Optional[TransportClient]:
+        """A client accepted by Twisted (``listenTCP``: PROXY headers, no pump)."""
+        if self._refuse(addr) is not None:
+            return None  # Twisted closes the socket at once
+        protocol = TransportClient(self)
+        protocol.factory = self
+        return protocol
+
+    def session_for(self, front: Any, client: Any, destination: Any) -> Session:
+        session = Session(self, front, client, destination, self.clock.seconds())
+        self.sessions.add(session)
         self.total += 1
         if self._idle_sweep is None:
             self._sweep_idle()
+        return session
+
+    def dial_for(self, front: Any) -> Dial:
+        """How a session connects to peers: the pump's own connect for an IP peer when the
+        client is a socket the pump can own, else a Twisted endpoint."""
+        pump, reactor = self.pump, self.reactor
+        direct = pump is not None and front.socket is not None
+
+        def dial(address: Address, timeout: float, first: bytes, connected: Any,
+                 failed: Any) -> Any:
+            if direct and address.is_ip:
+                return pump.connect(address.host, address.port,  # type: ignore[union-attr]
+                                    timeout, address.is_ipv6, first, connected, failed)
+            return transports.connect(reactor, address, timeout, first, connected, failed)
+        return dial
+
+    # --- what sessions report --------------------------------------------------------------
 
     def _close_idle(self) -> None:
         """Cut connections idle for ``idle_timeout``, or for ``fin_timeout`` once one side
@@ -124,21 +176,21 @@ class Listener(Factory):
             elif session.half_closed and session.last_active <= fin_limit:
                 session.abort("fin_timeout")
 
-    def connected(self, peer: Peer) -> None:
+    def peer_connected(self, peer: Peer) -> None:
         counts = self.per_peer.get(peer.key)
         if counts is None:
             counts = self.per_peer[peer.key] = [0, 0]
         counts[0] += 1
         counts[1] += 1
 
-    def session_ended(self, frontend: Frontend, reason: str) -> None:
-        self.sessions.discard(frontend)
+    def session_ended(self, session: Session, reason: str) -> None:
+        self.sessions.discard(session)
         self.ended[reason] += 1
-        if frontend.joined and frontend.peer is not None:
-            counts = self.per_peer.get(frontend.peer.key)
+        if session.peer is not None:
+            counts = self.per_peer.get(session.peer.key)
             if counts is not None:
                 counts[1] -= 1
-        info = frontend.describe(reason)
+        info = session.describe(reason)
         line = (f"{info['client']} -> {info['listener']} -> {info['peer']}: "
                 f"in={info['bytes_in']} out={info['bytes_out']} "
                 f"duration={info['duration']:.3f}s end={reason}")

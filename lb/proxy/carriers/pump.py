@@ -1,4 +1,4 @@
-"""The fast data path: once a client and its peer are connected, Python's epoll loop moves the
+"""The pump carrier: once a client and its peer are connected, lb's epoll loop moves the
 bytes without Twisted's per-event dispatch.
 
 Twisted keeps accept and timers. The pump does its own non-blocking connects and then owns both
@@ -96,12 +96,14 @@ class Pair:
             total += flow.piped
         return total
 
-    def abort(self, reason: str) -> None:
-        self.pump.close(self, reason, reset=True)
+    def abort(self) -> None:
+        """Close both sockets now, with a reset (the session asked: idle, maint, shutdown)."""
+        self.pump.close(self, "aborted", None, reset=True)
 
 
 class Pump:
-    """All joined pairs of a reactor (an ``lb.reactor.Reactor``, whose epoll set it shares)."""
+    """All joined pairs of a reactor (an ``lb.reactor.Reactor``, whose epoll set it shares:
+    the reactor makes its one pump, ``reactor.pump``)."""
 
     log = Logger()
 
@@ -146,7 +148,7 @@ class Pump:
                         self._check_error(pair, is_client)
                 except Exception:
                     self.log.failure("pump: error on a connection; closing it")
-                    self.close(pair, "error", reset=True)
+                    self.close(pair, "error", None, reset=True)
         finally:
             self._batch = None
             for pair, flow in batch:
@@ -219,7 +221,8 @@ class Pump:
         flow.pending = memoryview(data)[sent:] if sent < len(data) else None
         return True
 
-    def close(self, pair: Pair, reason: str, reset: bool = False) -> None:
+    def close(self, pair: Pair, kind: str, side: Optional[str], reset: bool = False) -> None:
+        """Close both sockets and tell the session what happened (raw: it classifies)."""
         if pair.closed:
             return
         pair.closed = True
@@ -234,7 +237,7 @@ class Pump:
             except OSError:
                 pass
             sock.close()
-        pair.session.pump_closed(reason)
+        pair.session.carrier_closed(kind, side, pair.down.shut, pair.up.blocked)
 
     # --- moving bytes --------------------------------------------------------------------------
 
@@ -299,17 +302,14 @@ class Pump:
             self._update(pair)
 
     def _count(self, pair: Pair, flow: _Flow, n: int) -> None:
-        session = pair.session
         if flow.inbound:
-            session.bytes_in += n
-            session.peer.bytes_in += n
+            pair.session.moved_in(n)
         else:
-            session.bytes_out += n
-            session.peer.bytes_out += n
+            pair.session.moved_out(n)
 
     def _eof(self, pair: Pair, flow: _Flow) -> None:
         flow.eof = True
-        pair.session.half_closed = True
+        pair.session.fin_received()
         if not flow.blocked:
             self._shutdown(pair, flow)
         else:
@@ -319,7 +319,7 @@ class Pump:
         flow.shut = True
         other = pair.down if flow is pair.up else pair.up
         if other.shut:
-            self.close(pair, "closed")  # close() sends the last FIN itself
+            self.close(pair, "done", None)  # close() sends the last FIN itself
         elif self._batch is not None:
             # The other side's FIN often comes in the same batch (a client closing after its
             # answer): then close() alone ends both and the shutdown call is saved.
@@ -337,16 +337,11 @@ class Pump:
     def _failed(self, pair: Pair, flow: _Flow, e: OSError, sending: bool) -> None:
         # which socket failed: the source when reading, the destination when sending
         client_side = (flow.inbound and not sending) or (not flow.inbound and sending)
-        if client_side and pair.down.shut and not pair.up.blocked:
-            reason = "closed"  # the client reset after its whole answer: a normal end
-        elif e.errno in _RESET_ERRNOS or isinstance(e, ConnectionError):
-            reason = "client_reset" if client_side else "peer_reset"
-        else:
-            reason = f"{'client' if client_side else 'peer'}_error"
+        kind = "reset" if e.errno in _RESET_ERRNOS or isinstance(e, ConnectionError) else "error"
         if not client_side:
             # give the client what the peer already sent, then close it
             self._drain_towards_client(pair)
-        self.close(pair, reason, reset=client_side)
+        self.close(pair, kind, "client" if client_side else "peer", reset=client_side)
 
     def _drain_towards_client(self, pair: Pair) -> None:
         flow = pair.down
@@ -367,12 +362,9 @@ class Pump:
         except OSError:
             return
         if err:
-            reason = "client_reset" if is_client else "peer_reset"
-            if is_client and pair.down.shut and not pair.up.blocked:
-                reason = "closed"
             if not is_client:
                 self._drain_towards_client(pair)
-            self.close(pair, reason, reset=is_client)
+            self.close(pair, "reset", "client" if is_client else "peer", reset=is_client)
 
     # --- epoll bookkeeping ---------------------------------------------------------------------
 
@@ -485,18 +477,3 @@ def _connect_error(err: int) -> Exception:
     if err in (errno.EHOSTUNREACH, errno.ENETUNREACH):
         return error.NoRouteError()
     return error.ConnectError(string=os.strerror(err))
-
-
-_pumps: Dict[int, Pump] = {}
-
-
-def pump_for(reactor: Any) -> Optional[Pump]:
-    """The reactor's pump, or None when the reactor cannot host one (anything but lb's own
-    reactor: tests' fake reactors, or a reactor chosen with ``twistd --reactor``)."""
-    key = id(reactor)
-    pump = _pumps.get(key)
-    if pump is None:
-        if not hasattr(reactor, "share_poller"):
-            return None
-        pump = _pumps[key] = Pump(reactor)
-    return pump
