@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from lb.discovery import snapshot
+from lb.discovery.consul import snapshot
 from lb.discovery.consul import ConsulWatcher, build_part
 from lb.service import LBService
 from lb.testing import make_config, poll_until

@@ -15,9 +15,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from lb.config import ConsulConfig, PoolConfig, PoolConsulConfig, parse_address
-from lb.discovery import consul, snapshot
-from lb.discovery.consul import ConsulWatcher, ServiceQuery, backoff_delay
-from lb.discovery.consul_kv import KVQuery
+from lb.discovery import consul
+from lb.discovery.consul import ConsulWatcher, KVQuery, ServiceQuery, snapshot
+from lb.discovery.consul.api import TIMEOUT_MARGIN
+from lb.discovery.consul.backoff import BURST, REFILL, backoff_delay
+from lb.discovery.consul.watch import SETTLE
 from lb.peer import DRAIN, READY, PeerSpec
 from lb.pool import Pool
 
@@ -210,7 +212,7 @@ def test_index_going_backwards_resets_to_a_plain_read(h: Harness) -> None:
     h.answer([instance("10.0.0.2", 80)], index=5)
     assert h.peers() == {"10.0.0.1:80": "ready/1", "10.0.0.2:80": "ready/1"}
     assert h.watcher.index == 0
-    h.clock.advance(consul.SETTLE - 0.01)
+    h.clock.advance(SETTLE - 0.01)
     assert h.fake.pending == []
     h.clock.advance(0.01)
     assert "index" not in h.args() and "wait" not in h.args()
@@ -243,12 +245,12 @@ def test_churning_index_is_rate_limited(h: Harness) -> None:
     """When every answer comes back at once with a new index, a burst of 5 requests goes
     out back to back, then at most one per second."""
     h.start()
-    for i in range(consul.BURST):
+    for i in range(BURST):
         assert h.fake.pending, f"request {i} should have gone out at once"
         h.answer([instance("10.0.0.1", 80 + i)], index=10 + i)
         h.clock.advance(0)
     assert h.fake.pending == []
-    h.clock.advance(consul.REFILL - 0.01)
+    h.clock.advance(REFILL - 0.01)
     assert h.fake.pending == []
     h.clock.advance(0.01)
     assert len(h.fake.pending) == 1
@@ -337,7 +339,7 @@ def test_request_timeout_cancels_and_retries(h: Harness) -> None:
     h.answer([instance("10.0.0.1", 80)], index=9)
     h.clock.advance(0)
     hung = h.request()
-    limit = 10.0 * 17 / 16 + consul.TIMEOUT_MARGIN
+    limit = 10.0 * 17 / 16 + TIMEOUT_MARGIN
     h.clock.advance(limit - 0.01)
     assert h.watcher.requests.get("timeout") is None
     h.clock.advance(0.02)
@@ -881,7 +883,7 @@ def test_restarted_consul_answering_empty_before_its_sync_keeps_the_pool(
     assert o.h.events == []
     o.consul.set(CHANGED, index=8)  # synced: a changed set
     took = o.run(2.0, until=lambda: set(o.h.peers()) == {"10.0.0.1:80", "10.0.0.3:80"})
-    assert took <= consul.SETTLE + 0.01
+    assert took <= SETTLE + 0.01
     assert o.h.events[0] == "added 10.0.0.3:80" and o.h.events[-1] == "removed 10.0.0.2:80"
     o.h.watcher.stopService()
 
@@ -896,7 +898,7 @@ def test_empty_answer_after_a_reset_still_empties_once_settled(h: Harness) -> No
     h.clock.advance(1)
     h.answer([], index=3)
     assert h.peers() == {"10.0.0.1:80": "ready/1"}
-    h.clock.advance(consul.SETTLE)
+    h.clock.advance(SETTLE)
     h.answer([], index=3)
     assert h.pool.peers == {}
 
@@ -912,7 +914,7 @@ def test_snapshot_index_detects_a_reset_after_a_balancer_restart(tmp_path: Any) 
     second.start()
     second.answer([], index=4)
     assert second.peers() == {"10.0.0.1:80": "ready/1"}
-    second.clock.advance(consul.SETTLE)
+    second.clock.advance(SETTLE)
     second.answer([instance("10.0.0.2", 80)], index=5)
     assert second.peers() == {"10.0.0.2:80": "ready/1"}
     second.watcher.stopService()

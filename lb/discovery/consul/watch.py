@@ -18,45 +18,34 @@ Consul down.
 
 A ``LoopingCall`` (period ``consul.poll_interval``) watches the watch: it re-arms it if a
 request ever stalls past its timeout or the chain of requests is lost, so no bug or odd
-network failure can stop discovery for good.
-
-Instances map to peers as Consul's own DNS interface does: address ``Service.Address`` (or
-``Node.Address`` when empty), port ``Service.Port``, weight ``Service.Weights.Passing``
-(``Weights.Warning`` for an instance whose worst check is ``warning``); critical instances
-are left out, warning ones too with ``passing_only``. An instance in maintenance mode
-(``_service_maintenance:<id>`` or ``_node_maintenance``) stays listed as ``drain``, so
-``consul maint -enable`` lets its connections finish while no new ones arrive. Consul's
-server-side ``?passing`` filter would hide maintenance instances entirely, so the watch
-reads every instance and applies the same filter itself.
+network failure can stop discovery for good. How answers map to peers: ``health`` (services)
+and ``kv`` (nginx-upsync folders).
 """
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Protocol,
-                    Sequence, Tuple)
-from urllib.parse import quote, urlsplit
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-import treq
 from twisted.application.service import IService, Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
-from twisted.web.client import _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool
 
-import lb
-from lb.config import MAX_WEIGHT, Address, ConsulConfig, PoolConfig, PoolConsulConfig
-from lb.config import parse_address
-from lb.discovery import snapshot
-from lb.peer import DRAIN, READY, PeerSpec
+from lb.config import ConsulConfig, PoolConfig, PoolConsulConfig
+from lb.discovery.consul import snapshot
+from lb.discovery.consul.api import (ConsulAnswer, ConsulClient, ConsulHTTPError,
+                                     InvalidAnswer, Query, describe_failure, merge_specs,
+                                     own_http_client, request_timeout, safe_url)
+from lb.discovery.consul.backoff import TokenBucket, backoff_delay
+from lb.discovery.consul.health import ServiceQuery
+from lb.discovery.consul.kv import KVQuery
+from lb.peer import DRAIN, PeerSpec
 from lb.pool import Pool
 
 SOURCE = "consul"
@@ -70,307 +59,12 @@ INVALID = "invalid"        # 200 with a body that is not what Consul sends, or n
 ERROR = "error"            # no HTTP answer: connection refused or reset, DNS, TLS...
 RESULTS = (OK, UNCHANGED, TIMEOUT, HTTP_ERROR, INVALID, ERROR)
 
-NODE_MAINTENANCE = "_node_maintenance"
-SERVICE_MAINTENANCE_PREFIX = "_service_maintenance:"
-_SEVERITY = {"passing": 0, "warning": 1, "critical": 2}
-
-TIMEOUT_MARGIN = 10.0   # on top of wait × 17/16 (Consul adds up to wait/16 of jitter)
 SETTLE = 0.5            # after Consul's index went back, how long answers remove no peer
-RETRY_FIRST = 0.125     # the first retry after an error comes this soon, the next ones...
-RETRY_MAX = 1.0         # ...doubling up to this, whatever poll_interval is;
-RETRY_JITTER = 0.25     # each pause is lengthened by up to this fraction, at random
-BURST = 5               # back-to-back queries allowed when the index churns...
-REFILL = 1.0            # ...then at most one query per this many seconds
-
-
-class InvalidAnswer(ValueError):
-    """Consul answered 200 with a body that cannot be a Consul answer: keep the last set."""
-
-
-class ConsulHTTPError(Exception):
-    """Consul answered with a status the watch cannot use."""
-
-    def __init__(self, status: int, body: bytes) -> None:
-        self.status = status
-        text = body[:200].decode("utf-8", "replace").strip()
-        hint = " (check the ACL token)" if status == 403 else ""
-        super().__init__(f"HTTP {status}{hint}: {text}" if text else f"HTTP {status}{hint}")
-
-
-class ConsulAnswer(NamedTuple):
-    status: int
-    consul_index: Optional[int]  # X-Consul-Index, None when absent or not a number
-    body: bytes
-
-
-@dataclass(frozen=True)
-class Parsed:
-    """What an answer says: the desired peers, and why some entries were left out."""
-
-    specs: List[PeerSpec]
-    skipped: List[str] = field(default_factory=list)
-
-
-# --- mapping Consul's answers to peers (pure) -----------------------------------------------
-
-
-def peer_address(host: Any, port: Any) -> Address:
-    """An ``Address`` from Consul's separate host and port fields (IPs normalised)."""
-    if host is not None and not isinstance(host, str):
-        raise ValueError(f"address {host!r} is not text")
-    if not host or not host.strip():
-        raise ValueError("no address (Service.Address and Node.Address are empty)")
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ValueError(f"port {port!r} is not 1-65535")
-    host = host.strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        return Address(str(ipaddress.ip_address(host)), port)
-    except ValueError:
-        pass
-    return parse_address(f"{host}:{port}")
-
-
-def clamp_weight(value: Any, default: int = 1) -> int:
-    """A weight in 0..MAX_WEIGHT; anything that is not an integer gets ``default``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return default
-    return max(0, min(MAX_WEIGHT, value))
-
-
-def instance_health(checks: Sequence[Any]) -> Tuple[bool, str]:
-    """``(in_maintenance, worst status of the other checks)`` for one instance.
-
-    Maintenance is a critical ``_node_maintenance`` or ``_service_maintenance:<id>`` check;
-    an unknown status counts as critical, as Consul's own filters do."""
-    maintenance = False
-    worst = "passing"
-    for check in checks:
-        if not isinstance(check, dict):
-            raise InvalidAnswer(f"a check is {type(check).__name__}, not an object")
-        check_id = check.get("CheckID") or ""
-        status = check.get("Status")
-        if isinstance(check_id, str) and (check_id == NODE_MAINTENANCE or check_id.startswith(
-                SERVICE_MAINTENANCE_PREFIX)):
-            if status != "passing":
-                maintenance = True
-            continue
-        severity = _SEVERITY.get(status, 2) if isinstance(status, str) else 2
-        if severity > _SEVERITY[worst]:
-            worst = "critical" if severity == 2 else "warning"
-    return maintenance, worst
-
-
-def merge_specs(specs: Iterable[PeerSpec]) -> List[PeerSpec]:
-    """One spec per address (two instances may share one): ready beats drain, then the
-    higher weight wins. Sorted, so equal sets compare equal."""
-    best: Dict[Address, PeerSpec] = {}
-    for spec in specs:
-        have = best.get(spec.address)
-        if have is None or (spec.state == READY, spec.weight) > (have.state == READY,
-                                                                 have.weight):
-            best[spec.address] = spec
-    return [best[a] for a in sorted(best, key=lambda a: (a.host, a.port))]
-
-
-def nothing_usable(skipped: Sequence[str], noun: str) -> InvalidAnswer:
-    """An answer that lists entries of which none maps to a peer is broken, not empty:
-    applied, one bad registration template would empty the pool."""
-    shown = "; ".join(skipped[:3]) + (f"; {len(skipped) - 3} more" if len(skipped) > 3
-                                      else "")
-    return InvalidAnswer(f"none of the {len(skipped)} {noun}(s) is usable: {shown}")
-
-
-def parse_health_service(entries: Any, passing_only: bool = True) -> Parsed:
-    """Peers from a ``/v1/health/service/<name>`` body (already decoded from JSON)."""
-    if not isinstance(entries, list):
-        raise InvalidAnswer(f"expected a JSON list of instances, got {type(entries).__name__}")
-    specs: List[PeerSpec] = []
-    skipped: List[str] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("Service"), dict):
-            raise InvalidAnswer(f"instance #{i} has no Service object")
-        service = entry["Service"]
-        node = entry.get("Node")
-        node = {} if node is None else node
-        checks = entry.get("Checks")
-        checks = [] if checks is None else checks
-        if not isinstance(node, dict) or not isinstance(checks, list):
-            raise InvalidAnswer(f"instance #{i} has a malformed Node or Checks")
-        name = service.get("ID") or service.get("Service") or f"#{i}"
-        maintenance, worst = instance_health(checks)
-        if not maintenance and (worst == "critical" or (passing_only and worst != "passing")):
-            continue  # not healthy enough: Consul's ?passing (or DNS) would leave it out too
-        try:
-            address = peer_address(service.get("Address") or node.get("Address"),
-                                   service.get("Port"))
-        except ValueError as e:
-            skipped.append(f"instance {name}: {e}")
-            continue
-        weights = service.get("Weights")
-        weights = weights if isinstance(weights, dict) else {}
-        weight = clamp_weight(weights.get("Warning" if worst == "warning" else "Passing"))
-        specs.append(PeerSpec(address, weight, DRAIN if maintenance else READY))
-    if skipped and not specs:
-        raise nothing_usable(skipped, "instance")
-    return Parsed(merge_specs(specs), skipped)
-
-
-def parse_index(headers: Any) -> Optional[int]:
-    """``X-Consul-Index`` as an int (Twisted's Headers match names case-insensitively)."""
-    values = headers.getRawHeaders(b"x-consul-index") or []
-    if not values:
-        return None
-    text = values[0].strip()
-    if isinstance(text, bytes):
-        text = text.decode("latin-1")
-    return int(text) if text.isdigit() else None
-
-
-def decode_json(body: bytes) -> Any:
-    try:
-        return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        snippet = body[:60].decode("utf-8", "replace")
-        raise InvalidAnswer(f"body is not JSON: {snippet!r}") from None
-
-
-# --- queries: what to ask and how to read the answer ----------------------------------------
-
-
-class ServiceQuery:
-    """Healthy instances of one service: ``GET /v1/health/service/<service>``."""
-
-    def __init__(self, config: PoolConsulConfig) -> None:
-        assert config.service is not None
-        self.config = config
-        self.describe = f"service {config.service!r}"
-        self.path = "/v1/health/service/" + quote(config.service, safe="")
-        self.params: List[Tuple[str, str]] = [("tag", tag) for tag in config.tags]
-
-    def identity(self, settings: ConsulConfig) -> Dict[str, Any]:
-        return {"service": self.config.service, "tags": list(self.config.tags),
-                "passing_only": self.config.passing_only, "datacenter": settings.datacenter}
-
-    def parse(self, status: int, body: bytes) -> Parsed:
-        if status != 200:
-            raise ConsulHTTPError(status, body)
-        return parse_health_service(decode_json(body), self.config.passing_only)
-
-
-class Query(Protocol):
-    """What a watcher needs from a query (ServiceQuery, consul_kv.KVQuery)."""
-
-    describe: str  # for logs: "service 'web'"
-    path: str  # the API path, query string not included
-    params: List[Tuple[str, str]]  # fixed query parameters (tags, recurse)
-
-    def identity(self, settings: ConsulConfig) -> Dict[str, Any]:
-        """What makes two answers comparable (a snapshot is only used for the same)."""
-
-    def parse(self, status: int, body: bytes) -> Parsed:
-        """The peers an answer asks for; ConsulHTTPError / InvalidAnswer when unusable."""
-
-
-# --- the HTTP client -------------------------------------------------------------------------
-
-
-class ConsulClient:
-    """Consul's HTTP API through an injected treq client (``treq.client.HTTPClient`` or
-    ``treq.testing.StubTreq``). Settings are read on every request, so a reload that
-    changes the URL, token or consistency takes effect with the next request."""
-
-    def __init__(self, http: Any, settings: Callable[[], ConsulConfig]) -> None:
-        self.http = http
-        self.settings = settings
-
-    def request_params(self, params: Sequence[Tuple[str, str]], index: int,
-                       settings: ConsulConfig) -> List[Tuple[str, str]]:
-        out = list(params)
-        if settings.datacenter:
-            out.append(("dc", settings.datacenter))
-        if settings.consistency in ("stale", "consistent"):
-            out.append((settings.consistency, ""))
-        if index > 0:
-            # Go's ParseDuration needs a unit; whole milliseconds keep sub-second waits exact
-            out += [("index", str(index)), ("wait", f"{max(1, round(settings.wait * 1000))}ms")]
-        return out
-
-    async def get(self, path: str, params: Sequence[Tuple[str, str]], index: int,
-                  ) -> ConsulAnswer:
-        settings = self.settings()
-        headers = {"User-Agent": [f"lb/{lb.__version__}"]}
-        if settings.token:
-            headers["X-Consul-Token"] = [settings.token]
-        response = await self.http.get(settings.url + path,
-                                       params=self.request_params(params, index, settings),
-                                       headers=headers)
-        body = await treq.content(response)
-        return ConsulAnswer(response.code, parse_index(response.headers), body)
-
-
-def request_timeout(index: int, wait: float) -> float:
-    """How long to give one request: a blocking one may legitimately take wait × 17/16."""
-    return (wait * 17 / 16 if index > 0 else 0.0) + TIMEOUT_MARGIN
-
-
-def backoff_delay(attempt: int, jitter: float) -> float:
-    """Pause before retry number ``attempt`` (1 after the first error); ``jitter`` in [0, 1).
-
-    RETRY_FIRST doubling up to RETRY_MAX, lengthened by up to RETRY_JITTER so balancers do
-    not retry in step. Not tied to poll_interval: an outage costs Consul at most one request
-    a second per watch (after three quick retries that catch a restart or a leader
-    election), and once Consul answers again the pool is current within
-    RETRY_MAX × (1 + RETRY_JITTER) = 1.25 s (plus SETTLE if Consul lost its state)."""
-    base = min(RETRY_MAX, RETRY_FIRST * 2 ** min(max(attempt - 1, 0), 16))
-    return base * (1 + RETRY_JITTER * jitter)
-
-
-class TokenBucket:
-    """Consul's advice for churning indexes: a burst, then a steady rate."""
-
-    def __init__(self, clock: Any, burst: int = BURST, refill: float = REFILL) -> None:
-        self.clock = clock
-        self.burst = burst
-        self.refill = refill
-        self.tokens = float(burst)
-        self.at = clock.seconds()
-
-    def delay(self) -> float:
-        """0 (and a token is taken) when a query may go now, else seconds to wait."""
-        now = self.clock.seconds()
-        self.tokens = min(float(self.burst), self.tokens + (now - self.at) / self.refill)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) * self.refill
-
-
-class _QuietHTTPFactory(_HTTP11ClientFactory):
-    noisy = False
 
 
 def _timed_out(result: Any, timeout: float) -> Any:
     """``addTimeout``'s conversion of whatever the cancelled request failed with."""
     raise defer.TimeoutError(f"no answer within {timeout:g}s")
-
-
-def _describe_failure(failure: Failure) -> str:
-    error = failure.value
-    if isinstance(error, (ResponseNeverReceived, ResponseFailed)) and error.reasons:
-        reason = error.reasons[0]
-        return f"{type(error).__name__}: {reason.getErrorMessage()}"
-    message = failure.getErrorMessage()
-    name = type(error).__name__
-    return message if message.startswith(name) else f"{name}: {message}"
-
-
-def _safe_url(url: str) -> str:
-    """The agent URL without any user:password part, for logs."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
 # --- the watcher -----------------------------------------------------------------------------
@@ -420,17 +114,14 @@ class ConsulWatcher(Service):
         self._next: Optional[IDelayedCall] = None
         self._loop: Optional[LoopingCall] = None
         self._loop_interval = 0.0
-        self._bucket = TokenBucket(reactor)
+        self._bucket = TokenBucket()
 
     # --- service -----------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
         if self._http is None:
-            self._own_http_pool = HTTPConnectionPool(self.reactor, persistent=True)
-            self._own_http_pool.maxPersistentPerHost = 2
-            self._own_http_pool._factory = _QuietHTTPFactory  # no log line per connection
-            self._http = treq.client.HTTPClient(Agent(self.reactor, pool=self._own_http_pool))
+            self._http, self._own_http_pool = own_http_client(self.reactor)
         self.client = ConsulClient(self._http, self.settings)
         self._load_snapshot()
         self._start_loop(self.settings().poll_interval)
@@ -507,7 +198,7 @@ class ConsulWatcher(Service):
         self._next = None
         if not self.running or self._inflight is not None or self.client is None:
             return
-        wait = self._bucket.delay()
+        wait = self._bucket.delay(self.clock.seconds())
         if wait > 0:
             self._schedule(wait)
             return
@@ -549,7 +240,7 @@ class ConsulWatcher(Service):
         if failure.check(defer.TimeoutError, defer.CancelledError):
             self._error(TIMEOUT, f"no answer within {timeout:g}s")
         else:
-            self._error(ERROR, _describe_failure(failure))
+            self._error(ERROR, describe_failure(failure))
 
     def _answered(self, answer: ConsulAnswer, sent_index: int) -> None:
         try:
@@ -630,7 +321,7 @@ class ConsulWatcher(Service):
                            "keeping the last good set of {kept} peer(s); retry in "
                            "{delay:.2f}s (failure {n}; the same error again is not logged)",
                            pool=self.pool.name, what=self.query.describe,
-                           url=_safe_url(settings.url), result=result, detail=detail,
+                           url=safe_url(settings.url), result=result, detail=detail,
                            delay=delay, n=self.failures, kept=kept)
         self._schedule(delay)
 
@@ -739,7 +430,6 @@ def _iso(value: Any) -> str:
 
 def make_query(config: PoolConsulConfig) -> Query:
     if config.kv_prefix is not None:
-        from lb.discovery.consul_kv import KVQuery  # consul_kv builds on this module
         return KVQuery(config.kv_prefix)
     return ServiceQuery(config)
 
