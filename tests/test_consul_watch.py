@@ -395,36 +395,132 @@ def test_disappeared_peer_with_connections_drains_until_drain_timeout(h: Harness
     assert "10.0.0.2:80" not in h.pool.peers
 
 
-# --- the watchdog and stopping ---------------------------------------------------------------
+# --- the loop's robustness and stopping -----------------------------------------------------
 
 
-def test_watchdog_rearms_a_lost_watch(h: Harness, logs: List[str]) -> None:
-    """If the chain of requests is ever lost (no request and none scheduled), the
-    LoopingCall starts it again within poll_interval."""
+class BrokenOnce:
+    """A query whose parser fails with a bug (not a Consul problem) on its first answer."""
+
+    def __init__(self, query: Any) -> None:
+        self.query = query
+        self.describe = query.describe
+        self.service = query.service
+        self.kv_prefix = query.kv_prefix
+        self.path = query.path
+        self.params = query.params
+        self.broken = True
+
+    def identity(self, settings: ConsulConfig) -> Dict[str, Any]:
+        return self.query.identity(settings)
+
+    def parse(self, status: int, body: bytes) -> Any:
+        if self.broken:
+            self.broken = False
+            raise RuntimeError("a bug in the parser")
+        return self.query.parse(status, body)
+
+
+class HangingHTTP:
+    """A client whose requests never end, and ignore being cancelled."""
+
+    def __init__(self) -> None:
+        self.requests: List[defer.Deferred] = []
+
+    def get(self, url: str, **kwargs: Any) -> defer.Deferred:
+        self.requests.append(defer.Deferred())
+        return self.requests[-1]
+
+
+def test_a_bug_handling_one_answer_does_not_stop_the_loop(tmp_path: Any,
+                                                          logs: List[str]) -> None:
+    """An exception raised while handling an answer is logged with its traceback, counted
+    as an error (the pool keeps its set), and the loop asks again after the usual backoff;
+    the next answer applies. (This replaces a test of the old watchdog re-arming a lost
+    callLater chain: the same promise, that no bug stops discovery, now kept by the loop.)"""
+    query = BrokenOnce(consul.make_query(PoolConsulConfig(service="web", tags=("v1",))))
+    h = Harness(tmp_path, query=query)
+    tracebacks: List[Any] = []
+
+    def observer(event: Dict[str, Any]) -> None:
+        tracebacks.append(event.get("log_failure"))
+    globalLogPublisher.addObserver(observer)
+    try:
+        h.start()
+        h.answer([instance("10.0.0.1", 80)], index=3)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert h.pool.peers == {}
+    assert h.watcher.requests == {"error": 1}
+    assert h.watcher.last_error == "internal error (see the traceback above)"
+    assert any("internal error, the watch goes on" in line for line in logs)
+    assert [f.getErrorMessage() for f in tracebacks if f is not None] == ["a bug in the parser"]
+    h.clock.advance(0.124)
+    assert h.fake.pending == []
+    h.clock.advance(0.001)
+    assert "index" not in h.args()
+    h.answer([instance("10.0.0.1", 80)], index=4)
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
+    assert h.watcher.failures == 0
+    h.watcher.stopService()
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_bug_outside_answer_handling_does_not_stop_the_loop(h: Harness,
+                                                              logs: List[str]) -> None:
+    """Even a failure in the watch's own bookkeeping (here the settings callable raising,
+    which also breaks counting the error) is logged and the loop tries again a second
+    later."""
     h.start()
     h.answer([instance("10.0.0.1", 80)], index=3)
-    h.watcher._next.cancel()  # simulate a bug losing the next request
-    h.clock.advance(5)
+    good = h.settings
+    h.settings = None  # type: ignore[assignment]  # the watcher's settings() gives None
     h.clock.advance(0)
-    assert len(h.fake.pending) == 1
-    assert any("re-arming" in line for line in logs)
+    assert h.fake.pending == []
+    assert any("counting an internal error failed" in line for line in logs)
+    h.settings = good
+    h.clock.advance(0.99)
+    assert h.fake.pending == []
+    h.clock.advance(0.01)
+    assert "index" not in h.args(), "after an error, a plain read"
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
 
 
-def test_watchdog_cancels_a_stalled_request(h: Harness, logs: List[str]) -> None:
-    """A request in flight longer than its own timeout + poll_interval (as if its timer had
-    been lost) is cancelled by the watchdog, counted as a timeout and retried."""
+def test_a_request_that_never_ends_is_given_up_at_its_timeout(tmp_path: Any) -> None:
+    """A request whose client never answers and ignores cancellation is still given up
+    at its timeout (wait × 17/16 + margin for a blocking one), counted as a timeout and
+    retried after backoff, again and again. (This replaces a test of the old watchdog
+    cancelling a stalled request: addTimeout on the loop's one Deferred does it now.)"""
+    http = HangingHTTP()
+    h = Harness(tmp_path, http=http)
     h.start()
-    h.answer([instance("10.0.0.1", 80)], index=3)
-    h.clock.advance(0)
-    stalled = h.request()
-    h.watcher._inflight_timeout = 1.0  # pretend it should have ended after 1s
-    h.clock.advance(5)
-    assert h.watcher.requests.get("timeout") is None
-    h.clock.advance(5)  # well before the real timer (wait × 17/16 + margin)
-    h.stub.flush()
-    assert h.watcher.requests["timeout"] == 1
-    assert stalled in h.fake.lost
-    assert any("stalled" in line for line in logs)
+    assert len(http.requests) == 1
+    h.clock.advance(TIMEOUT_MARGIN - 0.01)
+    assert h.watcher.requests == {}
+    h.clock.advance(0.01)
+    assert h.watcher.requests == {"timeout": 1}
+    assert h.watcher.last_error == f"no answer within {TIMEOUT_MARGIN:g}s"
+    h.clock.advance(0.125)
+    assert len(http.requests) == 2
+    h.clock.advance(TIMEOUT_MARGIN)
+    assert h.watcher.requests == {"timeout": 2}
+    h.clock.advance(0.25)
+    assert len(http.requests) == 3
+    h.watcher.stopService()
+    assert h.clock.getDelayedCalls() == []
+    assert h.watcher.requests == {"timeout": 2}
+
+
+def test_poll_interval_is_read_when_used(h: Harness) -> None:
+    """A reload that changes poll_interval applies to the next answer without an index:
+    the pause before the following plain read is the new value. (This replaces a test of
+    the watchdog LoopingCall's period, which is gone.)"""
+    h.start()
+    h.settings = ConsulConfig(url=h.settings.url, wait=10.0, poll_interval=1.0)
+    h.answer([instance("10.0.0.1", 80)], index=None)
+    h.clock.advance(0.99)
+    assert h.fake.pending == []
+    h.clock.advance(0.01)
+    assert "index" not in h.args()
 
 
 def test_stop_cancels_request_and_timers(h: Harness) -> None:
@@ -449,12 +545,35 @@ def test_stop_during_backoff_leaves_no_timer(tmp_path: Any) -> None:
     assert h.clock.getDelayedCalls() == []
 
 
-def test_poll_interval_change_restarts_the_loop(h: Harness) -> None:
-    """A reload that changes poll_interval takes effect on the watchdog loop too."""
+def test_stop_before_the_first_request_leaves_nothing(h: Harness) -> None:
+    """Stopping right after starting (the first request not sent yet) cancels the pause
+    and sends nothing."""
+    h.watcher.startService()
+    h.watcher.stopService()
+    assert h.clock.getDelayedCalls() == []
+    h.clock.advance(10)
+    assert h.fake.seen == [] and h.watcher.requests == {}
+
+
+def test_stop_while_rate_limited_leaves_no_timer(h: Harness) -> None:
+    """Stopping while the token bucket holds the next request back cancels that pause."""
     h.start()
-    h.settings = ConsulConfig(url=h.settings.url, wait=10.0, poll_interval=1.0)
-    h.clock.advance(5)
-    assert h.watcher._loop_interval == 1.0
+    for i in range(BURST):
+        h.answer([instance("10.0.0.1", 80 + i)], index=10 + i)
+        h.clock.advance(0)
+    assert h.fake.pending == [] and h.clock.getDelayedCalls() != []
+    h.watcher.stopService()
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_stop_cancels_a_request_that_ignores_cancellation(tmp_path: Any) -> None:
+    """A request whose client never fires is still let go by stopService, with its
+    timeout timer, and is not counted."""
+    h = Harness(tmp_path, http=HangingHTTP())
+    h.start()
+    h.watcher.stopService()
+    assert h.clock.getDelayedCalls() == []
+    assert h.watcher.requests == {}
 
 
 # --- snapshots -------------------------------------------------------------------------------

@@ -16,10 +16,14 @@ list, or one whose instances are all unhealthy, is a real answer and empties the
 Every change is written to ``state_dir`` and loaded at start, so the balancer serves with
 Consul down.
 
-A ``LoopingCall`` (period ``consul.poll_interval``) watches the watch: it re-arms it if a
-request ever stalls past its timeout or the chain of requests is lost, so no bug or odd
-network failure can stop discovery for good. How answers map to peers: ``health`` (services)
-and ``kv`` (nginx-upsync folders).
+One loop per watch, a coroutine: pause, ask, handle the answer, again. At any moment it waits
+on exactly one Deferred, the request (given up at its timeout by ``addTimeout``) or the
+pause before the next one (``deferLater`` on the injected clock), and ``stopService``
+cancels that Deferred, which leaves nothing in the reactor. Each pass is guarded: an
+exception met while handling an answer is logged and counted as an error, and the loop goes
+on after the usual backoff, so no bug in one answer stops discovery for good.
+
+How answers map to peers: ``health`` (services) and ``kv`` (nginx-upsync folders).
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 from twisted.application.service import IService, Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
@@ -42,7 +46,7 @@ from lb.discovery.consul import snapshot
 from lb.discovery.consul.api import (ConsulAnswer, ConsulClient, ConsulHTTPError,
                                      InvalidAnswer, Query, describe_failure, merge_specs,
                                      own_http_client, request_timeout, safe_url)
-from lb.discovery.consul.backoff import TokenBucket, backoff_delay
+from lb.discovery.consul.backoff import RETRY_MAX, TokenBucket, backoff_delay
 from lb.discovery.consul.health import ServiceQuery
 from lb.discovery.consul.kv import KVQuery
 from lb.peer import DRAIN, PeerSpec
@@ -53,13 +57,15 @@ SOURCE = "consul"
 # Labels of ConsulWatcher.requests (lb_consul_requests_total{result}).
 OK = "ok"                  # a successful answer that changed the pool's Consul peers
 UNCHANGED = "unchanged"    # a successful answer that changed nothing (wait ran out, same set)
-TIMEOUT = "timeout"        # no answer within wait × 17/16 + TIMEOUT_MARGIN (or stalled)
+TIMEOUT = "timeout"        # no answer within wait × 17/16 + TIMEOUT_MARGIN
 HTTP_ERROR = "http_error"  # an HTTP status other than 200 (404 for KV: an empty prefix)
 INVALID = "invalid"        # 200 with a body that is not what Consul sends, or nothing usable
 ERROR = "error"            # no HTTP answer: connection refused or reset, DNS, TLS...
 RESULTS = (OK, UNCHANGED, TIMEOUT, HTTP_ERROR, INVALID, ERROR)
 
 SETTLE = 0.5            # after Consul's index went back, how long answers remove no peer
+
+T = TypeVar("T")
 
 
 def _timed_out(result: Any, timeout: float) -> Any:
@@ -82,20 +88,20 @@ class ConsulWatcher(Service):
     log = Logger()
 
     def __init__(self, pool: Pool, query: Query, settings: Callable[[], ConsulConfig], *,
-                 reactor: Any, http: Any = None,
+                 reactor: IReactorTime, http: Any = None,
                  state_dir: Optional[Callable[[], Optional[str]]] = None,
                  jitter: Callable[[], float] = random.random) -> None:
         self.pool = pool
         self.query = query
         self.settings = settings
-        self.reactor = reactor
+        self.reactor = reactor  # a whole reactor only when no http client is given
         self.clock = reactor
         self._http = http
         self._own_http_pool: Optional[HTTPConnectionPool] = None
         self.client: Optional[ConsulClient] = None
         self._state_dir = state_dir or (lambda: None)
         self._jitter = jitter
-        self.requests: Counter = Counter()
+        self.requests: Counter[str] = Counter()
         self.last_success: Optional[float] = None
         self.last_error: Optional[str] = None
         self.index = 0
@@ -105,43 +111,36 @@ class ConsulWatcher(Service):
         self.peers: Optional[List[PeerSpec]] = None  # the last good set
         self.snapshot_errors = 0
         self._saved: Optional[List[PeerSpec]] = None  # what the snapshot file holds
-        self._inflight: Optional[defer.Deferred] = None
-        self._inflight_since = 0.0
-        self._inflight_timeout = 0.0
-        self._stalled = False  # the watchdog cancelled the request in flight
         self._skipped: List[str] = []  # entries the last answer could not use, and why
         self._logged_error: Optional[Tuple[str, str]] = None  # last (result, detail) logged
-        self._next: Optional[IDelayedCall] = None
-        self._loop: Optional[LoopingCall] = None
-        self._loop_interval = 0.0
         self._bucket = TokenBucket()
+        self._loop: Optional[defer.Deferred[None]] = None  # the running _run()
+        self._waiting: Optional[defer.Deferred[Any]] = None  # what the loop awaits now
 
     # --- service -----------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         if self._http is None:
             self._http, self._own_http_pool = own_http_client(self.reactor)
         self.client = ConsulClient(self._http, self.settings)
         self._load_snapshot()
-        self._start_loop(self.settings().poll_interval)
-        # Not at once: during a reload the root applies its new config after building parts.
-        self._schedule(0)
+        self._loop = defer.Deferred.fromCoroutine(self._run())
+        self._loop.addErrback(lambda f: self.log.failure(  # _run never raises: a bug here
+            "pool {pool}: consul {what}: the watch ended", f, pool=self.pool.name,
+            what=self.query.describe))
 
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+    def stopService(self) -> Optional[defer.Deferred[Any]]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.cancel()  # the loop sees running is false and ends quietly
         self._loop = None
-        if self._next is not None and self._next.active():
-            self._next.cancel()
-        self._next = None
-        if self._inflight is not None:
-            self._inflight.cancel()  # _done sees running is false and stays quiet
-        self._inflight = None
         if self._own_http_pool is not None:
             pool, self._own_http_pool, self._http = self._own_http_pool, None, None
-            return pool.closeCachedConnections()
+            closing: defer.Deferred[Any]
+            closing = pool.closeCachedConnections()  # type: ignore[no-untyped-call]
+            return closing
         return None
 
     def release(self) -> None:
@@ -157,104 +156,85 @@ class ConsulWatcher(Service):
                 self.log.warn("pool {pool}: cannot remove {path}: {error}",
                               pool=self.pool.name, path=path, error=e.strerror)
 
-    # --- scheduling --------------------------------------------------------------------------
+    # --- the loop ----------------------------------------------------------------------------
 
-    def _start_loop(self, interval: float) -> None:
-        self._loop = LoopingCall(self._watchdog)
-        self._loop.clock = self.clock
-        self._loop_interval = interval
-        self._loop.start(interval, now=False)
+    async def _run(self) -> None:
+        """Pause, ask, handle the answer, for as long as the service runs. Never raises."""
+        # The first request waits for the reactor: during a reload the root applies its new
+        # config after building parts.
+        delay = 0.0
+        while self.running:
+            try:
+                await self._wait_for(deferLater(self.clock, max(0.0, delay)))
+                delay = await self._poll()
+            except Exception:
+                if not self.running:
+                    return  # stopService cancelled what we were waiting for
+                delay = self._crashed(Failure())  # type: ignore[no-untyped-call]
 
-    def _schedule(self, delay: float) -> None:
-        if self._next is not None and self._next.active():
-            self._next.cancel()
-        self._next = self.clock.callLater(max(0.0, delay), self._poll)
-
-    def _watchdog(self) -> None:
-        """The LoopingCall: re-arm a stalled or lost watch. Never raises (an error would
-        stop the LoopingCall for good)."""
+    async def _wait_for(self, d: defer.Deferred[T]) -> T:
+        """Await ``d`` as the one Deferred stopService cancels."""
+        if not self.running:
+            d.cancel()  # stopped while this pass ran: wait for nothing
+        self._waiting = d
         try:
-            settings = self.settings()
-            now = self.clock.seconds()
-            if self._inflight is not None:
-                if now - self._inflight_since > self._inflight_timeout + settings.poll_interval:
-                    self.log.warn("pool {pool}: consul {what}: request stalled for {age:.0f}s, "
-                                  "re-arming", pool=self.pool.name, what=self.query.describe,
-                                  age=now - self._inflight_since)
-                    self._stalled = True
-                    self._inflight.cancel()
-            elif self._next is None or not self._next.active():
-                self.log.warn("pool {pool}: consul {what}: watch was not armed, re-arming",
-                              pool=self.pool.name, what=self.query.describe)
-                self._schedule(0)
-            if settings.poll_interval != self._loop_interval and self._loop is not None:
-                self._loop.stop()
-                self._start_loop(settings.poll_interval)
-        except Exception:
-            self.log.failure("pool {pool}: consul watchdog failed", pool=self.pool.name)
+            return await d
+        finally:
+            self._waiting = None
 
-    def _poll(self) -> None:
-        """Send one request (blocking when we have an index)."""
-        self._next = None
-        if not self.running or self._inflight is not None or self.client is None:
-            return
+    async def _poll(self) -> float:
+        """One request (blocking when we have an index) and what its answer does; returns
+        the pause before the next one."""
         wait = self._bucket.delay(self.clock.seconds())
         if wait > 0:
-            self._schedule(wait)
-            return
+            return wait
+        assert self.client is not None, "started"
         index = self.index
         timeout = request_timeout(index, self.settings().wait)
-        d = defer.Deferred.fromCoroutine(self.client.get(self.query.path, self.query.params,
-                                                         index))
-        self._inflight = d
-        self._inflight_since = self.clock.seconds()
-        self._inflight_timeout = timeout
+        request = defer.Deferred.fromCoroutine(self.client.get(self.query.path,
+                                                               self.query.params, index))
         # Cancelling an HTTP request fails it with ResponseNeverReceived(CancelledError), not
         # CancelledError, so say "timeout" ourselves rather than rely on the conversion.
-        d.addTimeout(timeout, self.clock, onTimeoutCancel=_timed_out)
-        d.addBoth(self._done, index, timeout)
+        request.addTimeout(timeout, self.clock, onTimeoutCancel=_timed_out)
+        try:
+            answer = await self._wait_for(request)
+        except Exception:
+            if not self.running:
+                raise
+            return self._failed(Failure(), timeout)  # type: ignore[no-untyped-call]
+        return self._answered(answer, index)
+
+    def _crashed(self, failure: Failure) -> float:
+        """A bug met in one pass: log its traceback, count it as an error (the last good set
+        stays) and go on after the usual backoff. Never raises."""
+        self.log.failure("pool {pool}: consul {what}: internal error, the watch goes on", failure,
+                         pool=self.pool.name, what=self.query.describe)
+        try:
+            return self._error(ERROR, "internal error (see the traceback above)")
+        except Exception:
+            self.log.failure("pool {pool}: consul {what}: counting an internal error failed",
+                             pool=self.pool.name, what=self.query.describe)
+            return RETRY_MAX
 
     # --- answers -----------------------------------------------------------------------------
 
-    def _done(self, result: Any, sent_index: int, timeout: float) -> None:
-        self._inflight = None
-        stalled, self._stalled = self._stalled, False
-        if not self.running:
-            return None  # stopped: the cancellation was ours
-        try:
-            if isinstance(result, Failure):
-                if stalled:
-                    self._error(TIMEOUT, f"stalled: no answer within {timeout:g}s + "
-                                         "poll_interval")
-                else:
-                    self._failed(result, timeout)
-            else:
-                self._answered(result, sent_index)
-        except Exception:
-            self.log.failure("pool {pool}: consul {what}: handling an answer failed",
-                             pool=self.pool.name, what=self.query.describe)
-            self._error(ERROR, "internal error (see the traceback above)")
-        return None
+    def _failed(self, failure: Failure, timeout: float) -> float:
+        """No answer: a timeout or a network error. Returns the pause before a retry."""
+        if isinstance(failure.value, (defer.TimeoutError, defer.CancelledError)):
+            return self._error(TIMEOUT, f"no answer within {timeout:g}s")
+        return self._error(ERROR, describe_failure(failure))
 
-    def _failed(self, failure: Failure, timeout: float) -> None:
-        if failure.check(defer.TimeoutError, defer.CancelledError):
-            self._error(TIMEOUT, f"no answer within {timeout:g}s")
-        else:
-            self._error(ERROR, describe_failure(failure))
-
-    def _answered(self, answer: ConsulAnswer, sent_index: int) -> None:
+    def _answered(self, answer: ConsulAnswer, sent_index: int) -> float:
+        """Apply what an answer says, by Consul's index rules. Returns the next pause."""
         try:
             if sent_index > 0 and answer.status == 200 and answer.consul_index == sent_index:
                 self._succeeded(UNCHANGED)  # the wait ran out: same index, same answer
-                self._schedule(0)
-                return
+                return 0.0
             parsed = self.query.parse(answer.status, answer.body)
         except ConsulHTTPError as e:
-            self._error(HTTP_ERROR, str(e))
-            return
+            return self._error(HTTP_ERROR, str(e))
         except InvalidAnswer as e:
-            self._error(INVALID, str(e))
-            return
+            return self._error(INVALID, str(e))
         new = answer.consul_index
         now = self.clock.seconds()
         if new is None or new < 1:
@@ -293,9 +273,10 @@ class ConsulWatcher(Service):
                 delay = max(delay, self._settle_until - now)
         changed = self._apply(specs, new)
         self._succeeded(OK if changed else UNCHANGED)
-        self._schedule(delay)
+        return delay
 
     def _succeeded(self, result: str) -> None:
+        """Count a good answer; the first one after failures ends the outage."""
         self.requests[result] += 1
         self.last_success = self.clock.seconds()  # Unix time on a real reactor
         if self.failures:
@@ -306,7 +287,8 @@ class ConsulWatcher(Service):
         self.last_error = None
         self._logged_error = None
 
-    def _error(self, result: str, detail: str) -> None:
+    def _error(self, result: str, detail: str) -> float:
+        """Count a failed request (the last good set stays); returns the backoff."""
         self.requests[result] += 1
         self.failures += 1
         self.last_error = detail
@@ -323,7 +305,7 @@ class ConsulWatcher(Service):
                            pool=self.pool.name, what=self.query.describe,
                            url=safe_url(settings.url), result=result, detail=detail,
                            delay=delay, n=self.failures, kept=kept)
-        self._schedule(delay)
+        return delay
 
     def _apply(self, specs: List[PeerSpec], index: Optional[int]) -> bool:
         """Hand a successful answer's set to the pool; False when nothing changed."""
