@@ -19,9 +19,10 @@ from lb.discovery import consul
 from lb.discovery.consul import ConsulWatcher, KVQuery, ServiceQuery, snapshot
 from lb.discovery.consul.api import TIMEOUT_MARGIN
 from lb.discovery.consul.backoff import BURST, REFILL, backoff_delay
-from lb.discovery.consul.watch import SETTLE
+from lb.discovery.consul.watch import RESULTS, SETTLE
 from lb.peer import DRAIN, READY, PeerSpec
 from lb.pool import Pool
+from lb.stats import ConsulStats
 
 TOKEN = "s3cret-token-value"
 
@@ -713,6 +714,39 @@ def test_release_drains_consul_peers_and_forgets_the_snapshot(h: Harness) -> Non
     h.watcher.stopService()
     h.watcher.release()
     assert h.pool.peers == {} and not os.path.exists(path)
+
+
+# --- stats() ---------------------------------------------------------------------------------
+
+
+def test_stats_show_every_result_from_the_start(h: Harness) -> None:
+    """Before any request, stats() lists every result label at zero (rate() needs the
+    zero), no success, no failure, and what is watched."""
+    assert h.watcher.stats() == ConsulStats(
+        describe="service 'web'", service="web", kv_prefix=None,
+        requests=dict.fromkeys(RESULTS, 0), last_success=None, failures=0, last_error=None)
+
+
+def test_stats_follow_the_counters(h: Harness) -> None:
+    """stats() reads the live counters: results by label, the last success (clock time),
+    failures in a row and the last error."""
+    h.start()
+    h.clock.advance(7)
+    h.answer([instance("10.0.0.1", 80)], index=3)
+    h.clock.advance(0)
+    h.answer(status=500, raw=b"No cluster leader", index=None)
+    stats = h.watcher.stats()
+    assert stats.requests == {**dict.fromkeys(RESULTS, 0), "ok": 1, "http_error": 1}
+    assert stats.last_success == 7.0
+    assert stats.failures == 1 and stats.last_error == "HTTP 500: No cluster leader"
+
+
+def test_stats_of_a_kv_watch_name_the_folder(tmp_path: Any) -> None:
+    """A KV watch's stats name its prefix, not a service."""
+    h = Harness(tmp_path, pool_consul=PoolConsulConfig(kv_prefix="/upstreams/web/"))
+    stats = h.watcher.stats()
+    assert (stats.describe, stats.service, stats.kv_prefix) == (
+        "KV prefix 'upstreams/web'", None, "upstreams/web")
 
 
 # --- KV --------------------------------------------------------------------------------------

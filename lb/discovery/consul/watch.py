@@ -51,6 +51,7 @@ from lb.discovery.consul.health import ServiceQuery
 from lb.discovery.consul.kv import KVQuery
 from lb.peer import DRAIN, PeerSpec
 from lb.pool import Pool
+from lb.stats import ConsulStats
 
 SOURCE = "consul"
 
@@ -79,7 +80,8 @@ def _timed_out(result: Any, timeout: float) -> Any:
 class ConsulWatcher(Service):
     """Keeps one pool's Consul-sourced peers equal to what one Consul query answers.
 
-    Read by the admin/metrics parts: ``requests`` (Counter by result label, see RESULTS),
+    ``stats()`` is the admin server's view. Until the admin code switches to it, it reads
+    these attributes directly: ``requests`` (Counter by result label, see RESULTS),
     ``last_success`` (``clock.seconds()`` of the last successful answer, or None),
     ``index`` (the X-Consul-Index the next request blocks on; 0 = plain read),
     ``last_error`` (text of the latest error, None once an answer succeeds),
@@ -142,6 +144,16 @@ class ConsulWatcher(Service):
             closing = pool.closeCachedConnections()  # type: ignore[no-untyped-call]
             return closing
         return None
+
+    def stats(self) -> ConsulStats:
+        """What the admin server shows of this watch; every result label, zeros included
+        (Prometheus' rate() needs a zero before the first increment)."""
+        requests = dict.fromkeys(RESULTS, 0)
+        requests.update(self.requests)
+        return ConsulStats(describe=self.query.describe, service=self.query.service,
+                           kv_prefix=self.query.kv_prefix, requests=requests,
+                           last_success=self.last_success, failures=self.failures,
+                           last_error=self.last_error)
 
     def release(self) -> None:
         """The pool stops using Consul (config reload): let go of its Consul peers, which
