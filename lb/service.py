@@ -13,7 +13,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from lb import config as lbconfig
-from lb.config import Config, PoolConfig
+from lb.config import Config, ConsulConfig, PoolConfig
 from lb.discovery import static
 from lb.pool import Pool
 from lb.proxy.connlog import connection_log_for
@@ -253,8 +253,19 @@ def _part_config(kind: str, pc: PoolConfig) -> Any:
 
 def default_pool_parts() -> Dict[str, PoolPart]:
     """The per-pool parts: a health monitor for every pool (active checks, or bringing back
-    peers that passive checks took down)."""
+    peers that passive checks took down), and a Consul watch for pools with a consul
+    section."""
     from lb.discovery import consul
     from lb.health import monitor
 
-    return {"health": monitor.build_part, "consul": consul.build_part}
+    def consul_part(root: LBService, pool: Pool, config: PoolConfig) -> Optional[IService]:
+        """Settings and state_dir are read when used, not now: on a reload the root builds
+        parts before it switches to the new config."""
+        if config.consul is None:
+            return None
+        return consul.ConsulWatcher(pool, consul.make_query(config.consul),
+                                    lambda: root.config.consul or ConsulConfig(),
+                                    reactor=root.reactor, http=root.http_client,
+                                    state_dir=lambda: root.config.state_dir)
+
+    return {"health": monitor.build_part, "consul": consul_part}

@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock
 from lb.admin.metrics import LBCollector, make_registry
 from lb.admin.server import build_resource
 from lb.config import parse_address
-from lb.service import LBService
+from lb.service import LBService, default_pool_parts
 from lb.testing import make_config
 
 BASE = "http://127.0.0.1:9901"
@@ -261,7 +261,7 @@ def test_the_real_health_and_consul_parts_are_read(tmp_path: Any) -> None:
                  "health": {"type": "tcp", "interval": "2s", "timeout": "1s"}}},
         consul={"url": "http://127.0.0.1:1"}, state_dir=str(tmp_path))
     root = LBService(config, MemoryReactorClock(),
-                     pool_parts={"consul": watch.build_part, "health": monitor.build_part})
+                     pool_parts=default_pool_parts())
     health = root.pools["web"].parts["health"]
     watcher = root.pools["web"].parts["consul"]
     health.checks[("127.0.0.1:9001", monitor.PASS)] += 3

@@ -22,6 +22,7 @@ from lb.discovery.consul.backoff import BURST, REFILL, backoff_delay
 from lb.discovery.consul.watch import RESULTS, SETTLE
 from lb.peer import DRAIN, READY, PeerSpec
 from lb.pool import Pool
+from lb.service import default_pool_parts
 from lb.stats import ConsulStats
 
 TOKEN = "s3cret-token-value"
@@ -769,7 +770,7 @@ def test_kv_watch_blocks_on_a_404_index(tmp_path: Any) -> None:
     h.watcher.stopService()
 
 
-# --- build_part ------------------------------------------------------------------------------
+# --- wiring (lb.service.default_pool_parts) -------------------------------------------------
 
 
 class FakeRoot:
@@ -785,14 +786,15 @@ class FakeRoot:
 def test_build_part_only_for_consul_pools(tmp_path: Any) -> None:
     """Pools with a consul section get a watcher using the root's client and settings
     (read live, so a reload's new settings apply); others get nothing."""
-    root = FakeRoot(Clock(), str(tmp_path))
+    build_part = default_pool_parts()["consul"]
+    root: Any = FakeRoot(Clock(), str(tmp_path))
     pool = Pool(root.config.pools["web"], root.reactor)
-    part = consul.build_part(root, pool, root.config.pools["web"])
+    part = build_part(root, pool, root.config.pools["web"])
     assert isinstance(part, ConsulWatcher)
     assert isinstance(part.query, ServiceQuery)
     assert part.settings().url == "http://127.0.0.1:1"
-    assert consul.build_part(root, Pool(root.config.pools["plain"], root.reactor),
-                             root.config.pools["plain"]) is None
+    assert build_part(root, Pool(root.config.pools["plain"], root.reactor),
+                      root.config.pools["plain"]) is None
 
 
 def test_kv_query_watcher_type() -> None:

@@ -5,7 +5,6 @@ last good set on disk (``snapshot``). The rest of lb imports from here.
 
 from lb.discovery.consul.health import ServiceQuery
 from lb.discovery.consul.kv import KVQuery
-from lb.discovery.consul.watch import RESULTS, SOURCE, ConsulWatcher, build_part, make_query
+from lb.discovery.consul.watch import RESULTS, SOURCE, ConsulWatcher, make_query
 
-__all__ = ["RESULTS", "SOURCE", "ConsulWatcher", "KVQuery", "ServiceQuery", "build_part",
-           "make_query"]
+__all__ = ["RESULTS", "SOURCE", "ConsulWatcher", "KVQuery", "ServiceQuery", "make_query"]

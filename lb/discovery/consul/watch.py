@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 
-from twisted.application.service import IService, Service
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 
-from lb.config import ConsulConfig, PoolConfig, PoolConsulConfig
+from lb.config import ConsulConfig, PoolConsulConfig
 from lb.discovery.consul import snapshot
 from lb.discovery.consul.api import (ConsulAnswer, ConsulClient, ConsulHTTPError,
                                      InvalidAnswer, Query, describe_failure, merge_specs,
@@ -423,22 +423,7 @@ def _iso(value: Any) -> str:
 
 
 def make_query(config: PoolConsulConfig) -> Query:
+    """What a pool's ``consul`` section asks for: a KV folder or a service's instances."""
     if config.kv_prefix is not None:
         return KVQuery(config.kv_prefix)
     return ServiceQuery(config)
-
-
-def build_part(root: Any, pool: Pool, config: PoolConfig) -> Optional[IService]:
-    """The ``consul`` pool part: a watcher for pools with a ``consul`` section.
-
-    Settings (``root.config.consul``) and ``state_dir`` are read when used, not now: on a
-    reload the root builds parts before it switches to the new config."""
-    if config.consul is None:
-        return None
-
-    def settings() -> ConsulConfig:
-        return root.config.consul or ConsulConfig()
-
-    return ConsulWatcher(pool, make_query(config.consul), settings, reactor=root.reactor,
-                         http=getattr(root, "http_client", None),
-                         state_dir=lambda: root.config.state_dir)
