@@ -43,6 +43,8 @@ class ConsulHTTPError(Exception):
 
 
 class ConsulAnswer(NamedTuple):
+    """One HTTP answer, read whole; parsing it is the query's business."""
+
     status: int
     consul_index: Optional[int]  # X-Consul-Index, None when absent or not a number
     body: bytes

@@ -122,6 +122,7 @@ class ConsulWatcher(Service):
     # --- service -----------------------------------------------------------------------------
 
     def startService(self) -> None:
+        """Serve the snapshot (if any) and start the loop."""
         super().startService()  # type: ignore[no-untyped-call]
         if self._http is None:
             self._http, self._own_http_pool = own_http_client(self.reactor)
@@ -133,6 +134,8 @@ class ConsulWatcher(Service):
             what=self.query.describe))
 
     def stopService(self) -> Optional[defer.Deferred[Any]]:
+        """Cancel what the loop waits for (request or pause), so nothing is left in the
+        reactor; close our own HTTP connections, if we made any."""
         super().stopService()  # type: ignore[no-untyped-call]
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
@@ -349,17 +352,18 @@ class ConsulWatcher(Service):
     # --- snapshot ----------------------------------------------------------------------------
 
     def _snapshot_path(self) -> Optional[str]:
+        """This pool's file under state_dir (read now: a reload may change it), or None."""
         state_dir = self._state_dir()
         return snapshot.path_for(state_dir, self.pool.name) if state_dir else None
 
     def _save(self, specs: List[PeerSpec], index: Optional[int]) -> None:
+        """Write the set unless the file holds it already; a failure is logged, counted
+        and changes nothing else."""
         path = self._snapshot_path()
         if path is None or self._saved == specs:
             return
-        document = {"version": snapshot.FORMAT_VERSION, "pool": self.pool.name,
-                    "query": self.query.identity(self.settings()),
-                    "index": index, "saved_at": time.time(),
-                    "peers": snapshot.encode_peers(specs)}
+        document = snapshot.make_document(self.pool.name, self.query.identity(self.settings()),
+                                          index, specs, saved_at=time.time())
         try:
             snapshot.save(path, document)
         except OSError as e:
@@ -370,6 +374,8 @@ class ConsulWatcher(Service):
         self._saved = list(specs)
 
     def _load_snapshot(self) -> None:
+        """At start: the pool's Consul peers (after a reload), or the snapshot's for the
+        same query, become the last good set until Consul answers."""
         current = self.pool.wanted_by(SOURCE)
         if current:
             # A reload replaced the watcher: the pool already holds Consul's peers.
@@ -414,6 +420,7 @@ def _keeping(old: Sequence[PeerSpec], new: Sequence[PeerSpec]) -> List[PeerSpec]
 
 
 def _iso(value: Any) -> str:
+    """A snapshot's ``saved_at`` for logs."""
     if not isinstance(value, (int, float)):
         return "unknown time"
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(value))
