@@ -469,9 +469,9 @@ def test_a_bug_handling_one_answer_does_not_stop_the_loop(tmp_path: Any,
 
 def test_a_bug_outside_answer_handling_does_not_stop_the_loop(h: Harness,
                                                               logs: List[str]) -> None:
-    """Even a failure in the watch's own bookkeeping (here the settings callable raising,
-    which also breaks counting the error) is logged and the loop tries again a second
-    later."""
+    """Even a failure in the watch's own bookkeeping (here settings() giving something
+    unusable, which also breaks counting the error) is logged and the loop tries again a
+    second later."""
     h.start()
     h.answer([instance("10.0.0.1", 80)], index=3)
     good = h.settings
