@@ -13,13 +13,13 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from lb import config as lbconfig
-from lb.config import Config, ListenerConfig, PoolConfig
+from lb.config import Config, ConsulConfig, ListenerConfig, PoolConfig
 from lb.discovery import static
 from lb.pool import Pool
 from lb.proxy.carriers.pump import Pump
-from lb.reactor import Reactor
 from lb.proxy.connlog import ConnectionLog
 from lb.proxy.listener import Listener, ListenerService
+from lb.reactor import Reactor
 
 # Builders of per-pool services (health monitor, discovery watchers). Each takes the root
 # service, the pool and its config and returns a service or None; later parts register here.
@@ -261,8 +261,19 @@ def _part_config(kind: str, pc: PoolConfig) -> Any:
 
 def default_pool_parts() -> Dict[str, PoolPart]:
     """The per-pool parts: a health monitor for every pool (active checks, or bringing back
-    peers that passive checks took down)."""
+    peers that passive checks took down), and a Consul watch for pools with a consul
+    section."""
     from lb.discovery import consul
     from lb.health import monitor
 
-    return {"health": monitor.build_part, "consul": consul.build_part}
+    def consul_part(root: LBService, pool: Pool, config: PoolConfig) -> Optional[IService]:
+        """Settings and state_dir are read when used, not now: on a reload the root builds
+        parts before it switches to the new config."""
+        if config.consul is None:
+            return None
+        return consul.ConsulWatcher(pool, consul.make_query(config.consul),
+                                    lambda: root.config.consul or ConsulConfig(),
+                                    reactor=root.reactor, http=root.http_client,
+                                    state_dir=lambda: root.config.state_dir)
+
+    return {"health": monitor.build_part, "consul": consul_part}

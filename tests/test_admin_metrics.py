@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock
 from lb.admin.metrics import LBCollector, make_registry
 from lb.admin.server import build_resource
 from lb.config import parse_address
-from lb.service import LBService
+from lb.service import LBService, default_pool_parts
 from lb.testing import make_config
 
 BASE = "http://127.0.0.1:9901"
@@ -252,7 +252,7 @@ def test_collector_reads_at_scrape_time(root: LBService) -> None:
 def test_the_real_health_and_consul_parts_are_read(tmp_path: Any) -> None:
     """The collector reads the counters of lb's own HealthMonitor and ConsulWatcher (not
     started: their counters are bumped by hand), so a rename there breaks this test."""
-    from lb.discovery import consul
+    from lb.discovery.consul import watch
     from lb.health import monitor
 
     config = make_config(
@@ -261,19 +261,19 @@ def test_the_real_health_and_consul_parts_are_read(tmp_path: Any) -> None:
                  "health": {"type": "tcp", "interval": "2s", "timeout": "1s"}}},
         consul={"url": "http://127.0.0.1:1"}, state_dir=str(tmp_path))
     root = LBService(config, MemoryReactorClock(),
-                     pool_parts={"consul": consul.build_part, "health": monitor.build_part})
+                     pool_parts=default_pool_parts())
     health = root.pools["web"].parts["health"]
     watcher = root.pools["web"].parts["consul"]
     health.checks[("127.0.0.1:9001", monitor.PASS)] += 3
-    watcher.requests[consul.OK] += 2
+    watcher.requests[watch.OK] += 2
     watcher.last_success = 1700000000.0
     watcher.failures = 4
     found = samples(scrape(root)[1])
     peer = {"pool": "web", "peer": "127.0.0.1:9001"}
     assert value(found, "lb_health_checks_total", result=monitor.PASS, **peer) == 3
     assert value(found, "lb_health_checks_total", result=monitor.FAIL, **peer) == 0
-    assert value(found, "lb_consul_requests_total", pool="web", result=consul.OK) == 2
-    for result in consul.RESULTS:
+    assert value(found, "lb_consul_requests_total", pool="web", result=watch.OK) == 2
+    for result in watch.RESULTS:
         assert value(found, "lb_consul_requests_total", pool="web", result=result) is not None
     assert value(found, "lb_consul_last_success_timestamp_seconds", pool="web") == 1700000000.0
     assert value(found, "lb_consul_consecutive_failures", pool="web") == 4

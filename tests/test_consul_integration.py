@@ -10,9 +10,8 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from lb.discovery import snapshot
-from lb.discovery.consul import ConsulWatcher, build_part
-from lb.service import LBService
+from lb.discovery.consul import ConsulWatcher, snapshot
+from lb.service import LBService, default_pool_parts
 from lb.testing import make_config, poll_until
 
 if TYPE_CHECKING:
@@ -120,7 +119,8 @@ class Env:
                            state_dir=str(self.tmp_path / "state"), shutdown_timeout="1s")
 
     def start_lb(self, **pool: Any) -> LBService:
-        service = LBService(self.config(pool), reactor, pool_parts={"consul": build_part})
+        service = LBService(self.config(pool), reactor,
+                            pool_parts={"consul": default_pool_parts()["consul"]})
         service.startService()
         self.services.append(service)
         return service

@@ -12,9 +12,9 @@ from twisted.web.http_headers import Headers
 
 from lb.config import Address, ConsulConfig, PoolConsulConfig, parse_address
 from lb.discovery import consul
-from lb.discovery.consul import (InvalidAnswer, ConsulClient, ConsulHTTPError, ServiceQuery,
-                                 parse_health_service, parse_index, peer_address)
-from lb.discovery.consul_kv import KVQuery, decode_value, parse_kv_upstreams
+from lb.discovery.consul.api import ConsulClient, ConsulHTTPError, InvalidAnswer, parse_index
+from lb.discovery.consul.health import ServiceQuery, parse_health_service, peer_address
+from lb.discovery.consul.kv import KVQuery, decode_value, parse_kv_upstreams
 from lb.peer import DRAIN, READY, PeerSpec
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "consul")

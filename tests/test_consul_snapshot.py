@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from lb.config import parse_address
-from lb.discovery import snapshot
-from lb.discovery.snapshot import SnapshotError
+from lb.discovery.consul import snapshot
+from lb.discovery.consul.snapshot import SnapshotError
 from lb.peer import DRAIN, PeerSpec
 
 

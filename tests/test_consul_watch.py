@@ -15,11 +15,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from lb.config import ConsulConfig, PoolConfig, PoolConsulConfig, parse_address
-from lb.discovery import consul, snapshot
-from lb.discovery.consul import ConsulWatcher, ServiceQuery, backoff_delay
-from lb.discovery.consul_kv import KVQuery
+from lb.discovery import consul
+from lb.discovery.consul import ConsulWatcher, KVQuery, ServiceQuery, snapshot
+from lb.discovery.consul.api import TIMEOUT_MARGIN
+from lb.discovery.consul.backoff import BURST, REFILL, backoff_delay
+from lb.discovery.consul.watch import RESULTS, SETTLE
 from lb.peer import DRAIN, READY, PeerSpec
 from lb.pool import Pool
+from lb.service import default_pool_parts
+from lb.stats import ConsulStats
 
 TOKEN = "s3cret-token-value"
 
@@ -210,7 +214,7 @@ def test_index_going_backwards_resets_to_a_plain_read(h: Harness) -> None:
     h.answer([instance("10.0.0.2", 80)], index=5)
     assert h.peers() == {"10.0.0.1:80": "ready/1", "10.0.0.2:80": "ready/1"}
     assert h.watcher.index == 0
-    h.clock.advance(consul.SETTLE - 0.01)
+    h.clock.advance(SETTLE - 0.01)
     assert h.fake.pending == []
     h.clock.advance(0.01)
     assert "index" not in h.args() and "wait" not in h.args()
@@ -243,12 +247,12 @@ def test_churning_index_is_rate_limited(h: Harness) -> None:
     """When every answer comes back at once with a new index, a burst of 5 requests goes
     out back to back, then at most one per second."""
     h.start()
-    for i in range(consul.BURST):
+    for i in range(BURST):
         assert h.fake.pending, f"request {i} should have gone out at once"
         h.answer([instance("10.0.0.1", 80 + i)], index=10 + i)
         h.clock.advance(0)
     assert h.fake.pending == []
-    h.clock.advance(consul.REFILL - 0.01)
+    h.clock.advance(REFILL - 0.01)
     assert h.fake.pending == []
     h.clock.advance(0.01)
     assert len(h.fake.pending) == 1
@@ -337,7 +341,7 @@ def test_request_timeout_cancels_and_retries(h: Harness) -> None:
     h.answer([instance("10.0.0.1", 80)], index=9)
     h.clock.advance(0)
     hung = h.request()
-    limit = 10.0 * 17 / 16 + consul.TIMEOUT_MARGIN
+    limit = 10.0 * 17 / 16 + TIMEOUT_MARGIN
     h.clock.advance(limit - 0.01)
     assert h.watcher.requests.get("timeout") is None
     h.clock.advance(0.02)
@@ -393,36 +397,132 @@ def test_disappeared_peer_with_connections_drains_until_drain_timeout(h: Harness
     assert "10.0.0.2:80" not in h.pool.peers
 
 
-# --- the watchdog and stopping ---------------------------------------------------------------
+# --- the loop's robustness and stopping -----------------------------------------------------
 
 
-def test_watchdog_rearms_a_lost_watch(h: Harness, logs: List[str]) -> None:
-    """If the chain of requests is ever lost (no request and none scheduled), the
-    LoopingCall starts it again within poll_interval."""
+class BrokenOnce:
+    """A query whose parser fails with a bug (not a Consul problem) on its first answer."""
+
+    def __init__(self, query: Any) -> None:
+        self.query = query
+        self.describe = query.describe
+        self.service = query.service
+        self.kv_prefix = query.kv_prefix
+        self.path = query.path
+        self.params = query.params
+        self.broken = True
+
+    def identity(self, settings: ConsulConfig) -> Dict[str, Any]:
+        return self.query.identity(settings)
+
+    def parse(self, status: int, body: bytes) -> Any:
+        if self.broken:
+            self.broken = False
+            raise RuntimeError("a bug in the parser")
+        return self.query.parse(status, body)
+
+
+class HangingHTTP:
+    """A client whose requests never end, and ignore being cancelled."""
+
+    def __init__(self) -> None:
+        self.requests: List[defer.Deferred] = []
+
+    def get(self, url: str, **kwargs: Any) -> defer.Deferred:
+        self.requests.append(defer.Deferred())
+        return self.requests[-1]
+
+
+def test_a_bug_handling_one_answer_does_not_stop_the_loop(tmp_path: Any,
+                                                          logs: List[str]) -> None:
+    """An exception raised while handling an answer is logged with its traceback, counted
+    as an error (the pool keeps its set), and the loop asks again after the usual backoff;
+    the next answer applies. (This replaces a test of the old watchdog re-arming a lost
+    callLater chain: the same promise, that no bug stops discovery, now kept by the loop.)"""
+    query = BrokenOnce(consul.make_query(PoolConsulConfig(service="web", tags=("v1",))))
+    h = Harness(tmp_path, query=query)
+    tracebacks: List[Any] = []
+
+    def observer(event: Dict[str, Any]) -> None:
+        tracebacks.append(event.get("log_failure"))
+    globalLogPublisher.addObserver(observer)
+    try:
+        h.start()
+        h.answer([instance("10.0.0.1", 80)], index=3)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert h.pool.peers == {}
+    assert h.watcher.requests == {"error": 1}
+    assert h.watcher.last_error == "internal error (see the traceback above)"
+    assert any("internal error, the watch goes on" in line for line in logs)
+    assert [f.getErrorMessage() for f in tracebacks if f is not None] == ["a bug in the parser"]
+    h.clock.advance(0.124)
+    assert h.fake.pending == []
+    h.clock.advance(0.001)
+    assert "index" not in h.args()
+    h.answer([instance("10.0.0.1", 80)], index=4)
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
+    assert h.watcher.failures == 0
+    h.watcher.stopService()
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_bug_outside_answer_handling_does_not_stop_the_loop(h: Harness,
+                                                              logs: List[str]) -> None:
+    """Even a failure in the watch's own bookkeeping (here settings() giving something
+    unusable, which also breaks counting the error) is logged and the loop tries again a
+    second later."""
     h.start()
     h.answer([instance("10.0.0.1", 80)], index=3)
-    h.watcher._next.cancel()  # simulate a bug losing the next request
-    h.clock.advance(5)
+    good = h.settings
+    h.settings = None  # type: ignore[assignment]  # the watcher's settings() gives None
     h.clock.advance(0)
-    assert len(h.fake.pending) == 1
-    assert any("re-arming" in line for line in logs)
+    assert h.fake.pending == []
+    assert any("counting an internal error failed" in line for line in logs)
+    h.settings = good
+    h.clock.advance(0.99)
+    assert h.fake.pending == []
+    h.clock.advance(0.01)
+    assert "index" not in h.args(), "after an error, a plain read"
+    assert h.peers() == {"10.0.0.1:80": "ready/1"}
 
 
-def test_watchdog_cancels_a_stalled_request(h: Harness, logs: List[str]) -> None:
-    """A request in flight longer than its own timeout + poll_interval (as if its timer had
-    been lost) is cancelled by the watchdog, counted as a timeout and retried."""
+def test_a_request_that_never_ends_is_given_up_at_its_timeout(tmp_path: Any) -> None:
+    """A request whose client never answers and ignores cancellation is still given up
+    at its timeout (wait × 17/16 + margin for a blocking one), counted as a timeout and
+    retried after backoff, again and again. (This replaces a test of the old watchdog
+    cancelling a stalled request: addTimeout on the loop's one Deferred does it now.)"""
+    http = HangingHTTP()
+    h = Harness(tmp_path, http=http)
     h.start()
-    h.answer([instance("10.0.0.1", 80)], index=3)
-    h.clock.advance(0)
-    stalled = h.request()
-    h.watcher._inflight_timeout = 1.0  # pretend it should have ended after 1s
-    h.clock.advance(5)
-    assert h.watcher.requests.get("timeout") is None
-    h.clock.advance(5)  # well before the real timer (wait × 17/16 + margin)
-    h.stub.flush()
-    assert h.watcher.requests["timeout"] == 1
-    assert stalled in h.fake.lost
-    assert any("stalled" in line for line in logs)
+    assert len(http.requests) == 1
+    h.clock.advance(TIMEOUT_MARGIN - 0.01)
+    assert h.watcher.requests == {}
+    h.clock.advance(0.01)
+    assert h.watcher.requests == {"timeout": 1}
+    assert h.watcher.last_error == f"no answer within {TIMEOUT_MARGIN:g}s"
+    h.clock.advance(0.125)
+    assert len(http.requests) == 2
+    h.clock.advance(TIMEOUT_MARGIN)
+    assert h.watcher.requests == {"timeout": 2}
+    h.clock.advance(0.25)
+    assert len(http.requests) == 3
+    h.watcher.stopService()
+    assert h.clock.getDelayedCalls() == []
+    assert h.watcher.requests == {"timeout": 2}
+
+
+def test_poll_interval_is_read_when_used(h: Harness) -> None:
+    """A reload that changes poll_interval applies to the next answer without an index:
+    the pause before the following plain read is the new value. (This replaces a test of
+    the watchdog LoopingCall's period, which is gone.)"""
+    h.start()
+    h.settings = ConsulConfig(url=h.settings.url, wait=10.0, poll_interval=1.0)
+    h.answer([instance("10.0.0.1", 80)], index=None)
+    h.clock.advance(0.99)
+    assert h.fake.pending == []
+    h.clock.advance(0.01)
+    assert "index" not in h.args()
 
 
 def test_stop_cancels_request_and_timers(h: Harness) -> None:
@@ -447,12 +547,35 @@ def test_stop_during_backoff_leaves_no_timer(tmp_path: Any) -> None:
     assert h.clock.getDelayedCalls() == []
 
 
-def test_poll_interval_change_restarts_the_loop(h: Harness) -> None:
-    """A reload that changes poll_interval takes effect on the watchdog loop too."""
+def test_stop_before_the_first_request_leaves_nothing(h: Harness) -> None:
+    """Stopping right after starting (the first request not sent yet) cancels the pause
+    and sends nothing."""
+    h.watcher.startService()
+    h.watcher.stopService()
+    assert h.clock.getDelayedCalls() == []
+    h.clock.advance(10)
+    assert h.fake.seen == [] and h.watcher.requests == {}
+
+
+def test_stop_while_rate_limited_leaves_no_timer(h: Harness) -> None:
+    """Stopping while the token bucket holds the next request back cancels that pause."""
     h.start()
-    h.settings = ConsulConfig(url=h.settings.url, wait=10.0, poll_interval=1.0)
-    h.clock.advance(5)
-    assert h.watcher._loop_interval == 1.0
+    for i in range(BURST):
+        h.answer([instance("10.0.0.1", 80 + i)], index=10 + i)
+        h.clock.advance(0)
+    assert h.fake.pending == [] and h.clock.getDelayedCalls() != []
+    h.watcher.stopService()
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_stop_cancels_a_request_that_ignores_cancellation(tmp_path: Any) -> None:
+    """A request whose client never fires is still let go by stopService, with its
+    timeout timer, and is not counted."""
+    h = Harness(tmp_path, http=HangingHTTP())
+    h.start()
+    h.watcher.stopService()
+    assert h.clock.getDelayedCalls() == []
+    assert h.watcher.requests == {}
 
 
 # --- snapshots -------------------------------------------------------------------------------
@@ -594,6 +717,39 @@ def test_release_drains_consul_peers_and_forgets_the_snapshot(h: Harness) -> Non
     assert h.pool.peers == {} and not os.path.exists(path)
 
 
+# --- stats() ---------------------------------------------------------------------------------
+
+
+def test_stats_show_every_result_from_the_start(h: Harness) -> None:
+    """Before any request, stats() lists every result label at zero (rate() needs the
+    zero), no success, no failure, and what is watched."""
+    assert h.watcher.stats() == ConsulStats(
+        describe="service 'web'", service="web", kv_prefix=None,
+        requests=dict.fromkeys(RESULTS, 0), last_success=None, failures=0, last_error=None)
+
+
+def test_stats_follow_the_counters(h: Harness) -> None:
+    """stats() reads the live counters: results by label, the last success (clock time),
+    failures in a row and the last error."""
+    h.start()
+    h.clock.advance(7)
+    h.answer([instance("10.0.0.1", 80)], index=3)
+    h.clock.advance(0)
+    h.answer(status=500, raw=b"No cluster leader", index=None)
+    stats = h.watcher.stats()
+    assert stats.requests == {**dict.fromkeys(RESULTS, 0), "ok": 1, "http_error": 1}
+    assert stats.last_success == 7.0
+    assert stats.failures == 1 and stats.last_error == "HTTP 500: No cluster leader"
+
+
+def test_stats_of_a_kv_watch_name_the_folder(tmp_path: Any) -> None:
+    """A KV watch's stats name its prefix, not a service."""
+    h = Harness(tmp_path, pool_consul=PoolConsulConfig(kv_prefix="/upstreams/web/"))
+    stats = h.watcher.stats()
+    assert (stats.describe, stats.service, stats.kv_prefix) == (
+        "KV prefix 'upstreams/web'", None, "upstreams/web")
+
+
 # --- KV --------------------------------------------------------------------------------------
 
 
@@ -614,7 +770,7 @@ def test_kv_watch_blocks_on_a_404_index(tmp_path: Any) -> None:
     h.watcher.stopService()
 
 
-# --- build_part ------------------------------------------------------------------------------
+# --- wiring (lb.service.default_pool_parts) -------------------------------------------------
 
 
 class FakeRoot:
@@ -630,14 +786,15 @@ class FakeRoot:
 def test_build_part_only_for_consul_pools(tmp_path: Any) -> None:
     """Pools with a consul section get a watcher using the root's client and settings
     (read live, so a reload's new settings apply); others get nothing."""
-    root = FakeRoot(Clock(), str(tmp_path))
+    build_part = default_pool_parts()["consul"]
+    root: Any = FakeRoot(Clock(), str(tmp_path))
     pool = Pool(root.config.pools["web"], root.reactor)
-    part = consul.build_part(root, pool, root.config.pools["web"])
+    part = build_part(root, pool, root.config.pools["web"])
     assert isinstance(part, ConsulWatcher)
     assert isinstance(part.query, ServiceQuery)
     assert part.settings().url == "http://127.0.0.1:1"
-    assert consul.build_part(root, Pool(root.config.pools["plain"], root.reactor),
-                             root.config.pools["plain"]) is None
+    assert build_part(root, Pool(root.config.pools["plain"], root.reactor),
+                      root.config.pools["plain"]) is None
 
 
 def test_kv_query_watcher_type() -> None:
@@ -881,7 +1038,7 @@ def test_restarted_consul_answering_empty_before_its_sync_keeps_the_pool(
     assert o.h.events == []
     o.consul.set(CHANGED, index=8)  # synced: a changed set
     took = o.run(2.0, until=lambda: set(o.h.peers()) == {"10.0.0.1:80", "10.0.0.3:80"})
-    assert took <= consul.SETTLE + 0.01
+    assert took <= SETTLE + 0.01
     assert o.h.events[0] == "added 10.0.0.3:80" and o.h.events[-1] == "removed 10.0.0.2:80"
     o.h.watcher.stopService()
 
@@ -896,7 +1053,7 @@ def test_empty_answer_after_a_reset_still_empties_once_settled(h: Harness) -> No
     h.clock.advance(1)
     h.answer([], index=3)
     assert h.peers() == {"10.0.0.1:80": "ready/1"}
-    h.clock.advance(consul.SETTLE)
+    h.clock.advance(SETTLE)
     h.answer([], index=3)
     assert h.pool.peers == {}
 
@@ -912,7 +1069,7 @@ def test_snapshot_index_detects_a_reset_after_a_balancer_restart(tmp_path: Any) 
     second.start()
     second.answer([], index=4)
     assert second.peers() == {"10.0.0.1:80": "ready/1"}
-    second.clock.advance(consul.SETTLE)
+    second.clock.advance(SETTLE)
     second.answer([instance("10.0.0.2", 80)], index=5)
     assert second.peers() == {"10.0.0.2:80": "ready/1"}
     second.watcher.stopService()

@@ -31,7 +31,16 @@ def path_for(state_dir: str, pool_name: str) -> str:
     return os.path.join(state_dir, quote(pool_name, safe="") + SUFFIX)
 
 
+def make_document(pool_name: str, query: Mapping[str, Any], index: Optional[int],
+                  specs: Iterable[PeerSpec], saved_at: float) -> Dict[str, Any]:
+    """What ``save`` writes for a pool: its peers, and the query and Consul index they
+    answer (the index tells a later start whether Consul lost its state meanwhile)."""
+    return {"version": FORMAT_VERSION, "pool": pool_name, "query": dict(query),
+            "index": index, "saved_at": saved_at, "peers": encode_peers(specs)}
+
+
 def encode_peers(specs: Iterable[PeerSpec]) -> List[Dict[str, Any]]:
+    """Peers as JSON-ready objects, sorted by address."""
     return [{"address": str(s.address), "weight": s.weight, "state": s.state}
             for s in sorted(specs, key=lambda s: (s.address.host, s.address.port))]
 

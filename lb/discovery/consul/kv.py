@@ -26,12 +26,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote
 
 from lb.config import MAX_WEIGHT, ConsulConfig, parse_address
-from lb.discovery.consul import (ConsulHTTPError, InvalidAnswer, Parsed, decode_json, merge_specs,
-                                 nothing_usable)
+from lb.discovery.consul.api import (ConsulHTTPError, InvalidAnswer, Parsed, decode_json,
+                                     merge_specs, nothing_usable)
 from lb.peer import DRAIN, READY, PeerSpec
 
 DEFAULT_WEIGHT = 1
@@ -117,16 +117,21 @@ def parse_kv_upstreams(entries: Any, prefix: str) -> Parsed:
 class KVQuery:
     """``consul: {kv_prefix: upstreams/web}``: the keys directly under a KV folder."""
 
+    service: Optional[str] = None
+
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix.strip("/")
+        self.kv_prefix: Optional[str] = self.prefix
         self.describe = f"KV prefix {self.prefix!r}"
         self.path = "/v1/kv/" + quote(self.prefix, safe="/") + "/"
         self.params: List[Tuple[str, str]] = [("recurse", "")]
 
     def identity(self, settings: ConsulConfig) -> Dict[str, Any]:
+        """The folder and the datacenter: what a snapshot must match."""
         return {"kv_prefix": self.prefix, "datacenter": settings.datacenter}
 
     def parse(self, status: int, body: bytes) -> Parsed:
+        """200: the keys as peers; 404: no keys; any other status is an error."""
         if status == 404:
             return Parsed([])  # Consul's answer for a folder with no keys
         if status != 200:
