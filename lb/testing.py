@@ -86,6 +86,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def tcp_pair() -> "tuple[socket.socket, socket.socket]":
+    """Two ends of one TCP connection on 127.0.0.1, non-blocking, TCP_NODELAY on."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    for s in (a, b):
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return a, b
+
+
 def make_config(listeners: Dict[str, Dict[str, Any]], pools: Dict[str, Dict[str, Any]],
                 path: str = "<test>", **top: Any) -> lbconfig.Config:
     """A validated Config from plain dicts (admin bound to an ephemeral port by default)."""
@@ -135,3 +148,163 @@ class FakeTCPTransport(StringTransport):
     def unregisterProducer(self) -> None:
         self.producer = None
         self.streaming = None
+
+
+# --- the data path in memory: a session's surroundings ------------------------------------
+
+
+class FakeFront:
+    """A session's client side before the join, recording what the session does to it."""
+
+    eof = False
+
+    def __init__(self, has_socket: bool = False) -> None:
+        self.socket: Any = object() if has_socket else None
+        self.closed = self.aborted = self.detached = False
+
+    def take_pending(self) -> bytes:
+        return b""
+
+    def detach(self) -> None:
+        self.detached = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class FakeDial:
+    """A dial the test answers: ``dials`` lists (address, timeout, first) in order; answer
+    the latest with ``connect()`` or ``fail()``."""
+
+    def __init__(self) -> None:
+        self.dials: List[Any] = []
+        self.cancelled: List[Any] = []
+        self._callbacks: List[Any] = []
+
+    def __call__(self, address: Any, timeout: float, first: bytes, connected: Any,
+                 failed: Any) -> Any:
+        self.dials.append((address, timeout, first))
+        self._callbacks.append((connected, failed))
+        dial = self
+
+        class Handle:
+            def cancel(self) -> None:
+                dial.cancelled.append(address)
+        return Handle()
+
+    def connect(self, channel: Any = "channel", unsent: bytes = b"") -> None:
+        self._callbacks[-1][0](channel, unsent)
+
+    def fail(self, reason: Exception) -> None:
+        self._callbacks[-1][1](reason)
+
+
+class FakeCarrier:
+    """A carrier that moves nothing: the test reports its facts to the session."""
+
+    def __init__(self, session: Any, channel: Any, unsent: bytes) -> None:
+        self.session = session
+        self.channel = channel
+        self.unsent = unsent
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.session.carrier_closed("aborted", None, False, False)
+
+    def buffered(self) -> int:
+        return 0
+
+
+class FakeListener:
+    """What a session needs from its listener, recording what the session reports: a pool,
+    a clock, a ``FakeDial`` and ``FakeCarrier`` joins."""
+
+    def __init__(self, pool: Any, clock: Any, name: str = "l") -> None:
+        from types import SimpleNamespace
+
+        self.pool = pool
+        self.clock = clock
+        self.config = SimpleNamespace(name=name, accept_proxy=False)
+        self.pump = None
+        self.dial = FakeDial()
+        self.carriers: List[FakeCarrier] = []
+        self.ended: List[Any] = []  # (session, reason)
+        self.connected: List[Any] = []
+
+    def dial_for(self, front: Any) -> FakeDial:
+        return self.dial
+
+    def join(self, session: Any, channel: Any, unsent: bytes) -> FakeCarrier:
+        carrier = FakeCarrier(session, channel, unsent)
+        self.carriers.append(carrier)
+        return carrier
+
+    def peer_connected(self, peer: Any) -> None:
+        self.connected.append(peer)
+
+    def session_ended(self, session: Any, reason: str) -> None:
+        self.ended.append((session, reason))
+
+
+class RecordingSession:
+    """The session's side of the carrier contract (lb/proxy/carriers/__init__.py), recording
+    what a carrier reports: bytes each way, FINs, and how the pair closed."""
+
+    def __init__(self, clock: Any) -> None:
+        from types import SimpleNamespace
+
+        self.listener = SimpleNamespace(clock=clock, config=SimpleNamespace(
+            accept_proxy=False, name="contract"), session_for=self._session_for)
+        self.peer = SimpleNamespace(bytes_in=0, bytes_out=0)
+        self.last_active = 0.0
+        self.bytes_in = self.bytes_out = self.fins = 0
+        self.closed: List[tuple] = []  # (kind, side, answer_done, request_pending)
+
+    def _session_for(self, front: Any, client: Any, destination: Any) -> "RecordingSession":
+        return self
+
+    def start(self, pending: bytes = b"") -> None:
+        pass  # the test joins the carrier itself
+
+    def moved_in(self, n: int) -> None:
+        self.bytes_in += n
+
+    def moved_out(self, n: int) -> None:
+        self.bytes_out += n
+
+    def fin_received(self) -> None:
+        self.fins += 1
+
+    def carrier_closed(self, kind: str, side: Optional[str], answer_done: bool,
+                       request_pending: bool) -> None:
+        self.closed.append((kind, side, answer_done, request_pending))
+
+    def front_closed(self, reset: bool = False) -> None:
+        pass
+
+
+class PumpClock(task.Clock):
+    """A Clock whose epoll set a ``Pump`` can share (as lb's reactor does): the test runs
+    the pump's events itself with ``run_pump()``, one batch at a time."""
+
+    def __init__(self) -> None:
+        import select
+
+        super().__init__()
+        self.epoll = select.epoll()
+        self.handler: Optional[Callable[[Any], None]] = None
+
+    def share_poller(self, handler: Callable[[Any], None]) -> Any:
+        self.handler = handler
+        return self.epoll
+
+    def run_pump(self) -> int:
+        """Hand the pump every event ready now, as one batch; how many there were."""
+        events = self.epoll.poll(0)
+        if events and self.handler is not None:
+            self.handler(events)
+        return len(events)

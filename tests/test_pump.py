@@ -1,6 +1,8 @@
 """The pump's own connect over real sockets on 127.0.0.1: first write, refusal, timeout."""
 
+import select
 import socket
+import struct
 from typing import Any, List
 
 import pytest
@@ -8,7 +10,7 @@ import pytest_twisted
 from twisted.internet import defer, error, reactor
 
 from lb.proxy.carriers.pump import Pump
-from lb.testing import free_port, poll_until
+from lb.testing import PumpClock, RecordingSession, free_port, poll_until, tcp_pair
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +110,152 @@ def test_cancel_closes_the_socket_and_reports_cancelled(pump: Pump) -> None:
         for filler in fillers:
             filler.close()
         server.close()
+
+
+# --- the pump's event handling, unit by unit, on socketpairs and a private epoll set ----------
+
+
+class Pumped:
+    """A pair adopted by a pump on a PumpClock: the test plays ``client`` and ``peer``."""
+
+    def __init__(self, splice: bool = False, tcp: bool = False) -> None:
+        self.clock = PumpClock()
+        self.pump = Pump(self.clock)
+        self.pump.splice = splice
+        self.session = RecordingSession(self.clock)
+        pair = tcp_pair if tcp else socket.socketpair  # TCP when a reset must be a reset
+        self.client, client_inner = pair()
+        peer_inner, self.peer = pair()
+        for s in (client_inner, peer_inner, self.client, self.peer):
+            s.setblocking(False)
+        self.pair = self.pump.adopt(self.session, client_inner, peer_inner)
+
+    def run(self, batches: int = 5) -> None:
+        for _ in range(batches):
+            if not self.clock.run_pump():
+                return
+
+    def close(self) -> None:
+        if not self.pair.closed:
+            self.pair.abort()
+        self.client.close()
+        self.peer.close()
+        self.clock.epoll.close()
+
+
+@pytest.fixture
+def pumped() -> Any:
+    p = Pumped()
+    yield p
+    p.close()
+
+
+def test_a_message_is_read_sent_on_and_counted_in_one_batch(pumped: Pumped) -> None:
+    """A ready client socket: one batch reads it, sends it on to the peer at once (no
+    buffering when the peer takes it) and reports the bytes; last_active is stamped."""
+    pumped.clock.advance(7)
+    pumped.client.send(b"ping")
+    assert pumped.clock.run_pump() == 1
+    assert pumped.peer.recv(100) == b"ping"
+    assert (pumped.session.bytes_in, pumped.session.last_active) == (4, 7)
+    assert pumped.pair.buffered() == 0
+
+
+def test_a_fin_is_passed_on_at_the_end_of_its_batch(pumped: Pumped) -> None:
+    """A FIN from the client becomes shutdown(SHUT_WR) towards the peer after the batch;
+    the pair stays open for the answer."""
+    pumped.client.shutdown(socket.SHUT_WR)
+    pumped.run(1)
+    assert pumped.peer.recv(100) == b""  # EOF
+    assert pumped.session.fins == 1 and not pumped.pair.closed
+    pumped.peer.send(b"late answer")
+    pumped.run()
+    assert pumped.client.recv(100) == b"late answer"
+
+
+def test_both_fins_in_one_batch_just_close_the_pair(pumped: Pumped) -> None:
+    """A client closing after its answer often arrives with the peer's FIN: both in one
+    batch close the pair at once (no shutdown call), reported as done."""
+    pumped.client.shutdown(socket.SHUT_WR)
+    pumped.peer.shutdown(socket.SHUT_WR)
+    assert pumped.clock.run_pump() == 2
+    assert pumped.pair.closed
+    assert pumped.session.closed == [("done", None, True, False)]
+
+
+def test_a_full_destination_stops_reading_its_source(pumped: Pumped) -> None:
+    """When the client does not read, what the peer sends piles up to one chunk in the
+    pump; the peer's socket is then no longer read (epoll interest dropped) until the
+    client drains, and nothing is lost."""
+    sent = 0
+    for _ in range(200):
+        try:
+            sent += pumped.peer.send(b"d" * 65536)
+        except BlockingIOError:
+            pass
+        pumped.run(1)
+        if pumped.pair.down.blocked and not pumped.pair.peer_mask & select.EPOLLIN:
+            break
+    assert pumped.pair.down.blocked, "the client never filled up"
+    assert not pumped.pair.peer_mask & select.EPOLLIN
+    assert pumped.pair.buffered() <= 65536
+    received = 0
+    for _ in range(10_000):
+        try:
+            received += len(pumped.client.recv(1 << 20))
+        except BlockingIOError:
+            pumped.run(1)
+            try:
+                sent += pumped.peer.send(b"")
+            except BlockingIOError:
+                pass
+        if received == sent and not pumped.pair.down.blocked:
+            break
+    assert received == sent == pumped.session.bytes_out
+    assert pumped.pair.peer_mask & select.EPOLLIN  # reading again
+
+
+def test_bulk_reads_switch_a_direction_to_splice() -> None:
+    """A read of 16 KiB or more marks its direction as bulk: with splice on, the next
+    reads go socket → pipe → socket in the kernel, and every byte still arrives counted."""
+    p = Pumped(splice=True)
+    try:
+        payload = bytes(range(256)) * 512  # 128 KiB
+        p.client.send(payload[:65536])
+        p.run(1)
+        assert p.pair.up.bulk
+        got = p.peer.recv(1 << 20)
+        p.client.send(payload[65536:])
+        for _ in range(20):
+            p.run(1)
+            try:
+                got += p.peer.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            if len(got) == len(payload):
+                break
+        assert got == payload and p.session.bytes_in == len(payload)
+    finally:
+        p.close()
+
+
+def test_a_peer_reset_is_reported_raw_after_passing_on_what_it_sent() -> None:
+    """A peer that resets: the client gets what the peer had sent, then EOF; the carrier
+    reports (reset, peer) and leaves the meaning to the session."""
+    p = Pumped(tcp=True)
+    try:
+        p.peer.send(b"partial")
+        p.run(1)
+        p.peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        p.peer.close()
+        for _ in range(100):
+            p.run(1)
+            if p.pair.closed:
+                break
+        p.client.setblocking(True)
+        p.client.settimeout(5)
+        assert p.client.recv(100) == b"partial"
+        assert p.client.recv(100) == b""
+        assert p.session.closed == [("reset", "peer", False, False)]
+    finally:
+        p.close()

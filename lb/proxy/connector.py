@@ -61,9 +61,8 @@ class Attempt:
         self.dialing: Optional[Cancellable] = None
         self.cancelled = False
 
-    def start(self) -> "Attempt":
+    def start(self) -> None:
         self._next()
-        return self
 
     def cancel(self) -> None:
         """Give up (the client left, or is being cut): the peer being dialled is released,

@@ -154,6 +154,29 @@ class Listener(Factory):
             return transports.connect(reactor, address, timeout, first, connected, failed)
         return dial
 
+    def join(self, session: Session, channel: Any, unsent: bytes) -> Any:
+        """Hand a connected session to a carrier: the pump when both sides are sockets it
+        can own, else the two Twisted transports joined. ``channel`` is what the dial gave:
+        a socket (the pump's own connect) or a ``PeerProtocol`` (an endpoint's)."""
+        front = session.front
+        early = front.take_pending()  # read after the opening was built (rare)
+        if early:
+            session.moved_in(len(early))
+            unsent += early
+        pump = self.pump
+        client_sock = front.socket
+        if pump is not None and client_sock is not None:
+            if isinstance(channel, socket.socket):
+                front.detach()
+                return pump.adopt(session, client_sock, channel, unsent, peer_registered=True)
+            peer_sock = getattr(channel.transport, "socket", None)
+            if peer_sock is not None and not front.eof:
+                front.detach()
+                channel.transport.stopReading()
+                channel.transport.stopWriting()
+                return pump.adopt(session, client_sock, peer_sock, unsent)
+        return transports.TransportJoin(session, front, channel, unsent)
+
     # --- what sessions report --------------------------------------------------------------
 
     def _close_idle(self) -> None:

@@ -14,7 +14,6 @@ the pump, be closed or be reset. After the join its *carrier* owns both sides.
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from twisted.logger import Logger
@@ -24,7 +23,6 @@ from lb.interfaces import IClosable, PickContext
 from lb.net import host_port
 from lb.peer import Peer
 from lb.proxy import proxyprotocol
-from lb.proxy.carriers.transports import PeerProtocol, TransportJoin
 from lb.proxy.connector import Attempt
 
 if TYPE_CHECKING:
@@ -75,11 +73,14 @@ class Session:
             self.attempt = Attempt(
                 self.pool, self, self.listener.dial_for(self.front),
                 PickContext(getattr(self.client, "host", None)), first, self._connected,
-                self._failed).start()
+                self._failed)
+            self.attempt.start()  # may end at once (no peer): the callbacks clear it
         except Exception:
             self.fail()
 
     def _connected(self, peer: Peer, channel: Any, unsent: bytes) -> None:
+        if self.attempt is not None and self.attempt.failures:
+            self.failures = tuple(self.attempt.failures)  # peers tried before: logged
         self.attempt = None
         self.peer = peer
         n = len(self.pending)  # the client's part of the opening reached the peer
@@ -88,7 +89,7 @@ class Session:
         self.pool.connection_established(peer)
         self.listener.peer_connected(peer)
         try:
-            self.carrier = self._join(channel, unsent)
+            self.carrier = self.listener.join(self, channel, unsent)
         except Exception:
             self.fail()
 
@@ -98,29 +99,6 @@ class Session:
         self.end_reason = reason
         self.front.close()
         self.front_closed()
-
-    def _join(self, channel: Any, unsent: bytes) -> Any:
-        """Hand both sides to a carrier: the pump when both are sockets it can own, else the
-        two Twisted transports joined."""
-        front = self.front
-        early = front.take_pending()  # read after the opening was built (rare)
-        if early:
-            self.moved_in(len(early))
-            unsent += early
-        pump = self.listener.pump
-        client_sock = front.socket
-        if pump is not None and client_sock is not None:
-            if isinstance(channel, socket.socket):  # the pump's own connect
-                front.detach()
-                return pump.adopt(self, client_sock, channel, unsent, peer_registered=True)
-            peer_sock = getattr(channel.transport, "socket", None)
-            if peer_sock is not None and not front.eof:
-                front.detach()
-                channel.transport.stopReading()
-                channel.transport.stopWriting()
-                return pump.adopt(self, client_sock, peer_sock, unsent)
-        assert isinstance(channel, PeerProtocol)
-        return TransportJoin(self, front, channel, unsent)
 
     # --- what the carrier reports (see lb.proxy.carriers) ---------------------------------
 
