@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any, List, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.web import resource, server
 
 
@@ -72,9 +72,8 @@ def _deregister(consul: str, service: str, ports: List[int]) -> Any:
             pass
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from twisted.internet import reactor
-
+def serve(reactor: Any, argv: Optional[List[str]] = None) -> defer.Deferred:
+    """Run the demo on ``reactor`` until it stops (SIGTERM, SIGINT)."""
     parser = argparse.ArgumentParser(prog="python -m lb.demo", description=__doc__)
     parser.add_argument("--ports", default="9001,9002", help="backends to serve")
     parser.add_argument("--register", default="", help="ports to serve AND register in Consul")
@@ -92,12 +91,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"demo: {f.getErrorMessage()}", file=sys.stderr, flush=True)
 
     if registered:
-        reactor.callWhenRunning(lambda: _register(reactor, args.consul, args.service,
-                                                  registered).addErrback(failed))
+        _register(reactor, args.consul, args.service, registered).addErrback(failed)
         reactor.addSystemEventTrigger("before", "shutdown", _deregister, args.consul,
                                       args.service, registered)
-    reactor.run()  # SIGTERM/SIGINT stop it; registrations are removed on the way out
-    return 0
+    return defer.Deferred()  # never fires: the signal that stops the reactor ends the demo
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    # react() runs the reactor for serve(); registrations are removed on the way out
+    task.react(serve, [argv])
+    return 0  # pragma: no cover (react exits the process)
 
 
 if __name__ == "__main__":

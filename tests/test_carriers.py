@@ -94,8 +94,7 @@ def join(kind: str) -> Any:
     server.close()
     peer.setblocking(False)
     fronts[0].transport.resumeProducing()
-    carrier = transports.TransportJoin(session, fronts[0], peer_protocol,  # type: ignore
-                                       b"")
+    carrier = transports.TransportJoin(session, fronts[0], peer_protocol, b"", reactor)
     return Joined(session, carrier, client, peer, cleanup)
 
 

@@ -175,7 +175,7 @@ class Listener(Factory):
                 channel.transport.stopReading()
                 channel.transport.stopWriting()
                 return pump.adopt(session, client_sock, peer_sock, unsent)
-        return transports.TransportJoin(session, front, channel, unsent)
+        return transports.TransportJoin(session, front, channel, unsent, self.clock)
 
     # --- what sessions report --------------------------------------------------------------
 

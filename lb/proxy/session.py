@@ -14,7 +14,7 @@ the pump, be closed or be reset. After the join its *carrier* owns both sides.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -23,12 +23,27 @@ from lb.interfaces import IClosable, PickContext
 from lb.net import host_port
 from lb.peer import Peer
 from lb.proxy import proxyprotocol
-from lb.proxy.connector import Attempt
-
-if TYPE_CHECKING:
-    from lb.proxy.listener import Listener
+from lb.pool import Pool
+from lb.proxy.connector import Attempt, Dial
 
 ERROR = "error"  # lb failed handling this client (logged with its traceback)
+
+
+class SessionHost(Protocol):
+    """What a session needs from its listener (``lb.proxy.listener.Listener``; tests use
+    ``lb.testing.FakeListener``)."""
+
+    pool: Pool
+    clock: Any
+    config: Any  # .name
+
+    def dial_for(self, front: Any) -> Dial: ...
+
+    def join(self, session: "Session", channel: Any, unsent: bytes) -> Any: ...
+
+    def peer_connected(self, peer: Peer) -> None: ...
+
+    def session_ended(self, session: "Session", reason: str) -> None: ...
 
 
 @implementer(IClosable)
@@ -40,7 +55,7 @@ class Session:
                  "last_active", "half_closed", "bytes_in", "bytes_out", "end_reason",
                  "failures", "attempt", "carrier", "pending", "finished", "__weakref__")
 
-    def __init__(self, listener: "Listener", front: Any, client: Any, destination: Any,
+    def __init__(self, listener: SessionHost, front: Any, client: Any, destination: Any,
                  now: float) -> None:
         self.listener = listener
         self.pool = listener.pool

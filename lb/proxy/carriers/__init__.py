@@ -20,3 +20,23 @@ The contract a carrier keeps with its session (``lb.proxy.session.Session``):
 Before closing a pair because its peer failed, a carrier passes on to the client what the peer
 had already sent and it still held.
 """
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+
+class CarrierEvents(Protocol):
+    """What a carrier reports to its session (the contract above)."""
+
+    last_active: float
+    half_closed: bool
+
+    def moved_in(self, n: int) -> None: ...
+
+    def moved_out(self, n: int) -> None: ...
+
+    def fin_received(self) -> None: ...
+
+    def carrier_closed(self, kind: str, side: Optional[str], answer_done: bool,
+                       request_pending: bool) -> None: ...

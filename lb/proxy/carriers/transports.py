@@ -14,7 +14,7 @@ through an endpoint by ``connect``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Protocol as TypingProtocol
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
@@ -25,10 +25,28 @@ from zope.interface import implementer
 
 from lb.net import Address, endpoint_for
 from lb.proxy import proxyprotocol
+from lb.proxy.carriers import CarrierEvents
 
-if TYPE_CHECKING:
-    from lb.proxy.listener import Listener
-    from lb.proxy.session import Session
+
+class FrontSession(CarrierEvents, TypingProtocol):
+    """What a ``TransportClient`` tells its session before the join."""
+
+    end_reason: Optional[str]
+    client: Any
+    destination: Any
+    attempt: Any
+
+    def start(self, pending: bytes = b"") -> None: ...
+
+    def front_closed(self, reset: bool = False) -> None: ...
+
+
+class FrontHost(TypingProtocol):
+    """What a ``TransportClient`` needs from its listener."""
+
+    config: Any  # .accept_proxy
+
+    def session_for(self, front: Any, client: Any, destination: Any) -> Any: ...
 
 
 def _clean(reason: Failure) -> bool:
@@ -39,9 +57,9 @@ def _clean(reason: Failure) -> bool:
 class TransportClient(Protocol):
     """A client accepted as a Twisted transport (``listenTCP``)."""
 
-    def __init__(self, listener: "Listener") -> None:
+    def __init__(self, listener: FrontHost) -> None:
         self.listener = listener
-        self.session: Optional["Session"] = None
+        self.session: Optional[FrontSession] = None
         self.join: Optional["TransportJoin"] = None
         self.eof = False  # the client sent FIN before the join
         self._header = proxyprotocol.HeaderReader() if listener.config.accept_proxy else None
@@ -180,12 +198,12 @@ class TransportJoin:
                  "peer_eof_seen", "peer_write_closed_", "client_gone", "peer_gone", "fact",
                  "clock")
 
-    def __init__(self, session: "Session", client: TransportClient, peer: PeerProtocol,
-                 first: bytes) -> None:
+    def __init__(self, session: CarrierEvents, client: TransportClient, peer: PeerProtocol,
+                 first: bytes, clock: Any) -> None:
         self.session = session
         self.client = client
         self.peer = peer
-        self.clock = session.listener.clock
+        self.clock = clock
         self.client_eof_seen = self.client_write_closed_ = False
         self.peer_eof_seen = self.peer_write_closed_ = False
         self.client_gone = self.peer_gone = False
