@@ -50,9 +50,9 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 
 WORKLOADS = ("keepalive", "close", "bulk", "iperf", "idle")
-PROXIES = ("direct", "haproxy", "nginx", "lb", "lb-pypy")
+PROXIES = ("direct", "haproxy", "nginx", "lb-base", "lb", "lb-pypy")
 LABELS = {"direct": "direct", "haproxy": "HAProxy", "nginx": "nginx stream", "lb": "lb",
-          "lb-pypy": "lb (PyPy)"}
+          "lb-pypy": "lb (PyPy)", "lb-base": "lb (baseline)"}
 VENVS = {"lb": os.path.join(ROOT, ".venv"), "lb-pypy": os.path.join(ROOT, ".venv-pypy")}
 JIT_WARMUP = 5.0  # PyPy compiles the hot paths in its first seconds: warm it up longer
 
@@ -994,6 +994,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="CPU list for wrk, iperf3, the nginx backend and the idle client "
                              "(default 0 on >= 2 CPUs)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes")
+    parser.add_argument("--baseline", metavar="DIR", default=None,
+                        help="also measure the lb checked out in DIR (with its own .venv), "
+                             "e.g. an earlier commit, in the same alternating rounds")
     parser.add_argument("--note", default="",
                         help="a line printed with the table, e.g. that the machine was shared")
     parser.add_argument("--report", metavar="JSON", default=None,
@@ -1004,6 +1007,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.only = [w.strip() for w in args.only.split(",") if w.strip()]
     args.proxies = [p.strip() for p in args.proxies.split(",") if p.strip()]
+    if args.baseline:
+        VENVS["lb-base"] = os.path.join(os.path.abspath(args.baseline), ".venv")
+        rev = subprocess.run(["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
+        LABELS["lb-base"] = f"lb (baseline {rev or args.baseline})"
+        if "lb-base" not in args.proxies:
+            args.proxies.append("lb-base")
     for value, allowed, option in ((args.only, WORKLOADS, "--only"),
                                    (args.proxies, PROXIES, "--proxies")):
         bad = [v for v in value if v not in allowed]
