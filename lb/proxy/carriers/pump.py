@@ -111,7 +111,8 @@ class Pump:
         self.reactor = reactor
         self.splice = HAVE_SPLICE  # tests turn it off to run the copy path alone
         self._epoll = reactor.share_poller(self.handle)
-        self._fds: Dict[int, Tuple[Pair, bool]] = {}  # fd → (pair, is_client)
+        # fd → (pair, is_client), or (handler, None) for a socket another part drives
+        self._fds: Dict[int, Tuple[Any, Optional[bool]]] = {}
         self._connects: Dict[int, "Connect"] = {}  # fd → connect in progress
         self._pipes: List[Tuple[int, int]] = []
         self._batch: Optional[List[Tuple[Pair, _Flow]]] = None  # FINs to pass on after a batch
@@ -132,6 +133,9 @@ class Pump:
                         connect.finish()
                     continue
                 pair, is_client = entry
+                if is_client is None:  # a socket of HTTP mode's, say
+                    self._dispatch(pair, fd, events)
+                    continue
                 if pair.closed:
                     continue
                 pair.session.last_active = now
@@ -154,6 +158,40 @@ class Pump:
             for pair, flow in batch:
                 if not pair.closed:
                     self._pass_fin(pair, flow)
+
+    def _dispatch(self, handler: Any, fd: int, events: int) -> None:
+        try:
+            handler.on_event(fd, events)
+        except Exception:
+            self.log.failure("pump: error handling a connection; closing it")
+            try:
+                handler.on_bug()
+            except Exception:
+                self.log.failure("pump: error closing a connection after an error")
+
+    # --- sockets driven by other parts -----------------------------------------------------------
+
+    def watch(self, fd: int, handler: Any, mask: int, registered: bool = False) -> None:
+        """Hand ``fd``'s events to ``handler.on_event(fd, events)`` (an exception there is
+        logged and ``handler.on_bug()`` called). ``registered``: the descriptor is in the
+        epoll set already (a socket from the pump's own connect)."""
+        self._fds[fd] = (handler, None)
+        if registered:
+            self._epoll.modify(fd, mask)
+        else:
+            self._epoll.register(fd, mask)
+
+    def interest(self, fd: int, mask: int) -> None:
+        """Change what a watched descriptor is woken for."""
+        self._epoll.modify(fd, mask)
+
+    def forget(self, fd: int) -> None:
+        """Stop watching ``fd`` (call before closing its socket, or when handing it on)."""
+        if self._fds.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
 
     # --- adopting and releasing ----------------------------------------------------------------
 
