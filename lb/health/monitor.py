@@ -38,6 +38,7 @@ from lb.peer import Peer
 from lb.health.passive import THRESHOLDS_WITHOUT_CHECKS
 from lb.pool import Pool
 from lb.net import endpoint_for, format_seconds
+from lb.stats import HealthCheckStats
 
 if TYPE_CHECKING:
     from lb.service import LBService
@@ -76,6 +77,7 @@ class HealthMonitor(Service):
         self.pool = pool
         self.clock = clock
         self.probe = probe
+        self.settings = settings
         self.interval = settings.interval
         self.timeout = settings.timeout
         self.concurrency = settings.concurrency
@@ -104,6 +106,16 @@ class HealthMonitor(Service):
     def watched(self) -> List[str]:
         """Keys of the peers this monitor probes."""
         return list(self._slots)
+
+    def stats(self) -> HealthCheckStats:
+        """What the admin server shows: the checks and, for every peer of the pool, the
+        probes run by result (zeros included: Prometheus' rate() needs a zero)."""
+        s = self.settings
+        return HealthCheckStats(
+            configured=self.all_peers, type=s.type, path=s.path if s.type == "http" else None,
+            interval=s.interval, timeout=s.timeout, rise=s.rise, fall=s.fall,
+            results={key: {PASS: self.checks[(key, PASS)], FAIL: self.checks[(key, FAIL)]}
+                     for key in self.pool.peers})
 
     # --- service ---------------------------------------------------------------------------
 
