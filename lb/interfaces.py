@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import AbstractSet, Any, NamedTuple, Optional
 
+from twisted.application.service import IService
 from zope.interface import Attribute, Interface
+
+from lb.stats import PartStats
 
 
 class PickContext(NamedTuple):
@@ -65,3 +68,16 @@ class IClosable(Interface):
 
     def abort(reason):
         """Close both sides now."""
+
+
+class IPoolPart(IService):
+    """A service that keeps one pool current (its health monitor, its Consul watch). The
+    root builds one per kind from the pool's config; the pool's service runs it."""
+
+    def stats() -> PartStats:
+        """What the admin server shows of it (built now, no I/O)."""
+
+    def release() -> None:
+        """A reload removed the config this part came from: give back what it put into the
+        pool (a discovery source lets go of its peers, which drain). Called once stopped."""
+

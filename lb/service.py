@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -15,15 +15,17 @@ from twisted.logger import Logger
 from lb import config as lbconfig
 from lb.config import Config, ConsulConfig, ListenerConfig, PoolConfig
 from lb.discovery import static
+from lb.interfaces import IPoolPart
 from lb.pool import Pool
 from lb.proxy.carriers.pump import Pump
 from lb.proxy.connlog import ConnectionLog
 from lb.proxy.listener import Listener, ListenerService
 from lb.reactor import Reactor
+from lb.stats import ConsulStats, HealthCheckStats, PoolStats
 
 # Builders of per-pool services (health monitor, discovery watchers). Each takes the root
-# service, the pool and its config and returns a service or None; later parts register here.
-PoolPart = Callable[["LBService", Pool, PoolConfig], Optional[IService]]
+# service, the pool and its config and returns a part or None; later parts register here.
+PoolPart = Callable[["LBService", Pool, PoolConfig], Optional[IPoolPart]]
 
 
 class ReloadError(Exception):
@@ -42,18 +44,33 @@ class PoolService(MultiService):
     def __init__(self, pool: Pool) -> None:
         super().__init__()
         self.pool = pool
-        self.parts: Dict[str, IService] = {}
+        self.parts: Dict[str, IPoolPart] = {}
 
-    def set_part(self, kind: str, service: Optional[IService]) -> None:
+    def set_part(self, kind: str, part: Optional[IPoolPart]) -> None:
+        """Run ``part`` as the pool's ``kind`` part, replacing the one before; None: the
+        config no longer asks for one, so the old part gives back what it put in the pool
+        (a source that went away drains its peers and forgets its snapshot)."""
         old = self.parts.pop(kind, None)
         if old is not None:
             self.removeService(old)  # stops it when running
-            if service is None and hasattr(old, "release"):
-                old.release()  # a source that went away: drain its peers, forget its snapshot
-        if service is not None:
-            service.setName(f"{self.pool.name}:{kind}")
-            self.parts[kind] = service
-            service.setServiceParent(self)
+            if part is None:
+                old.release()
+        if part is not None:
+            part.setName(f"{self.pool.name}:{kind}")
+            self.parts[kind] = part
+            part.setServiceParent(self)
+
+    def stats(self) -> PoolStats:
+        """The pool's view with its parts' (a health monitor, a Consul watch)."""
+        health: Optional[HealthCheckStats] = None
+        consul: Optional[ConsulStats] = None
+        for part in list(self.parts.values()):
+            view = part.stats()
+            if isinstance(view, HealthCheckStats):
+                health = view
+            else:
+                consul = view
+        return self.pool.stats(health=health, consul=consul)
 
     def stopService(self) -> Any:
         d = defer.maybeDeferred(super().stopService)
@@ -266,7 +283,12 @@ def default_pool_parts() -> Dict[str, PoolPart]:
     from lb.discovery import consul
     from lb.health import monitor
 
-    def consul_part(root: LBService, pool: Pool, config: PoolConfig) -> Optional[IService]:
+    def health_part(root: LBService, pool: Pool, config: PoolConfig) -> IPoolPart:
+        """Every pool has a monitor (without checks, it brings back what traffic took out)."""
+        return monitor.monitor_for(pool, config.health, reactor=root.reactor,
+                                   http=root.http_client)
+
+    def consul_part(root: LBService, pool: Pool, config: PoolConfig) -> Optional[IPoolPart]:
         """Settings and state_dir are read when used, not now: on a reload the root builds
         parts before it switches to the new config."""
         if config.consul is None:
@@ -276,4 +298,4 @@ def default_pool_parts() -> Dict[str, PoolPart]:
                                     reactor=root.reactor, http=root.http_client,
                                     state_dir=lambda: root.config.state_dir)
 
-    return {"health": monitor.build_part, "consul": consul_part}
+    return {"health": health_part, "consul": consul_part}
