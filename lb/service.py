@@ -5,23 +5,25 @@ Everything gets the reactor from here; only ``lb.tap`` imports the global one.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from lb import config as lbconfig
+from lb.admin.server import AdminService
 from lb.config import Config, ConsulConfig, ListenerConfig, PoolConfig
 from lb.discovery import static
-from lb.interfaces import IPoolPart
+from lb.interfaces import IAdminView, IPoolPart
 from lb.pool import Pool
 from lb.proxy.carriers.pump import Pump
 from lb.proxy.connlog import ConnectionLog
 from lb.proxy.listener import Listener, ListenerService
 from lb.reactor import Reactor
-from lb.stats import ConsulStats, HealthCheckStats, PoolStats
+from lb.stats import ConsulStats, HealthCheckStats, ListenerStats, PoolStats
 
 # Builders of per-pool services (health monitor, discovery watchers). Each takes the root
 # service, the pool and its config and returns a part or None; later parts register here.
@@ -96,18 +98,15 @@ class LBService(MultiService):
         # lb's reactor runs the fast data path (its one pump); any other reactor does not
         self.pump: Optional[Pump] = reactor.pump if isinstance(reactor, Reactor) else None
         self.connection_log = ConnectionLog(reactor)
-        # callables (service, old, new) run after a reload for top-level sections
-        self.global_hooks: List[Callable[["LBService", Config, Config], None]] = []
         for name, pool_config in config.pools.items():
             self._add_pool(pool_config)
         for name, listener_config in config.listeners.items():
             self._add_listener(ListenerService(
                 self._listener(listener_config, self.pools[listener_config.pool].pool),
                 config.shutdown_timeout))
-        from lb.admin.server import AdminService
-
+        self.admin_view = AdminView(self)
         # added last so it stops first, after the listeners have drained
-        self.admin = AdminService(self)
+        self.admin = AdminService(self.admin_view, reactor, config.admin)
         self.admin.setServiceParent(self)
 
     # --- building ---------------------------------------------------------------------------
@@ -169,7 +168,6 @@ class LBService(MultiService):
     def apply(self, new: Config) -> None:
         """Apply ``new`` as a diff. New sockets are opened first, so a bind that fails
         leaves everything as it was; unchanged listeners keep their sockets and connections."""
-        old = self.config
         opened: List[ListenerService] = []
         try:
             for name, lc in new.listeners.items():
@@ -230,12 +228,7 @@ class LBService(MultiService):
             service.listener.reconfigure(lc, self.pools[lc.pool].pool)
             service.shutdown_timeout = new.shutdown_timeout
         self.config = new
-        self._apply_global(old, new)
-
-    def _apply_global(self, old: Config, new: Config) -> None:
-        """Hook for top-level sections (admin, consul) that later parts reconfigure."""
-        for hook in self.global_hooks:
-            hook(self, old, new)
+        self.admin.reconfigure(new.admin)
 
     # --- start and stop ---------------------------------------------------------------------
 
@@ -266,6 +259,35 @@ class LBService(MultiService):
         yield defer.gatherResults([s.drain(timeout) for s in listeners])
         self.connection_log.flush()
         yield defer.maybeDeferred(super().stopService)
+
+
+@implementer(IAdminView)
+class AdminView:
+    """What the root hands its admin server: views of its pools and listeners, built when
+    asked, and the live pools for operators' changes."""
+
+    def __init__(self, root: LBService) -> None:
+        self._root = root
+
+    def config(self) -> Config:
+        return self._root.config
+
+    def stopping(self) -> bool:
+        return self._root.stopping
+
+    def pools(self) -> Sequence[PoolStats]:
+        return [service.stats() for service in list(self._root.pools.values())]
+
+    def pool(self, name: str) -> Optional[PoolStats]:
+        service = self._root.pools.get(name)
+        return None if service is None else service.stats()
+
+    def listeners(self) -> Sequence[ListenerStats]:
+        return [service.stats() for service in list(self._root.listeners.values())]
+
+    def pool_to_change(self, name: str) -> Optional[Pool]:
+        service = self._root.pools.get(name)
+        return None if service is None else service.pool
 
 
 def _part_config(kind: str, pc: PoolConfig) -> Any:
