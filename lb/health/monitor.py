@@ -91,7 +91,7 @@ class HealthMonitor(Service):
         self._added = 0
         self.checks: Counter = Counter()  # (peer key, "pass" | "fail") → probes run
 
-    # --- what tests and the status page may read -------------------------------------------
+    # --- what tests and the admin server (through stats) may read -------------------------
 
     @property
     def in_flight(self) -> int:
