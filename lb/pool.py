@@ -21,6 +21,7 @@ from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
 from lb.net import Address
 from lb.peer import ADMIN_STATES, MAINT, READY, LastCheck, Peer, PeerSpec
 from lb.slowstart import SlowStart
+from lb.stats import CheckStats, ConsulStats, HealthCheckStats, PeerStats, PoolStats
 
 Observer = Callable[["Pool", Peer, str], None]
 # The sources an operator may remove a peer from (DELETE): their own runtime adds, and the
@@ -393,3 +394,29 @@ class Pool:
 
     def snapshot(self) -> Mapping[str, Peer]:
         return dict(self.peers)
+
+    # --- views -----------------------------------------------------------------------------
+
+    def stats(self, health: Optional[HealthCheckStats] = None,
+              consul: Optional[ConsulStats] = None) -> PoolStats:
+        """The admin server's view of the pool now. The pool does not know its parts
+        (health monitor, Consul watch): its service hands in their views."""
+        return PoolStats(name=self.name, balance=self.config.balance,
+                         slow_start=self.config.slow_start,
+                         peers=tuple(self.peer_stats(peer) for peer in self.peers.values()),
+                         health_check=health, consul=consul)
+
+    def peer_stats(self, peer: Peer) -> PeerStats:
+        """One peer's view; also of a peer just removed (the answer to its DELETE)."""
+        last = peer.last_check
+        return PeerStats(
+            address=peer.key, weight=peer.weight, sources=tuple(peer.sources),
+            admin_state=peer.admin_state, operator_state=peer.operator_state,
+            source_states={source: spec.state for source, spec in sorted(peer.wants.items())},
+            removing=peer.removing,
+            removable=not peer.removing and all(s in REMOVABLE_SOURCES for s in peer.wants),
+            health=peer.health, ramp=peer.ramp,
+            active_connections=peer.active_connections,
+            total_connections=peer.total_connections, bytes_in=peer.bytes_in,
+            bytes_out=peer.bytes_out, connect_failures=peer.connect_failures,
+            last_check=None if last is None else CheckStats(last.ok, last.detail, last.at))

@@ -5,25 +5,29 @@ Everything gets the reactor from here; only ``lb.tap`` imports the global one.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from lb import config as lbconfig
+from lb.admin.server import AdminService
 from lb.config import Config, ConsulConfig, ListenerConfig, PoolConfig
 from lb.discovery import static
+from lb.interfaces import IAdminView, IPoolPart
 from lb.pool import Pool
 from lb.proxy.carriers.pump import Pump
 from lb.proxy.connlog import ConnectionLog
 from lb.proxy.listener import Listener, ListenerService
 from lb.reactor import Reactor
+from lb.stats import ConsulStats, HealthCheckStats, ListenerStats, PoolStats
 
 # Builders of per-pool services (health monitor, discovery watchers). Each takes the root
-# service, the pool and its config and returns a service or None; later parts register here.
-PoolPart = Callable[["LBService", Pool, PoolConfig], Optional[IService]]
+# service, the pool and its config and returns a part or None; later parts register here.
+PoolPart = Callable[["LBService", Pool, PoolConfig], Optional[IPoolPart]]
 
 
 class ReloadError(Exception):
@@ -42,18 +46,33 @@ class PoolService(MultiService):
     def __init__(self, pool: Pool) -> None:
         super().__init__()
         self.pool = pool
-        self.parts: Dict[str, IService] = {}
+        self.parts: Dict[str, IPoolPart] = {}
 
-    def set_part(self, kind: str, service: Optional[IService]) -> None:
+    def set_part(self, kind: str, part: Optional[IPoolPart]) -> None:
+        """Run ``part`` as the pool's ``kind`` part, replacing the one before; None: the
+        config no longer asks for one, so the old part gives back what it put in the pool
+        (a source that went away drains its peers and forgets its snapshot)."""
         old = self.parts.pop(kind, None)
         if old is not None:
             self.removeService(old)  # stops it when running
-            if service is None and hasattr(old, "release"):
-                old.release()  # a source that went away: drain its peers, forget its snapshot
-        if service is not None:
-            service.setName(f"{self.pool.name}:{kind}")
-            self.parts[kind] = service
-            service.setServiceParent(self)
+            if part is None:
+                old.release()
+        if part is not None:
+            part.setName(f"{self.pool.name}:{kind}")
+            self.parts[kind] = part
+            part.setServiceParent(self)
+
+    def stats(self) -> PoolStats:
+        """The pool's view with its parts' (a health monitor, a Consul watch)."""
+        health: Optional[HealthCheckStats] = None
+        consul: Optional[ConsulStats] = None
+        for part in list(self.parts.values()):
+            view = part.stats()
+            if isinstance(view, HealthCheckStats):
+                health = view
+            else:
+                consul = view
+        return self.pool.stats(health=health, consul=consul)
 
     def stopService(self) -> Any:
         d = defer.maybeDeferred(super().stopService)
@@ -79,18 +98,15 @@ class LBService(MultiService):
         # lb's reactor runs the fast data path (its one pump); any other reactor does not
         self.pump: Optional[Pump] = reactor.pump if isinstance(reactor, Reactor) else None
         self.connection_log = ConnectionLog(reactor)
-        # callables (service, old, new) run after a reload for top-level sections
-        self.global_hooks: List[Callable[["LBService", Config, Config], None]] = []
         for name, pool_config in config.pools.items():
             self._add_pool(pool_config)
         for name, listener_config in config.listeners.items():
             self._add_listener(ListenerService(
                 self._listener(listener_config, self.pools[listener_config.pool].pool),
                 config.shutdown_timeout))
-        from lb.admin.server import AdminService
-
+        self.admin_view = AdminView(self)
         # added last so it stops first, after the listeners have drained
-        self.admin = AdminService(self)
+        self.admin = AdminService(self.admin_view, reactor, config.admin)
         self.admin.setServiceParent(self)
 
     # --- building ---------------------------------------------------------------------------
@@ -152,7 +168,6 @@ class LBService(MultiService):
     def apply(self, new: Config) -> None:
         """Apply ``new`` as a diff. New sockets are opened first, so a bind that fails
         leaves everything as it was; unchanged listeners keep their sockets and connections."""
-        old = self.config
         opened: List[ListenerService] = []
         try:
             for name, lc in new.listeners.items():
@@ -213,12 +228,7 @@ class LBService(MultiService):
             service.listener.reconfigure(lc, self.pools[lc.pool].pool)
             service.shutdown_timeout = new.shutdown_timeout
         self.config = new
-        self._apply_global(old, new)
-
-    def _apply_global(self, old: Config, new: Config) -> None:
-        """Hook for top-level sections (admin, consul) that later parts reconfigure."""
-        for hook in self.global_hooks:
-            hook(self, old, new)
+        self.admin.reconfigure(new.admin)
 
     # --- start and stop ---------------------------------------------------------------------
 
@@ -251,6 +261,35 @@ class LBService(MultiService):
         yield defer.maybeDeferred(super().stopService)
 
 
+@implementer(IAdminView)
+class AdminView:
+    """What the root hands its admin server: views of its pools and listeners, built when
+    asked, and the live pools for operators' changes."""
+
+    def __init__(self, root: LBService) -> None:
+        self._root = root
+
+    def config(self) -> Config:
+        return self._root.config
+
+    def stopping(self) -> bool:
+        return self._root.stopping
+
+    def pools(self) -> Sequence[PoolStats]:
+        return [service.stats() for service in list(self._root.pools.values())]
+
+    def pool(self, name: str) -> Optional[PoolStats]:
+        service = self._root.pools.get(name)
+        return None if service is None else service.stats()
+
+    def listeners(self) -> Sequence[ListenerStats]:
+        return [service.stats() for service in list(self._root.listeners.values())]
+
+    def pool_to_change(self, name: str) -> Optional[Pool]:
+        service = self._root.pools.get(name)
+        return None if service is None else service.pool
+
+
 def _part_config(kind: str, pc: PoolConfig) -> Any:
     """The slice of a pool's config that a part depends on; a change restarts the part."""
     return {
@@ -266,7 +305,12 @@ def default_pool_parts() -> Dict[str, PoolPart]:
     from lb.discovery import consul
     from lb.health import monitor
 
-    def consul_part(root: LBService, pool: Pool, config: PoolConfig) -> Optional[IService]:
+    def health_part(root: LBService, pool: Pool, config: PoolConfig) -> IPoolPart:
+        """Every pool has a monitor (without checks, it brings back what traffic took out)."""
+        return monitor.monitor_for(pool, config.health, reactor=root.reactor,
+                                   http=root.http_client)
+
+    def consul_part(root: LBService, pool: Pool, config: PoolConfig) -> Optional[IPoolPart]:
         """Settings and state_dir are read when used, not now: on a reload the root builds
         parts before it switches to the new config."""
         if config.consul is None:
@@ -276,4 +320,4 @@ def default_pool_parts() -> Dict[str, PoolPart]:
                                     reactor=root.reactor, http=root.http_client,
                                     state_dir=lambda: root.config.state_dir)
 
-    return {"health": monitor.build_part, "consul": consul_part}
+    return {"health": health_part, "consul": consul_part}

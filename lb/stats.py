@@ -9,7 +9,7 @@ reaches into a part's internals. A leaf module: it imports nothing from lb.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Tuple, Union
 
 
 @dataclass(frozen=True)
@@ -23,13 +23,18 @@ class CheckStats:
 
 @dataclass(frozen=True)
 class PeerStats:
+    """A peer of a pool: who wants it, its states and its counters."""
+
     address: str  # host:port, the peer's key
     weight: int
     sources: Tuple[str, ...]  # who wants it: static, consul, admin
     admin_state: str  # the most restrictive of the operator's and every source's
     operator_state: str
-    removing: bool
+    source_states: Mapping[str, str]  # source -> the admin state it asks for
+    removing: bool  # no source wants it any more: draining until removed
+    removable: bool  # an operator may remove it (no discovery source announces it)
     health: str  # up, down, unknown
+    ramp: float  # slow start factor in (0, 1]; 1 when not ramping
     active_connections: int
     total_connections: int
     bytes_in: int  # client -> peer
@@ -40,15 +45,18 @@ class PeerStats:
 
 @dataclass(frozen=True)
 class HealthCheckStats:
-    """A pool's active check settings and the probes its monitor ran."""
+    """A pool's health monitor: the checks it runs and the probes it ran. Every pool has
+    one; without a ``health`` section (``configured`` false) it only probes the peers that
+    passive checks took down, with the default TCP settings."""
 
+    configured: bool  # the pool has a health section: every peer is probed
     type: str
     path: Optional[str]  # http only
     interval: float
     timeout: float
     rise: int
     fall: int
-    # peer key -> {"pass": n, "fail": n}; every peer the monitor knows shows both labels
+    # peer key -> {"pass": n, "fail": n} for every peer of the pool, zeros included
     results: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
 
@@ -65,18 +73,26 @@ class ConsulStats:
     last_error: Optional[str]
 
 
+# What a pool's part (lb.interfaces.IPoolPart) shows of itself.
+PartStats = Union[HealthCheckStats, ConsulStats]
+
+
 @dataclass(frozen=True)
 class PoolStats:
+    """A pool with its peers and what its parts show."""
+
     name: str
     balance: str
     slow_start: float
     peers: Tuple[PeerStats, ...]  # in the order they joined
-    health_check: Optional[HealthCheckStats]  # None: no active checks configured
-    consul: Optional[ConsulStats]  # None: the pool does not use Consul
+    health_check: Optional[HealthCheckStats]  # None: the pool has no health monitor
+    consul: Optional[ConsulStats]  # None: the pool has no Consul watch
 
 
 @dataclass(frozen=True)
 class ListenerStats:
+    """A listener: where it listens, for which pool, and its counters."""
+
     name: str
     bind: str  # as configured
     address: str  # as bound (the real port when the config asks for port 0)
@@ -87,6 +103,7 @@ class ListenerStats:
     total_connections: int
     max_connections: int
     no_peer: int
-    refused: Mapping[str, int]  # reason -> clients refused at accept
-    ended: Mapping[str, int]  # end reason -> connections
-    per_peer: Mapping[str, Tuple[int, int]]  # peer key -> (total, active)
+    refused: Mapping[str, int]  # reason -> clients refused at accept, every reason shown
+    ended: Mapping[str, int]  # end reason -> connections, sorted by reason
+    # peer key -> (total, active), for peers still in the pool or with connections open
+    per_peer: Mapping[str, Tuple[int, int]]

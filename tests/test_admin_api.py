@@ -39,7 +39,7 @@ class Admin:
         self.reactor = MemoryReactorClock()
         self.config = self.make_config(token, **web)
         self.root = LBService(self.config, self.reactor)
-        self.stub = StubTreq(build_resource(self.root, clock=self.reactor))
+        self.stub = StubTreq(build_resource(self.root.admin_view, self.reactor))
 
     def make_config(self, token: Optional[str] = None, **web: Any) -> Any:
         admin: Dict[str, Any] = {"bind": "127.0.0.1:0"}

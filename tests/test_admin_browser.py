@@ -19,7 +19,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, threads
 
 from lb.config import parse_address
-from lb.service import LBService
+from lb.service import LBService, default_pool_parts
 from lb.testing import NamedFactory, free_port, make_config, poll_until
 
 pytestmark = pytest.mark.integration
@@ -86,12 +86,7 @@ class Balancer:
                                 "rise": 1, "fall": 1}},
              "api": {"peers": [self.live[1]], "balance": "leastconn"}},
             admin=admin)
-        parts: Dict[str, Any] = {}
-        try:
-            from lb.health import monitor
-            parts["health"] = monitor.build_part
-        except ImportError:  # the health monitor is optional for this test
-            pass
+        parts = {"health": default_pool_parts()["health"]}
         self.root = LBService(config, reactor, pool_parts=parts)
         self.admin = self.root.admin  # LBService builds its own admin server
         self.root.startService()

@@ -221,7 +221,7 @@ def test_a_request_that_stops_midway_gets_a_json_408() -> None:
     fake = MemoryReactorClock()
     root = LBService(make_config({"front": {"bind": "127.0.0.1:0", "pool": "web"}},
                                  {"web": {"peers": ["127.0.0.1:9001"]}}), fake)
-    site = AdminSite(build_resource(root, clock=fake), reactor=fake)
+    site = AdminSite(build_resource(root.admin_view, fake), reactor=fake)
     for partial in (b"POST /api/pools/web/peers HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc",
                     b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"):
         channel = site.buildProtocol(None)
@@ -242,7 +242,7 @@ def test_an_idle_connection_just_closes_at_the_timeout() -> None:
     fake = MemoryReactorClock()
     root = LBService(make_config({"front": {"bind": "127.0.0.1:0", "pool": "web"}},
                                  {"web": {"peers": ["127.0.0.1:9001"]}}), fake)
-    site = AdminSite(build_resource(root, clock=fake), reactor=fake)
+    site = AdminSite(build_resource(root.admin_view, fake), reactor=fake)
     channel = site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)

@@ -3,7 +3,6 @@ prometheus_client's own parser."""
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any, Dict, Optional, Tuple
 
 import pytest
@@ -15,33 +14,48 @@ from treq.testing import StubTreq
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
+from zope.interface import implementer
 
 from lb.admin.metrics import LBCollector, make_registry
 from lb.admin.server import build_resource
 from lb.config import parse_address
+from lb.interfaces import IPoolPart
 from lb.service import LBService, default_pool_parts
+from lb.stats import ConsulStats, HealthCheckStats
 from lb.testing import make_config
 
 BASE = "http://127.0.0.1:9901"
 Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
 
 
+@implementer(IPoolPart)
 class FakeWatcher(Service):
-    """What the Consul part exposes: requests by result and the last good answer's time."""
+    """A Consul part: requests by result and the last good answer's time."""
 
-    def __init__(self) -> None:
-        self.requests: Counter = Counter({"ok": 4, "error": 1})
-        self.last_success: Optional[float] = 1700000123.5
+    def stats(self) -> ConsulStats:
+        return ConsulStats(describe="service 'web'", service="web", kv_prefix=None,
+                           requests={"ok": 4, "error": 1}, last_success=1700000123.5,
+                           failures=0, last_error=None)
+
+    def release(self) -> None:
+        pass
 
 
+@implementer(IPoolPart)
 class FakeMonitor(Service):
-    """What lb.health.monitor.HealthMonitor exposes: probes run, keyed (peer key, result)."""
+    """A health part: probes run by peer and result, every peer with both results."""
 
     def __init__(self, pool: Any) -> None:
-        self.checks: Counter = Counter()
-        for peer in pool.peers.values():
-            self.checks[(peer.key, "pass")] += 5
-        self.checks[("127.0.0.1:9001", "fail")] += 2
+        self.pool = pool
+
+    def stats(self) -> HealthCheckStats:
+        results = {key: {"pass": 5, "fail": 2 if key == "127.0.0.1:9001" else 0}
+                   for key in self.pool.peers}
+        return HealthCheckStats(configured=True, type="tcp", path=None, interval=2.0,
+                                timeout=1.0, rise=2, fall=3, results=results)
+
+    def release(self) -> None:
+        pass
 
 
 def make_root(parts: bool = True) -> LBService:
@@ -58,7 +72,8 @@ def make_root(parts: bool = True) -> LBService:
 
 
 def scrape(root: LBService, accept: str = "") -> Tuple[int, str, Any]:
-    stub = StubTreq(build_resource(root, make_registry(root, process=False)))
+    view = root.admin_view
+    stub = StubTreq(build_resource(view, root.reactor, make_registry(view, process=False)))
     results: list = []
     headers = {"Accept": accept} if accept else {}
     d = stub.get(BASE + "/metrics", headers=headers)
@@ -213,7 +228,8 @@ def test_openmetrics_is_served_when_asked(root: LBService) -> None:
 
 def test_name_filter(root: LBService) -> None:
     """?name[]= limits the answer to those families (as prometheus_client's own apps do)."""
-    stub = StubTreq(build_resource(root, make_registry(root, process=False)))
+    view = root.admin_view
+    stub = StubTreq(build_resource(view, root.reactor, make_registry(view, process=False)))
     results: list = []
     d = stub.get(BASE + "/metrics?name[]=lb_peer_up&name[]=lb_no_peer_total")
     d.addCallback(lambda r: r.text().addCallback(results.append))
@@ -224,7 +240,7 @@ def test_name_filter(root: LBService) -> None:
 
 def test_each_admin_gets_its_own_registry(root: LBService) -> None:
     """Registries are private: two of them coexist and the global one has no lb metrics."""
-    first, second = make_registry(root), make_registry(root)
+    first, second = make_registry(root.admin_view), make_registry(root.admin_view)
     assert first is not REGISTRY and second is not first
     assert first.get_sample_value("lb_peer_up", {"pool": "web", "peer": "[::1]:9002"}) == 0
     assert REGISTRY.get_sample_value("lb_peer_up", {"pool": "web", "peer": "[::1]:9002"}) \
@@ -234,7 +250,7 @@ def test_each_admin_gets_its_own_registry(root: LBService) -> None:
 
 def test_collector_reads_at_scrape_time(root: LBService) -> None:
     """The collector holds no state: a counter bumped between two scrapes shows at once."""
-    collector = LBCollector(root)
+    collector = LBCollector(root.admin_view)
 
     def bytes_in() -> float:
         for family in collector.collect():

@@ -73,7 +73,7 @@ def make_root(token_file: Optional[str] = None) -> LBService:
 
 
 def fetch(root: LBService, path: str = "/") -> Tuple[int, str, Any]:
-    stub = StubTreq(build_resource(root, clock=root.reactor))
+    stub = StubTreq(build_resource(root.admin_view, root.reactor))
     results: list = []
     d = stub.get(BASE + path)
     d.addCallback(lambda r: r.text().addCallback(lambda t: results.append((r, t))))

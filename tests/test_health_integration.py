@@ -15,8 +15,8 @@ from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from lb.health.monitor import FAIL, build_part
-from lb.service import LBService
+from lb.health.monitor import FAIL
+from lb.service import LBService, default_pool_parts
 from lb.testing import listening_port, make_config, poll_until
 
 pytestmark = pytest.mark.integration
@@ -127,7 +127,7 @@ def start_lb(backends: List[HTTPBackend], health: Optional[Dict[str, Any]],
         {"web": {"bind": "127.0.0.1:0", "pool": "web"}},
         {"web": {"peers": [b.address for b in backends], **pool}},
         shutdown_timeout="1s")
-    service = LBService(config, reactor, pool_parts={"health": build_part})
+    service = LBService(config, reactor, pool_parts={"health": default_pool_parts()["health"]})
     service.startService()
     pool_ = service.pool("web")
     yield poll_until(reactor, lambda: all(p.health == "up" for p in pool_.peers.values()),

@@ -3,7 +3,6 @@ concurrency, timeouts, runtime changes, stop, reload, and the passive-only mode.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
@@ -16,12 +15,12 @@ from twisted.web.resource import Resource
 
 from lb.config import Address, HealthConfig, PoolConfig
 from lb.discovery import static
-from lb.health.monitor import FAIL, PASS, HealthMonitor, build_part
+from lb.health.monitor import FAIL, PASS, HealthMonitor, monitor_for
 from lb.health.probes import HTTPProbe, ProbeResult, TCPProbe
 from lb.peer import PeerSpec
 from lb.health.passive import THRESHOLDS_WITHOUT_CHECKS as PASSIVE_DEFAULTS
 from lb.pool import Pool
-from lb.service import LBService
+from lb.service import LBService, default_pool_parts
 from lb.testing import make_config
 
 
@@ -445,7 +444,7 @@ def test_passive_only_probes_unknown_peers(clock: Clock) -> None:
     assert pool.peers[_key(0)].health == "up"
 
 
-# --- build_part and the service --------------------------------------------------------------
+# --- monitor_for and the service -------------------------------------------------------------
 
 
 class Health(Resource):
@@ -469,32 +468,32 @@ def _pool_config(health: Any) -> PoolConfig:
     return config.pools["web"]
 
 
-def test_build_part_kinds() -> None:
-    """build_part always returns a monitor: HTTP through the root's client, TCP for
+def test_monitor_for_kinds() -> None:
+    """monitor_for always returns a monitor: HTTP through the given client, TCP for
     type tcp, and a passive-only TCP monitor for pools without health."""
     reactor = MemoryReactorClock()
     stub = StubTreq(Health())
-    root = SimpleNamespace(reactor=reactor, http_client=stub)
     for health, probe_type, all_peers in (({}, HTTPProbe, True),
                                           ({"type": "tcp"}, TCPProbe, True),
                                           (None, TCPProbe, False)):
         config = _pool_config(health)
-        monitor = build_part(root, Pool(config, reactor), config)  # type: ignore[arg-type]
-        assert isinstance(monitor, HealthMonitor)
+        monitor = monitor_for(Pool(config, reactor), config.health, reactor=reactor,
+                              http=stub)
         assert isinstance(monitor.probe, probe_type)
         assert monitor.all_peers is all_peers
-    http = build_part(root, Pool(_pool_config({}), reactor), _pool_config({}))
+    config = _pool_config({})
+    http = monitor_for(Pool(config, reactor), config.health, reactor=reactor, http=stub)
     assert http.probe.client is stub  # type: ignore[attr-defined]
 
 
-def test_build_part_own_client_is_closed_on_stop() -> None:
+def test_monitor_for_own_client_is_closed_on_stop() -> None:
     """Without an injected client the monitor builds its own (non-persistent) and
     closes it when stopped."""
     reactor = MemoryReactorClock()
     config = _pool_config({})
     pool = Pool(config, reactor)
     static.apply(pool, config)
-    monitor = build_part(SimpleNamespace(reactor=reactor, http_client=None), pool, config)
+    monitor = monitor_for(pool, config.health, reactor=reactor)
     assert monitor.probe.client is not None  # type: ignore[attr-defined]
     monitor.startService()
     reactor.advance(0)
@@ -514,7 +513,8 @@ def test_service_reload_keeps_health() -> None:
     pools = {"web": {"peers": ["127.0.0.1:9001", "127.0.0.1:9002"],
                      "health": {"interval": "2s", "timeout": "1s", "host": "app"}}}
     service = LBService(make_config(listeners, pools), reactor,
-                        pool_parts={"health": build_part}, http_client=StubTreq(page))
+                        pool_parts={"health": default_pool_parts()["health"]},
+                        http_client=StubTreq(page))
     service.startService()
     reactor.advance(0)
     pool = service.pool("web")

@@ -30,10 +30,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from lb.config import MAX_WEIGHT
+from lb.interfaces import IAdminView
 from lb.net import parse_address
 from lb.peer import ADMIN_STATES
-from lb.peer import Peer
 from lb.pool import Pool, PoolError
+from lb.stats import ListenerStats, PeerStats, PoolStats
 
 MAX_BODY = 64 * 1024  # request bodies above this are refused with 413
 MUTATING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
@@ -56,11 +57,11 @@ class ApiError(Exception):
 # --- what the API (and the status page) shows -----------------------------------------------
 
 
-def peer_json(peer: Peer) -> JSONBody:
+def peer_json(peer: PeerStats) -> JSONBody:
     """One peer as SPEC shows it, plus ``operator_state``, ``removing`` and failures."""
     last = peer.last_check
     return {
-        "address": peer.key,
+        "address": peer.address,
         "weight": peer.weight,
         "sources": list(peer.sources),
         "admin_state": peer.admin_state,
@@ -77,59 +78,46 @@ def peer_json(peer: Peer) -> JSONBody:
     }
 
 
-def pool_json(pool: Pool, parts: Optional[Dict[str, Any]] = None) -> JSONBody:
-    """A pool with its peers in the order they joined, plus its check and Consul status."""
-    health = pool.config.health
-    consul_part = (parts or {}).get("consul")
-    consul = None
-    if pool.config.consul is not None:
-        consul = {
-            "service": pool.config.consul.service,
-            "kv_prefix": pool.config.consul.kv_prefix,
-            "last_success": getattr(consul_part, "last_success", None),
-        }
+def pool_json(pool: PoolStats) -> JSONBody:
+    """A pool with its peers in the order they joined, plus its check and Consul status
+    (``health_check`` is null without a health section: the monitor of such a pool only
+    brings back peers that client traffic took out)."""
+    health = pool.health_check
+    consul = pool.consul
     return {
         "name": pool.name,
-        "balance": pool.config.balance,
-        "health_check": None if health is None else {
+        "balance": pool.balance,
+        "health_check": None if health is None or not health.configured else {
             "type": health.type,
-            "path": health.path if health.type == "http" else None,
+            "path": health.path,
             "interval": health.interval,
             "timeout": health.timeout,
             "rise": health.rise,
             "fall": health.fall,
         },
-        "consul": consul,
-        "peers": [peer_json(peer) for peer in list(pool.peers.values())],
+        "consul": None if consul is None else {
+            "service": consul.service,
+            "kv_prefix": consul.kv_prefix,
+            "last_success": consul.last_success,
+        },
+        "peers": [peer_json(peer) for peer in pool.peers],
     }
 
 
-def listener_address(service: Any) -> str:
-    """Where a listener (a ListenerService) listens; its configured ``bind`` once its
-    socket is gone, since a closed Twisted port raises when asked (the admin pages must
-    still answer, /healthz above all, when a listener has stopped accepting)."""
-    try:
-        return str(service.address())
-    except Exception:
-        return str(service.listener.config.bind)
-
-
-def listener_json(service: Any) -> JSONBody:
-    """A listener's config and counters (``service`` is a ListenerService)."""
-    listener = service.listener
+def listener_json(listener: ListenerStats) -> JSONBody:
+    """A listener's config and counters."""
     return {
-        "name": listener.config.name,
-        "bind": str(listener.config.bind),
-        "address": listener_address(service),
-        "accepting": bool(service.accepting),
-        "pool": listener.pool.name if listener.pool is not None else listener.config.pool,
-        "active_connections": len(listener.sessions),
-        "total_connections": listener.total,
-        "max_connections": listener.config.max_connections,
+        "name": listener.name,
+        "bind": listener.bind,
+        "address": listener.address,
+        "accepting": listener.accepting,
+        "pool": listener.pool,
+        "active_connections": listener.active_connections,
+        "total_connections": listener.total_connections,
+        "max_connections": listener.max_connections,
         "no_peer": listener.no_peer,
-        "refused": {reason: listener.refused.get(reason, 0)
-                    for reason in sorted(set(listener.refused) | {"allow", "max_connections"})},
-        "ended": dict(sorted(listener.ended.items())),
+        "refused": dict(listener.refused),
+        "ended": dict(listener.ended),
     }
 
 
@@ -255,12 +243,12 @@ class ApiResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, root: Any, token: Optional[TokenSource] = None) -> None:
-        """``root`` is the LBService; ``token`` gives the admin token in force (by default
-        the running config's, so a reload that changes the token applies at once)."""
+    def __init__(self, view: IAdminView, token: Optional[TokenSource] = None) -> None:
+        """``token`` gives the admin token in force (by default the running config's, so a
+        reload that changes the token applies at once)."""
         super().__init__()
-        self.root = root
-        self.token: TokenSource = token or (lambda: root.config.admin.token)
+        self.view = view
+        self.token: TokenSource = token or (lambda: view.config().admin.token)
 
     def render(self, request: Request) -> bytes:
         method = request.method.decode("ascii", "replace").upper()
@@ -324,12 +312,21 @@ class ApiResource(Resource):
 
     # lookups
 
-    def _pool(self, name: str) -> Tuple[Pool, Any]:
-        service = self.root.pools.get(name)
-        if service is None:
-            known = ", ".join(self.root.pools) or "none"
-            raise ApiError(404, f"no pool named {name!r} (pools: {known})")
-        return service.pool, service
+    def _pool(self, name: str) -> PoolStats:
+        pool = self.view.pool(name)
+        if pool is None:
+            raise self._no_pool(name)
+        return pool
+
+    def _pool_to_change(self, name: str) -> Pool:
+        pool = self.view.pool_to_change(name)
+        if pool is None:
+            raise self._no_pool(name)
+        return pool
+
+    def _no_pool(self, name: str) -> ApiError:
+        known = ", ".join(pool.name for pool in self.view.pools()) or "none"
+        return ApiError(404, f"no pool named {name!r} (pools: {known})")
 
     @staticmethod
     def _peer_key(text: str) -> str:
@@ -346,23 +343,20 @@ class ApiResource(Resource):
                      "auth_required_for_changes": self.token() is not None}, {}
 
     def _listeners_get(self, request: Request) -> Tuple[int, Any, Dict[str, str]]:
-        return 200, {"listeners": [listener_json(s)
-                                   for s in list(self.root.listeners.values())]}, {}
+        return 200, {"listeners": [listener_json(listener)
+                                   for listener in self.view.listeners()]}, {}
 
     def _pools_get(self, request: Request) -> Tuple[int, Any, Dict[str, str]]:
-        return 200, {"pools": [pool_json(s.pool, s.parts)
-                               for s in list(self.root.pools.values())]}, {}
+        return 200, {"pools": [pool_json(pool) for pool in self.view.pools()]}, {}
 
     def _pool_get(self, request: Request, name: str) -> Tuple[int, Any, Dict[str, str]]:
-        pool, service = self._pool(name)
-        return 200, pool_json(pool, service.parts), {}
+        return 200, pool_json(self._pool(name)), {}
 
     def _peers_get(self, request: Request, name: str) -> Tuple[int, Any, Dict[str, str]]:
-        pool, _ = self._pool(name)
-        return 200, {"peers": [peer_json(p) for p in list(pool.peers.values())]}, {}
+        return 200, {"peers": [peer_json(peer) for peer in self._pool(name).peers]}, {}
 
     def _peers_post(self, request: Request, name: str) -> Tuple[int, Any, Dict[str, str]]:
-        pool, _ = self._pool(name)
+        pool = self._pool_to_change(name)
         body = read_json(request)
         _only(body, ("address", "weight"))
         if "address" not in body:
@@ -373,16 +367,21 @@ class ApiResource(Resource):
             raise ApiError(400, f"invalid address: {e}") from None
         weight = _weight(body.get("weight", 1))
         peer = pool.add_peer(address, weight, source="admin")
-        return 201, peer_json(peer), {"Location": peer_path(pool.name, peer.key)}
+        return 201, peer_json(pool.peer_stats(peer)), {"Location": peer_path(pool.name,
+                                                                             peer.key)}
 
     def _peer_get(self, request: Request, name: str,
                   address: str) -> Tuple[int, Any, Dict[str, str]]:
-        pool, _ = self._pool(name)
-        return 200, peer_json(pool.get(self._peer_key(address))), {}
+        pool = self._pool(name)
+        key = self._peer_key(address)
+        for peer in pool.peers:
+            if peer.address == key:
+                return 200, peer_json(peer), {}
+        raise ApiError(404, f"no peer {key} in pool {pool.name}")
 
     def _peer_put(self, request: Request, name: str,
                   address: str) -> Tuple[int, Any, Dict[str, str]]:
-        pool, _ = self._pool(name)
+        pool = self._pool_to_change(name)
         key = self._peer_key(address)
         body = read_json(request)
         _only(body, ("admin_state", "weight"))
@@ -394,10 +393,10 @@ class ApiResource(Resource):
             pool.set_weight(key, weight, reason="admin API")
         if state is not None:
             pool.set_admin_state(key, state, reason="admin API")
-        return 200, peer_json(pool.get(key)), {}
+        return 200, peer_json(pool.peer_stats(pool.get(key))), {}
 
     def _peer_delete(self, request: Request, name: str,
                      address: str) -> Tuple[int, Any, Dict[str, str]]:
-        pool, _ = self._pool(name)
-        return 202, peer_json(pool.remove_peer(self._peer_key(address),
-                                               reason="admin API")), {}
+        pool = self._pool_to_change(name)
+        peer = pool.remove_peer(self._peer_key(address), reason="admin API")
+        return 202, peer_json(pool.peer_stats(peer)), {}

@@ -1,9 +1,9 @@
-"""``/metrics``: Prometheus metrics read from the live pools and listeners at scrape time.
+"""``/metrics``: Prometheus metrics from views of the pools and listeners taken at scrape time.
 
 Nothing on the data path touches prometheus_client: peers and listeners keep plain integer
-counters, and ``LBCollector`` turns them into metric families when Prometheus scrapes. A
-peer that left its pool is simply not yielded any more, so its series disappear and label
-sets stay bounded by what exists now.
+counters, and ``LBCollector`` turns their views (``lb.stats``) into metric families when
+Prometheus scrapes. A peer that left its pool is simply not in them any more, so its series
+disappear and label sets stay bounded by what exists now.
 
 The exposition is prometheus_client's (``choose_encoder``: text format, or OpenMetrics when
 the scraper asks for it). Its bundled ``prometheus_client.twisted.MetricsResource`` is not
@@ -14,8 +14,7 @@ in the reactor thread, which is cheap at these sizes.
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,25 +27,24 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 import lb
-from lb.peer import ADMIN_STATES
 from lb.health.risefall import UP
-
-REFUSE_REASONS = ("allow", "max_connections")
+from lb.interfaces import IAdminView
+from lb.peer import ADMIN_STATES
+from lb.stats import ListenerStats, PoolStats
 
 
 class LBCollector(Collector):
-    """Yields lb's metrics from ``root`` (the LBService) each time it is collected."""
+    """Yields lb's metrics from fresh views each time it is collected."""
 
-    def __init__(self, root: Any) -> None:
-        self.root = root
+    def __init__(self, view: IAdminView) -> None:
+        self.view = view
 
     def describe(self) -> Iterable[Metric]:
         return []  # registering must not walk the pools
 
     def collect(self) -> Iterator[Metric]:
-        root = self.root
-        pools = list(root.pools.values())
-        listeners = list(root.listeners.values())
+        pools = self.view.pools()
+        listeners = self.view.listeners()
         yield from self._listener_metrics(listeners)
         yield from self._peer_metrics(pools)
         yield from self._consul_metrics(pools)
@@ -57,7 +55,7 @@ class LBCollector(Collector):
 
     # per listener, and per listener and peer
 
-    def _listener_metrics(self, listeners: list) -> Iterator[Metric]:
+    def _listener_metrics(self, listeners: Sequence[ListenerStats]) -> Iterator[Metric]:
         conns = CounterMetricFamily(
             "lb_connections_total",
             "Client connections proxied to a peer (counted when the peer connection opens).",
@@ -87,32 +85,25 @@ class LBCollector(Collector):
         up = GaugeMetricFamily(
             "lb_listener_up", "1 while the listener's socket accepts connections, 0 when it "
             "has stopped accepting for any reason.", labels=["listener"])
-        for service in listeners:
-            listener = service.listener
-            name = listener.config.name
-            pool = listener.pool
-            pool_name = pool.name if pool is not None else listener.config.pool
-            live = pool.peers if pool is not None else {}
-            for key, counts in list(listener.per_peer.items()):
-                total, in_flight = counts[0], counts[1]
-                if key not in live and in_flight <= 0:
-                    continue  # the peer left: its series go with it
+        for listener in listeners:
+            name, pool_name = listener.name, listener.pool
+            for key, (total, in_flight) in listener.per_peer.items():
                 conns.add_metric([name, pool_name, key], total)
-                active.add_metric([name, pool_name, key], max(in_flight, 0))
+                active.add_metric([name, pool_name, key], in_flight)
             no_peer.add_metric([name], listener.no_peer)
-            for reason in sorted(set(REFUSE_REASONS) | set(listener.refused)):
-                refused.add_metric([name, reason], listener.refused.get(reason, 0))
-            for reason, count in sorted(listener.ended.items()):
-                ended.add_metric([name, str(reason)], count)
-            accepted.add_metric([name], listener.total)
-            open_now.add_metric([name], len(listener.sessions))
-            max_conns.add_metric([name], listener.config.max_connections)
-            up.add_metric([name], 1 if service.accepting else 0)
+            for reason, count in listener.refused.items():
+                refused.add_metric([name, reason], count)
+            for reason, count in listener.ended.items():
+                ended.add_metric([name, reason], count)
+            accepted.add_metric([name], listener.total_connections)
+            open_now.add_metric([name], listener.active_connections)
+            max_conns.add_metric([name], listener.max_connections)
+            up.add_metric([name], 1 if listener.accepting else 0)
         yield from (conns, active, no_peer, refused, ended, accepted, open_now, max_conns, up)
 
     # per pool and peer
 
-    def _peer_metrics(self, pools: list) -> Iterator[Metric]:
+    def _peer_metrics(self, pools: Sequence[PoolStats]) -> Iterator[Metric]:
         bytes_total = CounterMetricFamily(
             "lb_bytes_total", "Bytes proxied: direction in = client to peer, out = peer to "
             "client.", labels=["pool", "peer", "direction"])
@@ -142,19 +133,18 @@ class LBCollector(Collector):
             labels=["pool", "peer"])
         peers_n = GaugeMetricFamily(
             "lb_pool_peers", "Peers in the pool by health.", labels=["pool", "health"])
-        for service in pools:
-            pool = service.pool
-            results = _check_results(getattr(service, "parts", {}).get("health"))
+        for pool in pools:
+            monitor = pool.health_check
             by_health: Dict[str, int] = {"up": 0, "down": 0, "unknown": 0}
-            for peer in list(pool.peers.values()):
-                labels = [pool.name, peer.key]
+            for peer in pool.peers:
+                labels = [pool.name, peer.address]
                 bytes_total.add_metric(labels + ["in"], peer.bytes_in)
                 bytes_total.add_metric(labels + ["out"], peer.bytes_out)
                 failures.add_metric(labels, peer.connect_failures)
                 up.add_metric(labels, 1 if peer.health == UP else 0)
                 by_health[peer.health] = by_health.get(peer.health, 0) + 1
-                if results is not None:
-                    counted = {**results[""], **results.get(peer.key, {})}
+                if monitor is not None:  # a pool with a monitor: pass and fail, zeros too
+                    counted = monitor.results.get(peer.address, {})
                     for result, count in sorted(counted.items()):
                         checks.add_metric(labels + [result], count)
                 state = peer.admin_state
@@ -172,7 +162,7 @@ class LBCollector(Collector):
 
     # per pool: Consul discovery
 
-    def _consul_metrics(self, pools: list) -> Iterator[Metric]:
+    def _consul_metrics(self, pools: Sequence[PoolStats]) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "lb_consul_requests_total", "Consul queries by result.", labels=["pool", "result"])
         last = GaugeMetricFamily(
@@ -182,57 +172,24 @@ class LBCollector(Collector):
             "lb_consul_consecutive_failures",
             "Consul queries failed in a row for this pool (0 once one succeeds).",
             labels=["pool"])
-        for service in pools:
-            watcher = getattr(service, "parts", {}).get("consul")
-            if watcher is None:
+        for pool in pools:
+            consul = pool.consul
+            if consul is None:
                 continue
-            raw = dict(getattr(watcher, "requests", None) or {})
-            counts = {str(k): v for k, v in raw.items()}
-            # every result the watcher can count shows from the start (rate() needs a zero)
-            module = sys.modules.get(type(watcher).__module__)
-            for result in getattr(module, "RESULTS", ()):
-                counts.setdefault(str(result), 0)
-            for result, count in sorted(counts.items()):
-                requests.add_metric([service.pool.name, result], count)
-            when = getattr(watcher, "last_success", None)
-            if when is not None:
-                last.add_metric([service.pool.name], when)
-            failures = getattr(watcher, "failures", None)
-            if isinstance(failures, int):
-                failing.add_metric([service.pool.name], failures)
+            # every result label, zeros included (rate() needs a zero)
+            for result, count in sorted(consul.requests.items()):
+                requests.add_metric([pool.name, result], count)
+            if consul.last_success is not None:
+                last.add_metric([pool.name], consul.last_success)
+            failing.add_metric([pool.name], consul.failures)
         yield from (requests, last, failing)
 
 
-def _check_results(monitor: Any) -> Optional[Dict[str, Dict[str, int]]]:
-    """The health part's per-probe counters as {peer key: {result: count}}, or None when the
-    pool has no monitor. The monitor counts in ``checks`` (or ``results``), a Counter keyed
-    (peer key, result); every peer shows at least the monitor's pass and fail labels."""
-    if monitor is None:
-        return None
-    counts = getattr(monitor, "checks", None)
-    if counts is None:
-        counts = getattr(monitor, "results", None)
-    if counts is None:
-        return None
-    module = sys.modules.get(type(monitor).__module__)
-    labels = (getattr(module, "PASS", "pass"), getattr(module, "FAIL", "fail"))
-    out: Dict[str, Dict[str, int]] = {}
-    try:
-        items = list(dict(counts).items())
-    except (TypeError, ValueError):
-        return None
-    for key, count in items:
-        if isinstance(key, tuple) and len(key) == 2:
-            out.setdefault(str(key[0]), {})[str(key[1])] = count
-    out[""] = {label: 0 for label in labels}  # the labels every peer shows
-    return out
-
-
-def make_registry(root: Any, process: bool = True) -> CollectorRegistry:
+def make_registry(view: IAdminView, process: bool = True) -> CollectorRegistry:
     """A registry of its own (never the global one) with lb's collector, and the process,
     platform and garbage-collector collectors Prometheus users expect."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LBCollector(root))
+    registry.register(LBCollector(view))
     if process:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)

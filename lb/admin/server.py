@@ -1,8 +1,9 @@
 """The admin HTTP server on ``admin.bind``: status page, JSON API, /metrics, /healthz.
 
-``AdminService(root)`` binds when started, follows reloads (rebinding when ``admin.bind``
-changes; the token is read from the running config on every request, so a new token applies
-at once) and closes its socket and open HTTP connections on stop.
+``AdminService(view, reactor, settings)`` serves what the ``IAdminView`` the root hands it
+shows, binds when started, follows reloads (the root calls ``reconfigure``: it rebinds when
+``admin.bind`` changes; the token is read from the running config on every request, so a
+new token applies at once) and closes its socket and open HTTP connections on stop.
 
 Apart from the successful answers of the status page (HTML), /metrics and /healthz (text),
 every answer is JSON ``{"error": ...}``, down to requests Twisted's HTTP server would answer
@@ -14,9 +15,11 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+from prometheus_client import CollectorRegistry
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
@@ -24,11 +27,11 @@ from twisted.web import http, server
 from twisted.web.resource import EncodingResourceWrapper, IResource, Resource
 from twisted.web.server import GzipEncoderFactory, Request
 
-from lb.admin.api import (MAX_BODY, ApiError, ApiResource, check_body_size, listener_address,
-                          write_json)
+from lb.admin.api import MAX_BODY, ApiError, ApiResource, check_body_size, write_json
 from lb.admin.metrics import MetricsResource, make_registry
 from lb.admin.status import StatusPage
-from lb.config import Address, Config
+from lb.config import Address, AdminConfig
+from lb.interfaces import IAdminView
 
 log = Logger()
 
@@ -164,19 +167,18 @@ class Healthz(Resource):
 
     isLeaf = True
 
-    def __init__(self, root: Any) -> None:
+    def __init__(self, view: IAdminView) -> None:
         super().__init__()
-        self.root = root
+        self.view = view
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        if self.root.stopping:
+        if self.view.stopping():
             request.setResponseCode(503)
             return b"stopping\n"
-        down = [f"listener {name} ({listener_address(service)}) is not accepting\n"
-                for name, service in list(self.root.listeners.items())
-                if not service.accepting]
+        down = [f"listener {listener.name} ({listener.address}) is not accepting\n"
+                for listener in self.view.listeners() if not listener.accepting]
         if down:
             request.setResponseCode(503)
             return "".join(down).encode("utf-8")
@@ -210,18 +212,17 @@ class AdminRoot(Resource):
         return NotFound()
 
 
-def build_resource(root: Any, registry: Any = None, clock: Any = None) -> Resource:
-    """The whole admin resource tree for ``root`` (the LBService); tests call it through
-    StubTreq."""
-    clock = clock if clock is not None else root.reactor
-    registry = registry if registry is not None else make_registry(root)
+def build_resource(view: IAdminView, clock: IReactorTime,
+                   registry: Optional[CollectorRegistry] = None) -> Resource:
+    """The whole admin resource tree over ``view``; tests call it through StubTreq."""
+    registry = registry if registry is not None else make_registry(view)
     tree = AdminRoot()
-    tree.putChild(b"", GetOnly(StatusPage(root, clock)))
-    tree.putChild(b"api", ApiResource(root))
+    tree.putChild(b"", GetOnly(StatusPage(view, clock)))
+    tree.putChild(b"api", ApiResource(view))
     # the encoder is taken from the leaf Twisted renders, so the wrapper goes outside
     tree.putChild(b"metrics", EncodingResourceWrapper(GetOnly(MetricsResource(registry)),
                                                       [GzipEncoderFactory()]))
-    tree.putChild(b"healthz", GetOnly(Healthz(root)))
+    tree.putChild(b"healthz", GetOnly(Healthz(view)))
     return tree
 
 
@@ -250,21 +251,21 @@ class Connections(WrappingFactory):
 
 
 class AdminService(Service):
-    """Serves the admin site on ``root.config.admin.bind`` while running."""
+    """Serves the admin site over ``view`` on ``settings.bind`` while running."""
 
     log = Logger()
     name: Optional[str] = "admin"  # type: ignore[assignment]
 
-    def __init__(self, root: Any, reactor: Any = None) -> None:
-        self.root = root
-        self.reactor = reactor if reactor is not None else root.reactor
-        self.registry = make_registry(root)
-        self.resource = build_resource(root, self.registry, self.reactor)
-        self.site = AdminSite(self.resource, reactor=self.reactor)
+    def __init__(self, view: IAdminView, reactor: Any, settings: AdminConfig) -> None:
+        """``reactor`` provides IReactorTCP and IReactorTime."""
+        self.reactor = reactor
+        self.registry = make_registry(view)
+        self.resource = build_resource(view, reactor, self.registry)
+        self.site = AdminSite(self.resource, reactor=reactor)
         self.connections = Connections(self.site)
-        self.bind: Address = root.config.admin.bind
+        self.bind: Address = settings.bind
         self.port: Any = None  # the IListeningPort while running
-        self._token = root.config.admin.token
+        self._token = settings.token  # for the log lines; requests read the running config
         self._lock = defer.DeferredLock()  # rebinds and stop take turns
 
     def _listen(self, bind: Address) -> Any:
@@ -285,16 +286,12 @@ class AdminService(Service):
     def startService(self) -> None:
         self.listen()
         super().startService()
-        if self.reconfigure_hook not in self.root.global_hooks:
-            self.root.global_hooks.append(self.reconfigure_hook)
         self.log.info("admin: status page, API and /metrics on http://{address}/{auth}",
                       address=self.address(),
                       auth="" if self._token is None else " (changes need the token)")
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
-        if self.reconfigure_hook in self.root.global_hooks:
-            self.root.global_hooks.remove(self.reconfigure_hook)
 
         def close() -> defer.Deferred:
             port, self.port = self.port, None
@@ -306,23 +303,20 @@ class AdminService(Service):
 
     # --- reloads ----------------------------------------------------------------------------
 
-    def reconfigure_hook(self, root: Any, old: Config, new: Config) -> None:
-        """The ``LBService.global_hooks`` form of ``reconfigure`` (added while running)."""
-        self.reconfigure(old, new)
-
-    def reconfigure(self, old: Config, new: Config) -> defer.Deferred:
-        """Follow a reload: note a token change (requests read the running config's token)
-        and move to a new ``admin.bind``. A new address that cannot be bound is logged and
-        the old one stays. Fires when done; never fails."""
-        if new.admin.token != self._token:
+    def reconfigure(self, settings: AdminConfig) -> defer.Deferred[None]:
+        """Follow a reload (the root calls this with the new ``admin`` section): note a
+        token change (requests read the running config's token) and move to a new bind.
+        A new address that cannot be bound is logged and the old one stays. Fires when
+        done; never fails."""
+        if settings.token != self._token:
             self.log.info("admin: token {what}", what=(
-                "removed: changes are open" if new.admin.token is None else
+                "removed: changes are open" if settings.token is None else
                 "set: changes need it" if self._token is None else "changed"))
-            self._token = new.admin.token
+            self._token = settings.token
         if not self.running:
-            self.bind = new.admin.bind
+            self.bind = settings.bind
             return defer.succeed(None)
-        bind = new.admin.bind
+        bind = settings.bind
         d = self._lock.run(lambda: defer.ensureDeferred(self._rebind(bind)))
 
         def failed(failure: Failure) -> None:

@@ -13,15 +13,16 @@ from __future__ import annotations
 import time
 from html import escape
 from importlib import resources
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 import lb
-from lb.admin.api import listener_address
-from lb.peer import ADMIN_STATES, Peer
-from lb.pool import REMOVABLE_SOURCES, Pool
+from lb.interfaces import IAdminView
+from lb.peer import ADMIN_STATES
+from lb.stats import ConsulStats, HealthCheckStats, ListenerStats, PeerStats, PoolStats
 
 REFRESH_SECONDS = 5
 MAX_REFRESH_SECONDS = 3600
@@ -70,17 +71,17 @@ def _when(now: float, at: Optional[float]) -> str:
 
 
 class StatusPage(Resource):
-    """Renders the page from the live objects on every request (cheap: no I/O)."""
+    """Renders the page from fresh views on every request (cheap: no I/O)."""
 
     isLeaf = True
 
-    def __init__(self, root: Any, clock: Any,
+    def __init__(self, view: IAdminView, clock: IReactorTime,
                  token: Optional[Callable[[], Optional[str]]] = None,
                  refresh: int = REFRESH_SECONDS) -> None:
         super().__init__()
-        self.root = root
+        self.view = view
         self.clock = clock
-        self.token = token or (lambda: root.config.admin.token)
+        self.token = token or (lambda: view.config().admin.token)
         self.refresh = refresh
         self.started = clock.seconds()
         self._template = _template()
@@ -103,16 +104,16 @@ class StatusPage(Resource):
 
     def render_page(self, host: str = "", refresh: Optional[int] = None) -> str:
         now = self.clock.seconds()
-        root = self.root
-        subtitle = (f"{lb.__version__} · {len(root.pools)} pool(s), {len(root.listeners)} "
+        pools, listeners = self.view.pools(), self.view.listeners()
+        subtitle = (f"{lb.__version__} · {len(pools)} pool(s), {len(listeners)} "
                     f"listener(s) · up {human_age(now - self.started)}")
-        parts = [self._summary(now), self._listeners()]
-        for name, service in list(root.pools.items()):
-            parts.append(self._pool(service.pool, getattr(service, "parts", {}), now))
-        if not root.pools:
+        parts = [self._summary(now), self._listeners(listeners)]
+        for pool in pools:
+            parts.append(self._pool(pool, now))
+        if not pools:
             parts.append('<p class="empty">no pools configured</p>')
         page = self._template
-        title = f"lb status · {host or self.root.config.admin.bind}"
+        title = f"lb status · {host or self.view.config().admin.bind}"
         for marker, value in (("title", _e(title)),
                               ("subtitle", _e(subtitle)),
                               ("auth", "token" if self.token() else "open"),
@@ -125,31 +126,31 @@ class StatusPage(Resource):
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
         changes = ("changes need the admin token" if self.token()
                    else "changes are open to anyone who can reach this address")
-        return (f'<p class="meta">config <b>{_e(self.root.config.path)}</b> · generated '
+        return (f'<p class="meta">config <b>{_e(self.view.config().path)}</b> · generated '
                 f'<span id="generated">{_e(stamp)}</span> · {_e(changes)}</p>')
 
     # listeners
 
-    def _listeners(self) -> str:
+    @staticmethod
+    def _listeners(listeners: Sequence[ListenerStats]) -> str:
         rows: List[str] = []
-        for service in list(self.root.listeners.values()):
-            listener = service.listener
-            config = listener.config
+        for listener in listeners:
             refused = ", ".join(f"{_e(reason)} {count}" for reason, count in
-                                sorted(listener.refused.items()) if count) or "0"
+                                listener.refused.items() if count) or "0"
             ended = ", ".join(f"{_e(reason)} {count}" for reason, count in
-                              sorted(listener.ended.items())) or "—"
-            pool_name = listener.pool.name if listener.pool is not None else config.pool
-            address = _e(listener_address(service))
-            if not service.accepting:  # what makes /healthz 503
+                              listener.ended.items()) or "—"
+            pool_name = listener.pool
+            address = _e(listener.address)
+            if not listener.accepting:  # what makes /healthz 503
                 address += (' <span class="badge h-down" title="its listening socket is '
                             'closed: /healthz answers 503">not accepting</span>')
             rows.append(
-                f'<tr data-listener="{_e(config.name)}"><td>{_e(config.name)}</td>'
+                f'<tr data-listener="{_e(listener.name)}"><td>{_e(listener.name)}</td>'
                 f'<td class="addr">{address}</td>'
                 f'<td><a href="#pool-{_e(pool_name)}">{_e(pool_name)}</a></td>'
-                f'<td class="num">{len(listener.sessions)} / {config.max_connections}</td>'
-                f'<td class="num">{listener.total}</td>'
+                f'<td class="num">{listener.active_connections} / '
+                f'{listener.max_connections}</td>'
+                f'<td class="num">{listener.total_connections}</td>'
                 f'<td class="num">{listener.no_peer}</td>'
                 f'<td class="num">{refused}</td><td>{ended}</td></tr>')
         if not rows:
@@ -162,16 +163,16 @@ class StatusPage(Resource):
 
     # pools
 
-    def _pool(self, pool: Pool, parts: Dict[str, Any], now: float) -> str:
-        peers = list(pool.peers.values())
+    def _pool(self, pool: PoolStats, now: float) -> str:
+        peers = pool.peers
         up = sum(1 for p in peers if p.health == "up")
         active = sum(p.active_connections for p in peers)
-        meta = [f"balance <b>{_e(pool.config.balance)}</b>",
+        meta = [f"balance <b>{_e(pool.balance)}</b>",
                 f"<b>{up}</b> of {len(peers)} peer(s) up",
                 f"<b>{active}</b> active connection(s)",
-                self._checks(pool), *self._consul(pool, parts, now)]
-        if pool.config.slow_start > 0:
-            meta.append(f"slow start {pool.config.slow_start:g}s")
+                self._checks(pool.health_check), *self._consul(pool.consul, now)]
+        if pool.slow_start > 0:
+            meta.append(f"slow start {pool.slow_start:g}s")
         rows = [self._peer_row(pool, peer, now) for peer in peers]
         if not rows:
             rows.append('<tr><td colspan="11" class="empty">no peers: clients of this pool are '
@@ -191,38 +192,32 @@ class StatusPage(Resource):
                 'aria-label="weight"> <button type="submit">add</button></form></section>')
 
     @staticmethod
-    def _checks(pool: Pool) -> str:
-        health = pool.config.health
-        if health is None:
+    def _checks(health: Optional[HealthCheckStats]) -> str:
+        if health is None or not health.configured:
             return "no active checks (connect failures count)"
         what = f"{health.type} {health.path}" if health.type == "http" else health.type
         return (f"checks <b>{_e(what)}</b> every {health.interval:g}s, timeout "
                 f"{health.timeout:g}s, rise {health.rise}, fall {health.fall}")
 
     @staticmethod
-    def _consul(pool: Pool, parts: Dict[str, Any], now: float) -> List[str]:
-        consul = pool.config.consul
+    def _consul(consul: Optional[ConsulStats], now: float) -> List[str]:
         if consul is None:
             return []
         what = consul.service or f"kv {consul.kv_prefix}"
-        watcher = parts.get("consul")
-        last = getattr(watcher, "last_success", None) if watcher is not None else None
-        if last is None:
+        if consul.last_success is None:
             answer = '<span class="check-fail">no answer yet</span>'
         else:
-            answer = f"last answer {_when(now, last)}"
-        error = getattr(watcher, "last_error", None) if watcher is not None else None
-        if error:
-            failures = getattr(watcher, "failures", None)
-            times = f" ({failures}× in a row)" if isinstance(failures, int) else ""
-            answer += f' · <span class="check-fail">error{times}: {_e(error)}</span>'
+            answer = f"last answer {_when(now, consul.last_success)}"
+        if consul.last_error:
+            answer += (f' · <span class="check-fail">error ({consul.failures}× in a row): '
+                       f'{_e(consul.last_error)}</span>')
         return [f"Consul <b>{_e(what)}</b>: {answer}"]
 
-    def _peer_row(self, pool: Pool, peer: Peer, now: float) -> str:
+    def _peer_row(self, pool: PoolStats, peer: PeerStats, now: float) -> str:
         state = peer.admin_state
         health = peer.health
         why = [f"operator: {peer.operator_state}"] + [
-            f"{source}: {spec.state}" for source, spec in sorted(peer.wants.items())]
+            f"{source}: {wanted}" for source, wanted in sorted(peer.source_states.items())]
         state_html = f'<span class="badge s-{_e(state)}" title="{_e("; ".join(why))}">' \
                      f'{_e(state)}</span>'
         if peer.removing:
@@ -233,7 +228,8 @@ class StatusPage(Resource):
             weight += f' <span class="muted">(slow start {peer.ramp:.0%})</span>'
         check = peer.last_check
         if check is None:
-            detail = ('<span class="muted">none yet</span>' if pool.config.health is not None
+            checked_here = pool.health_check is not None and pool.health_check.configured
+            detail = ('<span class="muted">none yet</span>' if checked_here
                       else '<span class="muted">—</span>')
             checked = "—"
         else:
@@ -241,9 +237,10 @@ class StatusPage(Resource):
             mark = "✔" if check.ok else "✘"
             detail = f'<span class="{cls}">{mark} {_e(check.detail)}</span>'
             checked = _when(now, check.at)
-        return (f'<tr class="health-{_e(health)} state-{_e(state)}" data-peer="{_e(peer.key)}" '
+        return (f'<tr class="health-{_e(health)} state-{_e(state)}" '
+                f'data-peer="{_e(peer.address)}" '
                 f'data-admin-state="{_e(state)}" data-health="{_e(health)}">'
-                f'<td class="addr">{_e(peer.key)}</td>'
+                f'<td class="addr">{_e(peer.address)}</td>'
                 f'<td>{_e(", ".join(peer.sources)) or "—"}</td>'
                 f'<td class="state">{state_html}</td>'
                 f'<td class="health"><span class="badge h-{_e(health)}">{_e(health)}</span></td>'
@@ -257,12 +254,12 @@ class StatusPage(Resource):
                 f'<td class="actions">{self._buttons(pool, peer)}</td></tr>')
 
     @staticmethod
-    def _buttons(pool: Pool, peer: Peer) -> str:
-        data = f'data-pool="{_e(pool.name)}" data-peer="{_e(peer.key)}"'
+    def _buttons(pool: PoolStats, peer: PeerStats) -> str:
+        data = f'data-pool="{_e(pool.name)}" data-peer="{_e(peer.address)}"'
         buttons = [f'<button type="button" class="{state}" data-action="state" '
                    f'data-state="{state}" {data}>{state}</button>'
                    for state in ADMIN_STATES if state != peer.operator_state]
-        if not peer.removing and all(s in REMOVABLE_SOURCES for s in peer.wants):
+        if peer.removable:
             buttons.append(f'<button type="button" class="remove" data-action="remove" '
                            f'{data}>remove</button>')
         return " ".join(buttons)

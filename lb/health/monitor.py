@@ -21,26 +21,26 @@ that are not up with a TCP probe at the default interval.
 from __future__ import annotations
 
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 from treq.client import HTTPClient
-from twisted.application.service import IService, Service
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent
+from zope.interface import implementer
 
-from lb.config import HealthConfig, PoolConfig
+from lb.config import HealthConfig
 from lb.health.probes import (HTTPProbe, Probe, ProbeResult, QuietHTTPConnectionPool,
                               TCPProbe, unexpected)
+from lb.interfaces import IPoolPart
 from lb.peer import Peer
 from lb.health.passive import THRESHOLDS_WITHOUT_CHECKS
 from lb.pool import Pool
 from lb.net import endpoint_for, format_seconds
-
-if TYPE_CHECKING:
-    from lb.service import LBService
+from lb.stats import HealthCheckStats
 
 PASS = "pass"
 FAIL = "fail"
@@ -61,6 +61,7 @@ class _Slot:
         self.dropped = False
 
 
+@implementer(IPoolPart)
 class HealthMonitor(Service):
     """Probes a pool's peers and reports each verdict with ``pool.report_check``.
 
@@ -76,6 +77,7 @@ class HealthMonitor(Service):
         self.pool = pool
         self.clock = clock
         self.probe = probe
+        self.settings = settings
         self.interval = settings.interval
         self.timeout = settings.timeout
         self.concurrency = settings.concurrency
@@ -89,7 +91,7 @@ class HealthMonitor(Service):
         self._added = 0
         self.checks: Counter = Counter()  # (peer key, "pass" | "fail") → probes run
 
-    # --- what tests and the status page may read -------------------------------------------
+    # --- what tests and the admin server (through stats) may read -------------------------
 
     @property
     def in_flight(self) -> int:
@@ -104,6 +106,19 @@ class HealthMonitor(Service):
     def watched(self) -> List[str]:
         """Keys of the peers this monitor probes."""
         return list(self._slots)
+
+    def stats(self) -> HealthCheckStats:
+        """What the admin server shows: the checks and, for every peer of the pool, the
+        probes run by result (zeros included: Prometheus' rate() needs a zero)."""
+        s = self.settings
+        return HealthCheckStats(
+            configured=self.all_peers, type=s.type, path=s.path if s.type == "http" else None,
+            interval=s.interval, timeout=s.timeout, rise=s.rise, fall=s.fall,
+            results={key: {PASS: self.checks[(key, PASS)], FAIL: self.checks[(key, FAIL)]}
+                     for key in self.pool.peers})
+
+    def release(self) -> None:
+        """Nothing to give back: health state lives on the peers."""
 
     # --- service ---------------------------------------------------------------------------
 
@@ -261,15 +276,15 @@ class HealthMonitor(Service):
             self._starting_next = False
 
 
-def build_part(root: "LBService", pool: Pool, config: PoolConfig) -> IService:
-    """The ``health`` part of a pool: always a monitor (see the module docstring)."""
-    reactor = root.reactor
-    health = config.health
+def monitor_for(pool: Pool, health: Optional[HealthConfig], *, reactor: Any,
+                http: Optional[HTTPClient] = None) -> HealthMonitor:
+    """A pool's monitor for its ``health`` section (or its absence: see the module
+    docstring). HTTP checks go through ``http``, or a client of its own (closed on stop)."""
     settings = health or THRESHOLDS_WITHOUT_CHECKS
     on_stop: Optional[Callable[[], Any]] = None
     probe: Probe
     if health is not None and health.type == "http":
-        client = root.http_client
+        client = http
         if client is None:
             connections = QuietHTTPConnectionPool(reactor, persistent=False)
             client = HTTPClient(Agent(reactor, pool=connections,

@@ -25,6 +25,7 @@ from lb.proxy.carriers.transports import TransportClient
 from lb.proxy.connector import Dial
 from lb.proxy.connlog import ConnectionLog
 from lb.proxy.session import Session
+from lb.stats import ListenerStats
 
 BACKLOG = 1024
 IDLE_SWEEP = 1.0  # at most this long between idle checks (less for short idle timeouts)
@@ -285,6 +286,32 @@ class ListenerService(Service):
             return str(self.listener.config.bind)
         host = self.port.getHost()
         return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+
+    def stats(self) -> ListenerStats:
+        """What the admin server shows: config, counters, whether it accepts. The address
+        is the configured bind once the socket is gone (a closed Twisted port raises when
+        asked, and the admin pages, /healthz above all, must still answer)."""
+        listener = self.listener
+        config = listener.config
+        try:
+            address = self.address()
+        except Exception:
+            address = str(config.bind)
+        pool = listener.pool
+        live = pool.peers if pool is not None else {}
+        refused = dict.fromkeys(("allow", "max_connections"), 0)  # every reason, zeros too
+        refused.update(listener.refused)
+        return ListenerStats(
+            name=config.name, bind=str(config.bind), address=address,
+            pool=pool.name if pool is not None else config.pool, mode=config.mode,
+            accepting=self.accepting, active_connections=len(listener.sessions),
+            total_connections=listener.total, max_connections=config.max_connections,
+            no_peer=listener.no_peer, refused=dict(sorted(refused.items())),
+            ended=dict(sorted(listener.ended.items())),
+            # a peer that left the pool goes once its last connection ends
+            per_peer={key: (total, max(active, 0))
+                      for key, (total, active) in list(listener.per_peer.items())
+                      if key in live or active > 0})
 
     def stop_accepting(self) -> defer.Deferred:
         port, self.port = self.port, None

@@ -81,8 +81,7 @@ def make_root(clock: Any, token: bool) -> LBService:
 
 def pools_state(root: LBService) -> str:
     """Everything the API shows of the pools, to compare before and after a request."""
-    return json.dumps([pool_json(s.pool, s.parts) for s in list(root.pools.values())],
-                      sort_keys=True)
+    return json.dumps([pool_json(pool) for pool in root.admin_view.pools()], sort_keys=True)
 
 
 # --- what is sent -------------------------------------------------------------------------------
@@ -261,7 +260,8 @@ def test_the_resource_tree_answers_everything_cleanly(
     clock = MemoryReactorClock()
     root = make_root(clock, token)
     root.listeners["front"].port = AcceptingPort()
-    stub = StubTreq(build_resource(root, make_registry(root, process=False), clock=clock))
+    stub = StubTreq(build_resource(root.admin_view, clock,
+                                   make_registry(root.admin_view, process=False)))
     headers = {name: value for name, value in (
         ("Content-Type", ctype), ("Authorization", authorization), ("Origin", origin),
         ("Accept-Encoding", "gzip" if gzipped else None)) if value is not None}

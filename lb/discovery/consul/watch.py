@@ -40,6 +40,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
+from zope.interface import implementer
 
 from lb.config import ConsulConfig, PoolConsulConfig
 from lb.discovery.consul import snapshot
@@ -49,6 +50,7 @@ from lb.discovery.consul.api import (ConsulAnswer, ConsulClient, ConsulHTTPError
 from lb.discovery.consul.backoff import RETRY_MAX, TokenBucket, backoff_delay
 from lb.discovery.consul.health import ServiceQuery
 from lb.discovery.consul.kv import KVQuery
+from lb.interfaces import IPoolPart
 from lb.peer import DRAIN, PeerSpec
 from lb.pool import Pool
 from lb.stats import ConsulStats
@@ -77,11 +79,12 @@ def _timed_out(result: Any, timeout: float) -> Any:
 # --- the watcher -----------------------------------------------------------------------------
 
 
+@implementer(IPoolPart)
 class ConsulWatcher(Service):
     """Keeps one pool's Consul-sourced peers equal to what one Consul query answers.
 
-    ``stats()`` is the admin server's view. Until the admin code switches to it, it reads
-    these attributes directly: ``requests`` (Counter by result label, see RESULTS),
+    ``stats()`` is the admin server's view of its state, kept in these attributes:
+    ``requests`` (Counter by result label, see RESULTS),
     ``last_success`` (``clock.seconds()`` of the last successful answer, or None),
     ``index`` (the X-Consul-Index the next request blocks on; 0 = plain read),
     ``last_error`` (text of the latest error, None once an answer succeeds),
