@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, AbstractSet, Any, NamedTuple, Optional, Sequence
+from typing import AbstractSet, Any, NamedTuple, Optional
 
 from twisted.application.service import IService
 from zope.interface import Attribute, Interface
 
-from lb.stats import ListenerStats, PartStats, PoolStats
+from lb.stats import PartStats
 
-if TYPE_CHECKING:
-    from lb.config import Config
-    from lb.pool import Pool
 
 
 class PickContext(NamedTuple):
@@ -84,28 +81,3 @@ class IPoolPart(IService):
     def release() -> None:
         """A reload removed the config this part came from: give back what it put into the
         pool (a discovery source lets go of its peers, which drain). Called once stopped."""
-
-
-class IAdminView(Interface):
-    """All the admin server reads and changes, handed to it by the root: read-only views
-    built when asked (no I/O), and the pools whose public methods make an operator's
-    changes (so the next view shows them)."""
-
-    def config() -> Config:
-        """The running config (the admin token and bind, the config path)."""
-
-    def stopping() -> bool:
-        """Shutdown has begun (/healthz answers 503 from then on)."""
-
-    def pools() -> Sequence[PoolStats]:
-        """Every pool, in config order."""
-
-    def pool(name: str) -> Optional[PoolStats]:
-        """The pool called ``name``; None when there is none."""
-
-    def listeners() -> Sequence[ListenerStats]:
-        """Every listener, in config order."""
-
-    def pool_to_change(name: str) -> Optional[Pool]:
-        """The live pool called ``name`` (None when there is none), for ``add_peer``,
-        ``remove_peer``, ``set_admin_state`` and ``set_weight`` only."""

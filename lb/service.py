@@ -17,7 +17,8 @@ from lb import config as lbconfig
 from lb.admin.server import AdminService
 from lb.config import Config, ConsulConfig, ListenerConfig, PoolConfig
 from lb.discovery import static
-from lb.interfaces import IAdminView, IPoolPart
+from lb.admin.view import IAdminView
+from lb.interfaces import IPoolPart
 from lb.pool import Pool
 from lb.proxy.carriers.pump import Pump
 from lb.proxy.connlog import ConnectionLog

@@ -7,7 +7,7 @@ from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
 from lb.config import Address, parse_address
-from lb.interfaces import IAdminView
+from lb.admin.view import IAdminView
 from lb.service import LBService
 from lb.testing import make_config
 

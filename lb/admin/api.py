@@ -30,7 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from lb.config import MAX_WEIGHT
-from lb.interfaces import IAdminView
+from lb.admin.view import IAdminView
 from lb.net import parse_address
 from lb.peer import ADMIN_STATES
 from lb.pool import Pool, PoolError

@@ -28,7 +28,7 @@ from twisted.web.server import Request
 
 import lb
 from lb.health.risefall import UP
-from lb.interfaces import IAdminView
+from lb.admin.view import IAdminView
 from lb.peer import ADMIN_STATES
 from lb.stats import ListenerStats, PoolStats
 

@@ -31,7 +31,7 @@ from lb.admin.api import MAX_BODY, ApiError, ApiResource, check_body_size, write
 from lb.admin.metrics import MetricsResource, make_registry
 from lb.admin.status import StatusPage
 from lb.config import Address, AdminConfig
-from lb.interfaces import IAdminView
+from lb.admin.view import IAdminView
 
 log = Logger()
 

@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 import lb
-from lb.interfaces import IAdminView
+from lb.admin.view import IAdminView
 from lb.peer import ADMIN_STATES
 from lb.stats import ConsulStats, HealthCheckStats, ListenerStats, PeerStats, PoolStats
 
