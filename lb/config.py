@@ -13,7 +13,7 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import yaml
@@ -22,11 +22,16 @@ from yaml.constructor import ConstructorError
 from lb.net import Address, host_name, parse_address, short_repr
 
 __all__ = ["Address", "ConfigError", "Config", "parse_address", "host_name", "check", "load",
-           "parse", "parse_duration"]
+           "parse", "parse_duration", "parse_size"]
 
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "random", "p2c", "source")
 MAX_WEIGHT = 256  # HAProxy's bound; Consul weights above it are clamped
 DEFAULT_CONSUL_URL = "http://127.0.0.1:8500"
+LISTENER_MODES = ("tcp", "http")
+RETRY_CONDITIONS = ("connect-failure", "empty-response", "reset", "502", "503", "504")
+FORWARDED_MODES = ("append", "replace", "off")
+MAX_SPLIT_WEIGHT = 1000  # relative shares; 1000 gives 0.1% steps
+CONSUL_POOL_PREFIX = "consul:"  # pools consul_routes create are named consul:<service>
 
 # Bounds on what a config file may be. Past them the file is refused with a problem line
 # naming the bound, before anything walks it (a reload runs on the reactor thread).
@@ -117,6 +122,37 @@ class PoolConsulConfig:
 
 
 @dataclass(frozen=True)
+class OutlierConfig:
+    """A pool's passive L7 check: a peer answering ``consecutive_5xx`` 5xx in a row is
+    ejected for ``ejection_time`` (doubling on each repeat), never more than ``max_ejected``
+    percent of the pool at once."""
+
+    consecutive_5xx: int = 5
+    ejection_time: float = 30.0
+    max_ejected: float = 50.0  # a percentage, 0-100 (``50%`` in the file)
+
+
+@dataclass(frozen=True)
+class StickyCookieConfig:
+    """The cookie that names a client's peer (its value is lb's to choose)."""
+
+    name: str = "lb_peer"
+
+
+@dataclass(frozen=True)
+class HashKey:
+    """What ``balance: source`` hashes: ``client_ip``, ``path``, ``header`` or ``cookie``.
+    For the last two ``name`` is the header name lower-cased (header names ignore case) or
+    the cookie name as written (cookie names do not)."""
+
+    kind: str = "client_ip"
+    name: Optional[str] = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}" if self.name is not None else self.kind
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     name: str
     balance: str = "roundrobin"
@@ -129,19 +165,78 @@ class PoolConfig:
     retries: int = 2
     drain_timeout: float = 30.0
     send_proxy: str = "off"
+    # HTTP mode only (valid on every pool, read when an http listener reaches it)
+    keepalive: int = 32  # idle connections kept per peer; 0: a new connection per request
+    keepalive_timeout: float = 60.0
+    retry_on: Tuple[str, ...] = ("connect-failure", "empty-response")  # of RETRY_CONDITIONS
+    outlier: Optional[OutlierConfig] = None
+    sticky_cookie: Optional[StickyCookieConfig] = None
+    hash_key: HashKey = HashKey()
+
+
+@dataclass(frozen=True)
+class WeightedPool:
+    """One entry of a route's ``split``: a pool and its relative share (0-1000)."""
+
+    pool: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """A route of an http listener: every matcher it has must match (an absent one matches
+    anything); the request then goes to ``pool``, or to one of ``split`` picked by weight
+    (exactly one of the two is set)."""
+
+    host: Optional[str] = None  # lower-case ASCII (IDNA); "*.example.com": a wildcard
+    path_prefix: Optional[str] = None  # starts with "/"; matches whole segments
+    headers: Tuple[Tuple[str, str], ...] = ()  # (lower-cased name, exact value), by name
+    pool: Optional[str] = None
+    split: Tuple[WeightedPool, ...] = ()
+    strip_prefix: bool = False
+
+
+@dataclass(frozen=True)
+class ConsulRoutesConfig:
+    """Routes from Consul tags (Fabio's ``urlprefix-`` syntax) and the pools they get."""
+
+    tag_prefix: str = "urlprefix-"
+    pool_defaults: PoolConfig = PoolConfig(name="")  # no peers, no consul: Consul gives those
+
+    def pool_for(self, service: str) -> PoolConfig:
+        """The pool for an announcing service: ``pool_defaults`` named ``consul:<service>``,
+        its peers that service's passing instances."""
+        return replace(self.pool_defaults, name=CONSUL_POOL_PREFIX + service,
+                       consul=PoolConsulConfig(service=service, passing_only=True))
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """An http listener's protocol settings (the defaults on a tcp listener, unused)."""
+
+    max_header_size: int = 16 * 1024  # bytes: request line + headers
+    client_header_timeout: float = 10.0
+    client_keepalive_timeout: float = 60.0  # 0: close after each response
+    response_timeout: float = 60.0
+    forwarded: str = "append"  # of FORWARDED_MODES
+    trusted_proxies: Tuple[IPNetwork, ...] = ()
+    request_id: Optional[str] = "X-Request-Id"  # a header name as written; None: off
 
 
 @dataclass(frozen=True)
 class ListenerConfig:
     name: str
     bind: Address
-    pool: str
+    pool: str  # "" only on an http listener without a default route
     mode: str = "tcp"
     accept_proxy: bool = False
     max_connections: int = 10000
-    idle_timeout: float = 300.0
+    idle_timeout: float = 300.0  # in http mode: for a tunnel after an Upgrade
     fin_timeout: float = 30.0  # once one side sent FIN (HAProxy's timeout client-fin/server-fin)
     allow: Tuple[IPNetwork, ...] = ()
+    routes: Tuple[RouteConfig, ...] = ()  # http only, in match order
+    consul_routes: Optional[ConsulRoutesConfig] = None  # http only
+    http: HttpConfig = HttpConfig()
 
 
 @dataclass(frozen=True)
@@ -171,10 +266,21 @@ class Config:
     shutdown_timeout: float = 30.0
 
     def summary(self) -> str:
+        """The line ``lb check`` prints and a reload logs; http counts only when there are
+        http listeners, so a tcp-only config reads as it always did."""
         peers = sum(len(p.peers) for p in self.pools.values())
         consul = sum(1 for p in self.pools.values() if p.consul)
+        http = [listener for listener in self.listeners.values() if listener.mode == "http"]
+        listeners = f"{len(self.listeners)} listener(s)"
+        routes = ""
+        if http:
+            listeners += f" ({len(http)} http)"
+            routes = f", {sum(len(listener.routes) for listener in http)} route(s)"
+            from_consul = sum(1 for listener in http if listener.consul_routes is not None)
+            if from_consul:
+                routes += f" + Consul routes on {from_consul} listener(s)"
         return (
-            f"configuration OK: {len(self.listeners)} listener(s), {len(self.pools)} pool(s), "
+            f"configuration OK: {listeners}, {len(self.pools)} pool(s){routes}, "
             f"{peers} static peer(s), {consul} Consul-discovered pool(s)"
         )
 
@@ -337,13 +443,106 @@ def _status_ranges(value: Any) -> Tuple[Tuple[int, int], ...]:
     return tuple(ranges)
 
 
-def _send_proxy(value: Any) -> str:
-    # YAML 1.1 reads a bare `off` as false; accept it as the operator meant it.
-    if value is False:
-        return "off"
-    if value in ("off", "v1", "v2"):
+def _off_or(*choices: str) -> Callable[[Any], str]:
+    """One of ``choices``, which include ``off``: YAML 1.1 reads a bare ``off`` (or ``no``)
+    as false, and it still means off."""
+    def convert(value: Any) -> str:
+        if value is False:
+            return "off"
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ValueError(f"{_show(value)} is not one of: {', '.join(choices)}")
+    return convert
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KiB": 1024, "MiB": 1024 * 1024}
+
+
+def parse_size(value: Any) -> int:
+    """A size in bytes: a plain integer, or an integer with the unit ``B``, ``KiB`` (1024)
+    or ``MiB`` (1024²), as in ``16KiB``. ``16k``, ``16KB``, ``1M`` are refused rather than
+    guessed: nginx reads ``k`` as 1024, SI as 1000."""
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise ValueError(f"{_show(value)} is not one of: off, v1, v2")
+    if not isinstance(value, str):
+        raise ValueError(f"expected a size like '16KiB', got {_kind(value)}")
+    m = re.fullmatch(r"\s*(\d{1,12})\s*([A-Za-z]*)\s*", value)
+    if not m:
+        raise ValueError(f"{_show(value)} is not a size (use e.g. '16KiB', '1MiB' or a "
+                         "number of bytes)")
+    number, unit = int(m.group(1)), m.group(2)
+    if unit in _SIZE_UNITS:
+        return number * _SIZE_UNITS[unit]
+    iec = {"k": "KiB", "m": "MiB"}.get(unit[0].lower())
+    if iec is not None:
+        raise ValueError(f"{_show(value)} is ambiguous (1000 or 1024?): write "
+                         f"'{number}{iec}' or a number of bytes")
+    raise ValueError(f"{_show(value)} has an unknown unit (use B, KiB or MiB)")
+
+
+def _size(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        size = parse_size(value)
+        if not low <= size <= high:
+            raise ValueError(f"{_show(value)} is out of range ({_format_size(low)}-"
+                             f"{_format_size(high)})")
+        return size
+    return convert
+
+
+def _format_size(size: int) -> str:
+    for unit in ("MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
+# RFC 9110 token: header names; RFC 6265 cookie names are tokens too
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN_CHARS = "letters, digits and !#$%&'*+-.^_`|~"
+
+
+def _token(what: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+            raise ValueError(f"{_show(value)} is not a {what} ({_TOKEN_CHARS} only)")
+        return value
+    return convert
+
+
+def _percent(value: Any) -> float:
+    """``50%``, or a plain number read as a percentage (``50``). A number between 0 and 1
+    is refused: it may mean a fraction (0.5 for 50%)."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d{1,10}(?:\.\d{1,10})?)\s*%\s*", value)
+        if not m:
+            raise ValueError(f"{_show(value)} is not a percentage like '50%'")
+        number = float(m.group(1))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past float's range
+            number = math.inf
+        if 0 < number < 1:
+            raise ValueError(f"{_show(value)} is ambiguous: write '{number * 100:g}%' or "
+                             f"'{number:g}%'")
+    else:
+        raise ValueError(f"expected a percentage like '50%', got {_kind(value)}")
+    if not 0 <= number <= 100:  # NaN too
+        raise ValueError(f"{_show(value)} is out of range (0%-100%)")
+    return number
+
+
+def _hash_key(value: Any) -> HashKey:
+    if value in ("client_ip", "path"):
+        return HashKey(value)
+    if isinstance(value, str):
+        kind, colon, name = value.partition(":")
+        if colon and kind in ("header", "cookie"):
+            _token(f"{kind} name")(name)
+            return HashKey(kind, name.lower() if kind == "header" else name)
+    raise ValueError(f"{_show(value)} is not one of: client_ip, path, header:NAME, "
+                     "cookie:NAME")
 
 
 def _cidrs(value: Any) -> Tuple[IPNetwork, ...]:
@@ -525,13 +724,24 @@ def _check_peers(c: _Checker, path: str, raw: Any) -> Tuple[StaticPeer, ...]:
     return tuple(peers)
 
 
-def _check_pool(c: _Checker, name: str, raw: Any, have_consul: bool) -> PoolConfig:
-    path = f"pools.{name}"
-    m = c.mapping(path, raw, ("balance", "hash_balance_factor", "slow_start", "peers", "consul",
-                              "health", "connect_timeout", "retries", "drain_timeout",
-                              "send_proxy"))
-    if raw is None:
+POOL_KEYS = ("balance", "hash_balance_factor", "slow_start", "peers", "consul", "health",
+             "connect_timeout", "retries", "drain_timeout", "send_proxy", "keepalive",
+             "keepalive_timeout", "retry_on", "outlier", "sticky_cookie", "hash_key")
+
+
+def _check_pool(c: _Checker, path: str, name: str, raw: Any, have_consul: bool, *,
+                template: bool = False) -> PoolConfig:
+    """A pool at ``path``; a ``template`` (consul_routes' pool_defaults) is every pool key
+    but the peers, which Consul gives the pools it is a template for."""
+    m = c.mapping(path, raw, POOL_KEYS)
+    if raw is None and not template:
         c.fail(path, "expected a mapping with peers and/or consul")
+    if template:
+        for key in ("peers", "consul"):
+            if key in m:
+                c.fail(f"{path}.{key}", "not allowed here: Consul gives the pools of "
+                                        "consul_routes their peers")
+        m = {key: value for key, value in m.items() if key not in ("peers", "consul")}
 
     def factor(value: Any) -> float:
         number = math.nan
@@ -548,9 +758,14 @@ def _check_pool(c: _Checker, name: str, raw: Any, have_consul: bool) -> PoolConf
         return number
 
     balance = c.get(path, m, "balance", "roundrobin", _choice(*BALANCE_ALGORITHMS))
+    balance_known = m.get("balance") in (None, *BALANCE_ALGORITHMS)  # else already a problem
     hash_balance_factor = c.get(path, m, "hash_balance_factor", None, factor)
-    if hash_balance_factor is not None and balance != "source":
-        c.fail(f"{path}.hash_balance_factor", "only applies to balance: source")
+    hash_key = c.get(path, m, "hash_key", HashKey(), _hash_key)
+    # SPEC's own example spells out the default `hash_key: client_ip` on a roundrobin pool
+    for key, is_set in (("hash_balance_factor", hash_balance_factor is not None),
+                        ("hash_key", hash_key != HashKey())):
+        if is_set and balance != "source" and balance_known:
+            c.fail(f"{path}.{key}", "only applies to balance: source")
     return PoolConfig(
         name=name,
         balance=balance,
@@ -562,49 +777,370 @@ def _check_pool(c: _Checker, name: str, raw: Any, have_consul: bool) -> PoolConf
         connect_timeout=c.get(path, m, "connect_timeout", 2.0, _duration(positive=True)),
         retries=c.get(path, m, "retries", 2, _int(0, 100)),
         drain_timeout=c.get(path, m, "drain_timeout", 30.0, _duration()),
-        send_proxy=c.get(path, m, "send_proxy", "off", _send_proxy),
+        send_proxy=c.get(path, m, "send_proxy", "off", _off_or("off", "v1", "v2")),
+        keepalive=c.get(path, m, "keepalive", 32, _int(0, 10000)),
+        keepalive_timeout=c.get(path, m, "keepalive_timeout", 60.0, _duration(positive=True)),
+        retry_on=_check_retry_on(c, f"{path}.retry_on", m.get("retry_on")),
+        outlier=_check_outlier(c, f"{path}.outlier", m.get("outlier")),
+        sticky_cookie=_check_sticky_cookie(c, f"{path}.sticky_cookie", m.get("sticky_cookie")),
+        hash_key=hash_key,
     )
 
 
-def _check_listener(c: _Checker, name: str, raw: Any, pools: Mapping[str, Any],
-                    ) -> Optional[ListenerConfig]:
-    path = f"listeners.{name}"
-    m = c.mapping(path, raw, ("bind", "mode", "pool", "accept_proxy", "max_connections",
-                              "idle_timeout", "fin_timeout", "allow"))
+def _check_retry_on(c: _Checker, path: str, raw: Any) -> Tuple[str, ...]:
+    """The answers that make a request be retried. YAML reads ``502`` as an integer; it
+    is kept as the text ``"502"``, like the names."""
     if raw is None:
-        c.fail(path, "expected a mapping with bind and pool")
-    for key in ("bind", "pool"):
-        if raw is not None and key not in m:
-            c.fail(f"{path}.{key}", "missing (required)")
-    bind = c.get(path, m, "bind", None, lambda v: parse_address(v, allow_port_zero=True))
-    if bind is not None and not bind.is_ip:
-        c.fail(f"{path}.bind", f"{_show(bind.host)} must be an IP address to listen on "
-                               "(0.0.0.0 or [::] for all)")
+        return PoolConfig.retry_on
+    if not isinstance(raw, list):
+        c.fail(path, f"expected a list like [connect-failure, empty-response], got {_kind(raw)}")
+        return PoolConfig.retry_on
+    conditions: List[str] = []
+    seen: Dict[str, int] = {}
+    for i, item in enumerate(raw):
+        text = item
+        if isinstance(item, int) and not isinstance(item, bool) and 100 <= item <= 999:
+            text = str(item)
+        if not isinstance(text, str) or text not in RETRY_CONDITIONS:
+            c.fail(f"{path}[{i}]", f"{_show(item)} is not one of: {', '.join(RETRY_CONDITIONS)}")
+        elif text in seen:
+            c.fail(f"{path}[{i}]", f"{text} is already listed at {path}[{seen[text]}]")
+        else:
+            seen[text] = i
+            conditions.append(text)
+    return tuple(conditions)
 
-    def pool(value: Any) -> str:
+
+def _check_outlier(c: _Checker, path: str, raw: Any) -> Optional[OutlierConfig]:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        c.fail(path, f"expected a mapping (write 'outlier: {{}}' for the defaults), "
+                     f"got {_kind(raw)}")
+        return None
+    m = c.mapping(path, raw, ("consecutive_5xx", "ejection_time", "max_ejected"))
+    return OutlierConfig(
+        consecutive_5xx=c.get(path, m, "consecutive_5xx", 5, _int(1, 1000)),
+        ejection_time=c.get(path, m, "ejection_time", 30.0, _duration(positive=True)),
+        max_ejected=c.get(path, m, "max_ejected", 50.0, _percent),
+    )
+
+
+def _check_sticky_cookie(c: _Checker, path: str, raw: Any) -> Optional[StickyCookieConfig]:
+    """A mapping only (``{name: lb_peer}``; ``{}`` for that name): one spelling, with room
+    for cookie attributes later. ``null`` or a bare ``off`` (false) is no sticky cookie."""
+    if raw is None or raw is False:
+        return None
+    if not isinstance(raw, dict):
+        c.fail(path, f"expected a mapping like {{name: lb_peer}}, got {_kind(raw)}")
+        return None
+    m = c.mapping(path, raw, ("name",))
+    return StickyCookieConfig(name=c.get(path, m, "name", StickyCookieConfig.name,
+                                         _token("cookie name")))
+
+
+LISTENER_KEYS = ("bind", "mode", "pool", "accept_proxy", "max_connections", "idle_timeout",
+                 "fin_timeout", "allow", "routes", "consul_routes", "http")
+HTTP_LISTENER_KEYS = ("routes", "consul_routes", "http")
+ROUTE_KEYS = ("host", "path_prefix", "headers", "pool", "split", "strip_prefix")
+HTTP_KEYS = ("max_header_size", "client_header_timeout", "client_keepalive_timeout",
+             "response_timeout", "forwarded", "trusted_proxies", "request_id")
+
+
+def _pool_name(pools: Mapping[str, Any]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
         value = _str(value)
         if value not in pools:
             raise ValueError(f"no pool named {_show(value)} (pools: {', '.join(pools) or 'none'})")
         return value
+    return convert
 
-    def mode(value: Any) -> str:
-        if value == "http":
-            raise ValueError("mode http is not implemented yet; use tcp")
-        return _choice("tcp")(value)
 
-    pool_name = c.get(path, m, "pool", None, pool)
+def _check_listener(c: _Checker, name: str, raw: Any, pools: Mapping[str, Any],
+                    have_consul: bool) -> Optional[ListenerConfig]:
+    path = f"listeners.{name}"
+    m = c.mapping(path, raw, LISTENER_KEYS)
+    if raw is None:
+        c.fail(path, "expected a mapping with bind and pool")
+    mode = c.get(path, m, "mode", "tcp", _choice(*LISTENER_MODES))
+    mode_known = m.get("mode") in (None, *LISTENER_MODES)  # else already a problem
+    if raw is not None and "bind" not in m:
+        c.fail(f"{path}.bind", "missing (required)")
+    if raw is not None and "pool" not in m and mode == "tcp" and mode_known:
+        c.fail(f"{path}.pool", "missing (required)")
+    bind = c.get(path, m, "bind", None, lambda v: parse_address(v, allow_port_zero=True))
+    if bind is not None and not bind.is_ip:
+        c.fail(f"{path}.bind", f"{_show(bind.host)} must be an IP address to listen on "
+                               "(0.0.0.0 or [::] for all)")
+    pool_name = c.get(path, m, "pool", None, _pool_name(pools))
+
+    routes: Tuple[RouteConfig, ...] = ()
+    consul_routes = None
+    http = HttpConfig()
+    if mode == "tcp" and mode_known:
+        for key in HTTP_LISTENER_KEYS:
+            if key in m:
+                c.fail(f"{path}.{key}", "only applies to mode: http")
+    else:
+        routes = _check_routes(c, f"{path}.routes", m.get("routes"), pools)
+        consul_routes = _check_consul_routes(c, f"{path}.consul_routes",
+                                             m.get("consul_routes"), have_consul)
+        http = _check_http(c, f"{path}.http", m.get("http"))
+        if (mode == "http" and raw is not None and m.get("pool") is None
+                and m.get("routes") in (None, []) and m.get("consul_routes") is None):
+            c.fail(f"{path}.pool", "missing: an http listener needs a pool (its default "
+                                   "route), routes or consul_routes; with none it could only "
+                                   "answer 404")
+
     listener = ListenerConfig(
         name=name,
         bind=bind or Address("0.0.0.0", 0),
         pool=pool_name or "",
-        mode=c.get(path, m, "mode", "tcp", mode),
+        mode=mode,
         accept_proxy=c.get(path, m, "accept_proxy", False, _bool),
         max_connections=c.get(path, m, "max_connections", 10000, _int(1)),
         idle_timeout=c.get(path, m, "idle_timeout", 300.0, _duration()),
         fin_timeout=c.get(path, m, "fin_timeout", 30.0, _duration()),
         allow=c.get(path, m, "allow", (), _cidrs),
+        routes=routes,
+        consul_routes=consul_routes,
+        http=http,
     )
-    return listener if bind is not None and pool_name is not None else None
+    return listener if bind is not None else None
+
+
+def _check_routes(c: _Checker, path: str, raw: Any, pools: Mapping[str, Any],
+                  ) -> Tuple[RouteConfig, ...]:
+    """Routes in match order. Two that match the same requests are an error: the second
+    could never be used (``/v1`` and ``/v1/`` match the same whole segments)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        c.fail(path, f"expected a list of routes, got {_kind(raw)}")
+        return ()
+    routes: List[RouteConfig] = []
+    seen: Dict[Any, int] = {}
+    for i, item in enumerate(raw):
+        before = len(c.problems)
+        route = _check_route(c, f"{path}[{i}]", item, pools)
+        if route is None or len(c.problems) > before:
+            continue
+        prefix = route.path_prefix.rstrip("/") or "/" if route.path_prefix is not None else None
+        matches = (route.host, prefix, route.headers)
+        if matches in seen:
+            c.fail(f"{path}[{i}]", f"matches the same requests as {path}[{seen[matches]}] "
+                                   "(same host, path_prefix and headers), so it would never "
+                                   "be used")
+            continue
+        seen[matches] = i
+        routes.append(route)
+    return tuple(routes)
+
+
+def _check_route(c: _Checker, path: str, raw: Any, pools: Mapping[str, Any],
+                 ) -> Optional[RouteConfig]:
+    if not isinstance(raw, dict):
+        c.fail(path, f"expected a mapping like {{path_prefix: /api/, pool: api}}, "
+                     f"got {_kind(raw)}")
+        return None
+    m = c.mapping(path, raw, ROUTE_KEYS)
+    if m.get("host") is None and m.get("path_prefix") is None and m.get("headers") in (None, {}):
+        c.fail(path, "matches every request: use the listener's pool for that (or "
+                     "path_prefix: / for a split)")
+    if (m.get("pool") is None) == (m.get("split") is None):
+        c.fail(path, "needs exactly one of 'pool' or 'split'")
+    strip_prefix = c.get(path, m, "strip_prefix", False, _bool)
+    if strip_prefix and m.get("path_prefix") is None:
+        c.fail(f"{path}.strip_prefix", "needs a path_prefix to strip")
+    return RouteConfig(
+        host=c.get(path, m, "host", None, _route_host),
+        path_prefix=c.get(path, m, "path_prefix", None, _path_prefix),
+        headers=_check_header_matches(c, f"{path}.headers", m.get("headers")),
+        pool=c.get(path, m, "pool", None, _pool_name(pools)),
+        split=_check_split(c, f"{path}.split", m.get("split"), pools),
+        strip_prefix=strip_prefix,
+    )
+
+
+def _route_host(value: Any) -> str:
+    """The Host header's name without port: ``api.example.com`` (lower-cased, IDNA as
+    ASCII), ``*.example.com`` (a whole first label only), an IP, or ``[v6]``."""
+    text = _str(value)
+    if text == "*":
+        raise ValueError("'*' matches every host: leave host out")
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            return f"[{ipaddress.IPv6Address(text[1:-1])}]"
+        except ValueError:
+            raise ValueError(f"{_show(text)} is not an IPv6 address in brackets") from None
+    if re.fullmatch(r"(\[[^\]]*\]|[^:\[\]]+):\d*", text):
+        raise ValueError(f"{_show(text)} has a port: host matches the Host header without "
+                         "its port")
+    wildcard = text.startswith("*.")
+    name = text[2:] if wildcard else text
+    if "*" in name:
+        raise ValueError(f"{_show(text)}: a wildcard is a whole first label only, as in "
+                         "'*.example.com'")
+    try:
+        ascii_name = host_name(name)
+    except ValueError as e:
+        raise ValueError(f"{_show(text)} is not a valid host name: {e}") from None
+    return "*." + ascii_name if wildcard else ascii_name
+
+
+def _path_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"{_show(value)} is not a path prefix starting with '/' (like "
+                         "'/api/')")
+    if not all("!" <= ch <= "~" for ch in value):
+        raise ValueError(f"{_show(value)} has a space, a control or a non-ASCII character "
+                         "(write it percent-encoded, as requests carry it)")
+    if "?" in value or "#" in value:
+        raise ValueError(f"{_show(value)} has a '?' or '#': a path prefix matches the path, "
+                         "not the query")
+    return value
+
+
+def _header_value(value: Any) -> str:
+    """An exact header value: text, or an integer YAML read from ``X-Canary: 1``."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10 ** 100:
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_kind(value)} (quote a value YAML reads "
+                         "as something else, like 'on' or '1.0')")
+    if not all(" " <= ch <= "~" or ch == "\t" for ch in value):
+        raise ValueError(f"{_show(value)} has a control or a non-ASCII character")
+    if value != value.strip(" \t"):
+        raise ValueError(f"{_show(value)} starts or ends with white space, which a header "
+                         "value never does (it is not part of the value)")
+    return value
+
+
+def _check_header_matches(c: _Checker, path: str, raw: Any) -> Tuple[Tuple[str, str], ...]:
+    """Header name → exact value, as (lower-cased name, value) pairs sorted by name: names
+    ignore case, so ``X-A`` and ``x-a`` in one route are the same header."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        c.fail(path, f"expected a mapping of header name to exact value, got {_kind(raw)}")
+        return ()
+    pairs: Dict[str, str] = {}
+    written: Dict[str, str] = {}
+    for name, value in raw.items():
+        key_path = _join(path, _key(name))
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            c.fail(key_path, f"not a header name ({_TOKEN_CHARS} only)")
+            continue
+        if name.lower() in written:
+            c.fail(key_path, f"the same header as {_join(path, written[name.lower()])} "
+                             "(header names ignore case)")
+            continue
+        try:
+            pairs[name.lower()] = _header_value(value)
+        except ValueError as e:
+            c.fail(key_path, str(e))
+        written[name.lower()] = name
+    return tuple(sorted(pairs.items()))
+
+
+def _check_split(c: _Checker, path: str, raw: Any, pools: Mapping[str, Any],
+                 ) -> Tuple[WeightedPool, ...]:
+    """Pools with relative weights (0-1000, each required, at least one above 0); a pool
+    at most once."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        c.fail(path, "expected a non-empty list like [{pool: web, weight: 90}, "
+                     "{pool: canary, weight: 10}]")
+        return ()
+    split: List[WeightedPool] = []
+    seen: Dict[str, int] = {}
+    for i, item in enumerate(raw):
+        item_path = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            c.fail(item_path, f"expected a mapping like {{pool: web, weight: 90}}, "
+                              f"got {_kind(item)}")
+            continue
+        m = c.mapping(item_path, item, ("pool", "weight"))
+        for key in ("pool", "weight"):
+            if m.get(key) is None:
+                c.fail(f"{item_path}.{key}", "missing (required)")
+        pool = c.get(item_path, m, "pool", None, _pool_name(pools))
+        weight = c.get(item_path, m, "weight", None, _int(0, MAX_SPLIT_WEIGHT))
+        if pool is not None and pool in seen:
+            c.fail(f"{item_path}.pool", f"{_show(pool)} is already in {path}[{seen[pool]}]")
+        elif pool is not None and weight is not None:
+            seen[pool] = i
+            split.append(WeightedPool(pool, weight))
+    if len(split) == len(raw) and not any(entry.weight for entry in split):
+        c.fail(path, "every weight is 0: at least one must be above 0")
+    return tuple(split)
+
+
+def _check_consul_routes(c: _Checker, path: str, raw: Any, have_consul: bool,
+                         ) -> Optional[ConsulRoutesConfig]:
+    if raw is None:
+        return None
+
+    def tag_prefix(value: Any) -> str:
+        value = _str(value)
+        if any(ch.isspace() or ch == "/" or not ch.isprintable() for ch in value):
+            raise ValueError(f"{_show(value)} has a space, a '/' or a control character "
+                             "(the host and path follow it in the tag)")
+        return value
+
+    m = c.mapping(path, raw, ("tag_prefix", "pool_defaults"))
+    if not have_consul:
+        c.fail(path, "needs the top-level 'consul' section (write 'consul: {}' for defaults)")
+    return ConsulRoutesConfig(
+        tag_prefix=c.get(path, m, "tag_prefix", ConsulRoutesConfig.tag_prefix, tag_prefix),
+        pool_defaults=_check_pool(c, f"{path}.pool_defaults", "", m.get("pool_defaults"),
+                                  have_consul, template=True),
+    )
+
+
+def _check_http(c: _Checker, path: str, raw: Any) -> HttpConfig:
+    m = c.mapping(path, raw, HTTP_KEYS)
+    defaults = HttpConfig()
+    # null turns the request id off (c.get would read it as "the default"); so does `off`
+    if "request_id" in m and m["request_id"] in (None, False):
+        request_id = None
+    else:
+        request_id = c.get(path, m, "request_id", defaults.request_id, _token("header name"))
+    forwarded = c.get(path, m, "forwarded", defaults.forwarded, _off_or(*FORWARDED_MODES))
+    trusted_proxies = c.get(path, m, "trusted_proxies", (), _cidrs)
+    if trusted_proxies and forwarded != "append":
+        c.fail(f"{path}.trusted_proxies", "only applies to forwarded: append")
+    return HttpConfig(
+        max_header_size=c.get(path, m, "max_header_size", defaults.max_header_size,
+                              _size(1024, 1024 * 1024)),
+        client_header_timeout=c.get(path, m, "client_header_timeout",
+                                    defaults.client_header_timeout, _duration(positive=True)),
+        client_keepalive_timeout=c.get(path, m, "client_keepalive_timeout",
+                                       defaults.client_keepalive_timeout, _duration()),
+        response_timeout=c.get(path, m, "response_timeout", defaults.response_timeout,
+                               _duration(positive=True)),
+        forwarded=forwarded,
+        trusted_proxies=trusted_proxies,
+        request_id=request_id,
+    )
+
+
+def _check_consul_route_pools(c: _Checker, listeners: Mapping[str, ListenerConfig]) -> None:
+    """Every listener's consul_routes must agree on pool_defaults: the pool of a service
+    (``consul:<service>``) is one pool, whichever listener's routes lead to it."""
+    first: Optional[Tuple[str, PoolConfig]] = None
+    for name, listener in listeners.items():
+        if listener.consul_routes is None:
+            continue
+        defaults = listener.consul_routes.pool_defaults
+        if first is None:
+            first = (name, defaults)
+        elif defaults != first[1]:
+            c.fail(f"listeners.{name}.consul_routes.pool_defaults",
+                   f"differs from listeners.{first[0]}.consul_routes.pool_defaults: the pools "
+                   f"Consul routes create ({CONSUL_POOL_PREFIX}<service>) are shared by every "
+                   "listener, so their defaults must be the same")
 
 
 def _overlaps(a: Address, b: Address) -> bool:
@@ -638,16 +1174,21 @@ def check(raw: Any, *, path: str = "<config>", environ: Optional[Mapping[str, st
     shutdown_timeout = c.get("", top, "shutdown_timeout", 30.0, _duration())
 
     raw_pools = c.named("pools", top.get("pools"))
-    pools = {name: _check_pool(c, name, value, consul is not None)
+    for name in raw_pools:
+        if name.startswith(CONSUL_POOL_PREFIX):
+            c.fail(f"pools.{name}", f"names starting with '{CONSUL_POOL_PREFIX}' are kept for "
+                                    "the pools consul_routes create")
+    pools = {name: _check_pool(c, f"pools.{name}", name, value, consul is not None)
              for name, value in raw_pools.items()}
     raw_listeners = c.named("listeners", top.get("listeners"))
     if top.get("listeners") is None or top.get("listeners") == {}:
         c.fail("listeners", "at least one listener is required")
     listeners: Dict[str, ListenerConfig] = {}
     for name, value in raw_listeners.items():
-        listener = _check_listener(c, name, value, raw_pools)
+        listener = _check_listener(c, name, value, raw_pools, consul is not None)
         if listener is not None:
             listeners[name] = listener
+    _check_consul_route_pools(c, listeners)
 
     binds: List[Tuple[str, Address]] = [("admin.bind", admin.bind)]
     for name, listener in listeners.items():

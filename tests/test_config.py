@@ -291,11 +291,14 @@ def test_pool_consul_needs_top_level_consul() -> None:
     assert any("needs the top-level 'consul' section" in p for p in found)
 
 
-def test_mode_http_is_not_yet_available() -> None:
-    """mode: http is reserved by SPEC; until it exists it is a clear error."""
+def test_mode_is_tcp_or_http() -> None:
+    """mode: http is accepted (tests/test_config_http.py covers its keys); any other mode
+    is an error naming both, and does not also report the keys that depend on the mode."""
     raw = minimal()
     raw["listeners"]["web"]["mode"] = "http"
-    assert any("not implemented yet" in p for p in problems(raw))
+    assert lbconfig.check(raw, environ={}).listeners["web"].mode == "http"
+    raw["listeners"]["web"].update(mode="udp", routes=[])
+    assert problems(raw) == ["listeners.web.mode: 'udp' is not one of: tcp, http"]
 
 
 def test_duplicate_static_peer() -> None:

@@ -64,31 +64,67 @@ BASE: Dict[str, Any] = {
     "consul": {"url": "http://127.0.0.1:8500", "wait": "55s", "poll_interval": "5s"},
     "admin": {"bind": "127.0.0.1:9901"},
     "shutdown_timeout": "30s",
-    "listeners": {"web": {"bind": "127.0.0.1:8080", "pool": "web", "allow": ["10.0.0.0/8"]}},
+    "listeners": {
+        "web": {"bind": "127.0.0.1:8080", "pool": "web", "allow": ["10.0.0.0/8"]},
+        "www": {"bind": "127.0.0.1:8081", "mode": "http", "pool": "web",
+                "routes": [{"host": "*.example.com", "path_prefix": "/api/",
+                            "headers": {"X-Canary": "1"}, "pool": "api", "strip_prefix": True},
+                           {"path_prefix": "/", "split": [{"pool": "web", "weight": 90},
+                                                          {"pool": "api", "weight": 10}]}],
+                "consul_routes": {"tag_prefix": "urlprefix-",
+                                  "pool_defaults": {"balance": "leastconn", "outlier": {}}},
+                "http": {"max_header_size": "16KiB", "client_header_timeout": "10s",
+                         "client_keepalive_timeout": "60s", "response_timeout": "60s",
+                         "forwarded": "append", "trusted_proxies": ["10.0.0.0/8"],
+                         "request_id": "X-Request-Id"}},
+    },
     "pools": {"web": {"peers": ["127.0.0.1:9001", {"address": "127.0.0.1:9002", "weight": 2}],
                       "consul": {"service": "web"},
-                      "health": {"interval": "2s", "timeout": "1s", "expect_status": [200]}}},
+                      "health": {"interval": "2s", "timeout": "1s", "expect_status": [200]},
+                      "balance": "source", "hash_key": "header:X-User", "keepalive": 32,
+                      "keepalive_timeout": "60s", "retry_on": ["connect-failure", 502],
+                      "outlier": {"consecutive_5xx": 5, "ejection_time": "30s",
+                                  "max_ejected": "50%"},
+                      "sticky_cookie": {"name": "lb_peer"}},
+              "api": {"peers": ["127.0.0.1:9003"]}},
 }
 
+POOL_KEYS = ("balance", "hash_balance_factor", "slow_start", "peers", "consul", "health",
+             "connect_timeout", "retries", "drain_timeout", "send_proxy", "keepalive",
+             "keepalive_timeout", "retry_on", "outlier", "sticky_cookie", "hash_key")
 SECTIONS: Dict[Tuple[Any, ...], Tuple[str, ...]] = {
     (): ("consul", "admin", "state_dir", "shutdown_timeout", "listeners", "pools"),
     ("consul",): ("url", "token_file", "datacenter", "consistency", "wait", "poll_interval"),
     ("admin",): ("bind", "token_file"),
-    ("listeners",): ("web", "api"),
+    ("listeners",): ("web", "www", "api"),
     ("listeners", "web"): ("bind", "mode", "pool", "accept_proxy", "max_connections",
-                           "idle_timeout", "fin_timeout", "allow"),
+                           "idle_timeout", "fin_timeout", "allow", "routes"),
+    ("listeners", "www"): ("bind", "mode", "pool", "accept_proxy", "routes", "consul_routes",
+                           "http"),
+    ("listeners", "www", "routes", 0): ("host", "path_prefix", "headers", "pool", "split",
+                                        "strip_prefix"),
+    ("listeners", "www", "routes", 1): ("host", "path_prefix", "split"),
+    ("listeners", "www", "routes", 1, "split", 0): ("pool", "weight"),
+    ("listeners", "www", "consul_routes"): ("tag_prefix", "pool_defaults"),
+    ("listeners", "www", "consul_routes", "pool_defaults"): POOL_KEYS,
+    ("listeners", "www", "http"): ("max_header_size", "client_header_timeout",
+                                   "client_keepalive_timeout", "response_timeout", "forwarded",
+                                   "trusted_proxies", "request_id"),
     ("pools",): ("web", "api"),
-    ("pools", "web"): ("balance", "hash_balance_factor", "slow_start", "peers", "consul",
-                       "health", "connect_timeout", "retries", "drain_timeout", "send_proxy"),
+    ("pools", "web"): POOL_KEYS,
     ("pools", "web", "health"): ("type", "path", "host", "expect_status", "interval",
                                  "timeout", "rise", "fall", "concurrency"),
     ("pools", "web", "consul"): ("service", "kv_prefix", "tags", "passing_only"),
+    ("pools", "web", "outlier"): ("consecutive_5xx", "ejection_time", "max_ejected"),
+    ("pools", "web", "sticky_cookie"): ("name",),
 }
 KEY_PATHS: List[Tuple[Any, ...]] = sorted(
     {section + (key,) for section, keys in SECTIONS.items() for key in keys}
     | {("pools", "web", "peers", 0), ("pools", "web", "peers", 1),
        ("pools", "web", "peers", 1, "weight"), ("pools", "web", "health", "expect_status", 0),
-       ("listeners", "web", "allow", 0)}, key=str)
+       ("listeners", "web", "allow", 0), ("listeners", "www", "routes", 0, "headers", "X-Canary"),
+       ("listeners", "www", "routes", 2), ("listeners", "www", "http", "trusted_proxies", 0),
+       ("pools", "web", "retry_on", 1)}, key=str)
 KEY_NAMES = sorted({str(path[-1]) for path in KEY_PATHS})
 
 scalars = st.one_of(
@@ -97,7 +133,10 @@ scalars = st.one_of(
     st.sampled_from(["2s", "0s", "500ms", "-1s", "9" * 400 + "s", "577h", "1.5", "127.0.0.1:80",
                      "[::1]:80", "localhost:0", "0.0.0.0:9901", "127.0.0.1:9901", "web", "api",
                      "off", "v1", "http", "tcp", "source", "/health", "200-399", "10.0.0.0/8",
-                     "a\nb", "\x00", "", " ", "x" * 300]),
+                     "a\nb", "\x00", "", " ", "x" * 300, "16KiB", "16k", "*.example.com",
+                     "*", "a.example:80", "/api/", "/a?b", "X-Canary", "50%", "0.5", 502,
+                     "reset", "header:X-User", "cookie:", "path", "append", "urlprefix-",
+                     "consul:web"]),
 )
 values = st.recursive(
     scalars,
@@ -166,6 +205,13 @@ SAMPLES = [
     b"consul: {}\nlisteners:\n  a: {bind: '[::1]:80', pool: p}\n"
     b"pools:\n  p: &p {consul: {service: s, tags: [a]}, balance: source, "
     b"hash_balance_factor: 1.5}\n  q: {<<: *p, retries: 1}\n",
+    b"consul: {}\nlisteners:\n  www:\n    bind: '127.0.0.1:80'\n    mode: http\n"
+    b"    routes:\n      - {host: '*.example.com', path_prefix: /v1/, pool: a, "
+    b"strip_prefix: true}\n      - {headers: {X-Canary: 1}, split: [{pool: a, weight: 9}, "
+    b"{pool: b, weight: 1}]}\n    consul_routes: {pool_defaults: {retries: 1}}\n"
+    b"    http: {max_header_size: 16KiB, forwarded: off, request_id: null}\n"
+    b"pools:\n  a: {keepalive: 0, retry_on: [reset, 502], outlier: {max_ejected: 50%}}\n"
+    b"  b: {balance: source, hash_key: 'cookie:sid', sticky_cookie: {name: lb}}\n",
 ]
 ALIAS_BOMB = ('a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
               + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9)
@@ -176,6 +222,18 @@ SNIPPETS = [b"1" + b"0" * 400, b"9" * 5000, b"\xff\xfe", b"\xc3", b"[" * 40, b"]
             b"2001-13-45", b"&a [*a]", b"---\n", b"%YAML 1.1\n"]
 TAILS = [b"", b"\n" + ALIAS_BOMB.encode(), b"\nzz: " + b"[" * 200 + b"]" * 200 + b"\n",
          b"\nzz: &z {x: *z}\n", b"\nzz: " + b"1" + b"0" * 400 + b"\n", b"\n\xff\n"]
+
+
+@pytest.mark.parametrize("name,text", [("BASE", None)] + [
+    (f"SAMPLES[{i}]", sample) for i, sample in enumerate(SAMPLES)])
+def test_the_fuzzed_documents_start_valid(config_path: str, name: str, text: Any) -> None:
+    """The fuzz starts from valid documents, so that one changed key is near a good config
+    (and the checks past the first problem are reached)."""
+    if text is None:
+        assert isinstance(lbconfig.check(BASE, path=config_path, environ={}), Config)
+    else:
+        assert isinstance(lbconfig.parse(text.decode(), path=config_path, environ={}), Config)
+
 
 # Mostly mutations that keep the text UTF-8 (a flip of bit 7 or a random byte would make
 # most examples stop at decoding); the snippets and tails bring the non-UTF-8 bytes.
