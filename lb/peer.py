@@ -55,6 +55,8 @@ class Peer:
         self.effective_weight = 0.0  # weight × ramp, what balancers use
         self.active_connections = 0
         self.load = 0  # in flight: connections (tcp) or requests (http); what balancers weigh
+        self.ejected = False  # taken out by outlier detection (HTTP mode's passive check)
+        self.ejections = 0
         self.total_connections = 0
         self.bytes_in = 0  # client → peer
         self.bytes_out = 0  # peer → client

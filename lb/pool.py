@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from lb import balancer as balancers
 from lb.config import HealthConfig, PoolConfig
 from lb.health import passive, risefall
+from lb.health.outlier import Outlier
 from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
 from lb.net import Address
 from lb.peer import ADMIN_STATES, MAINT, READY, LastCheck, Peer, PeerSpec
@@ -53,6 +54,7 @@ class Pool:
         self._up_serving: set = set()  # serving and up; when empty, unknown peers get traffic
         self._in_balancer: set = set()
         self.slow_start = SlowStart(clock, lambda: self.config.slow_start, self._set_ramp)
+        self.outlier = Outlier(self, clock, lambda: self.config.outlier)
 
     # --- configuration ---------------------------------------------------------------------
 
@@ -199,6 +201,8 @@ class Pool:
             return  # removed meanwhile
         peer.last_check = LastCheck(ok, detail, self.clock.seconds())
         self._count_check(peer, ok, detail)
+        if ok:
+            self.outlier.probe_passed(peer)
 
     def report_traffic(self, peer: Peer, ok: bool, detail: str) -> None:
         """What client traffic to ``peer`` showed; lb.health.passive decides what it counts
@@ -238,6 +242,22 @@ class Pool:
         peer.load -= 1
         if peer in self._in_balancer:
             self.balancer.load_removed(peer)
+
+    def report_response(self, peer: Peer, status: int) -> None:
+        """An answer's status from ``peer`` (HTTP mode): the passive L7 check hears it."""
+        if self.config.outlier is not None and self.peers.get(peer.key) is peer:
+            self.outlier.response(peer, status)
+
+    def set_ejected(self, peer: Peer, ejected: bool, reason: str) -> None:
+        """Outlier detection takes ``peer`` out (or lets it back)."""
+        if peer.ejected == ejected or self.peers.get(peer.key) is not peer:
+            return
+        peer.ejected = ejected
+        self.log.info("pool {pool}: peer {peer} {what} ({reason})", pool=self.name,
+                      peer=peer.key, what="ejected" if ejected else "back from ejection",
+                      reason=reason)
+        self._refresh(peer)
+        self._notify(peer, "changed")
 
     def connection_started(self, peer: Peer, conn: object) -> None:
         peer.active_connections += 1
@@ -321,6 +341,7 @@ class Pool:
         for kind in ("remove", "maint"):
             self._cancel((peer.key, kind))
         self.slow_start.stop(peer)
+        self.outlier.forget(peer)
         del self.peers[peer.key]
         self._refresh(peer)
         self.log.info("pool {pool}: peer {peer} removed ({why})", pool=self.name,
@@ -334,7 +355,7 @@ class Pool:
     # eligibility: who the balancer may pick
 
     def _wants_traffic(self, peer: Peer) -> bool:
-        if not peer.serving:
+        if not peer.serving or peer.ejected:
             return False
         if peer.is_up:
             return True
@@ -342,7 +363,8 @@ class Pool:
 
     def _refresh(self, peer: Peer) -> None:
         had_up = bool(self._up_serving)
-        if self.peers.get(peer.key) is peer and peer.serving and peer.is_up:
+        if (self.peers.get(peer.key) is peer and peer.serving and peer.is_up
+                and not peer.ejected):
             self._up_serving.add(peer)
         else:
             self._up_serving.discard(peer)
@@ -391,6 +413,7 @@ class Pool:
         for key in list(self._timers):
             self._cancel(key)
         self.slow_start.stop_all()
+        self.outlier.stop()
 
     def snapshot(self) -> Mapping[str, Peer]:
         return dict(self.peers)

@@ -21,6 +21,7 @@ from lb.admin.view import IAdminView
 from lb.interfaces import IPoolPart
 from lb.pool import Pool
 from lb.proxy.carriers.pump import Pump
+from lb.http.listener import ACCESS_NAMESPACE, HTTPListener, UpstreamPools
 from lb.proxy.connlog import ConnectionLog
 from lb.proxy.listener import Listener, ListenerService
 from lb.reactor import Reactor
@@ -99,11 +100,13 @@ class LBService(MultiService):
         # lb's reactor runs the fast data path (its one pump); any other reactor does not
         self.pump: Optional[Pump] = reactor.pump if isinstance(reactor, Reactor) else None
         self.connection_log = ConnectionLog(reactor)
+        self.access_log = ConnectionLog(reactor, namespace=ACCESS_NAMESPACE)
+        self.upstream_pools = UpstreamPools(self.pump, reactor) if self.pump else None
         for name, pool_config in config.pools.items():
             self._add_pool(pool_config)
         for name, listener_config in config.listeners.items():
             self._add_listener(ListenerService(
-                self._listener(listener_config, self.pools[listener_config.pool].pool),
+                self._listener(listener_config, self._pool_of(listener_config)),
                 config.shutdown_timeout))
         self.admin_view = AdminView(self)
         # added last so it stops first, after the listeners have drained
@@ -128,7 +131,19 @@ class LBService(MultiService):
             if only is None or kind in only:
                 service.set_part(kind, build(self, service.pool, pool_config))
 
-    def _listener(self, config: ListenerConfig, pool: Pool) -> Listener:
+    def _pool_of(self, config: ListenerConfig) -> Optional[Pool]:
+        """A listener's pool: for an http listener, its default route (none: only routes)."""
+        service = self.pools.get(config.pool)
+        return service.pool if service is not None else None
+
+    def _listener(self, config: ListenerConfig, pool: Optional[Pool]) -> Listener:
+        if config.mode == "http":
+            if self.pump is None or self.upstream_pools is None:
+                raise ReloadError(f"listener {config.name}: mode http needs lb's own reactor "
+                                  "(twistd was started with another --reactor)")
+            return HTTPListener(config, pool, self.reactor, self.pump, self.connection_log,
+                                self.access_log, self.upstream_pools)
+        assert pool is not None  # a tcp listener always has its pool
         return Listener(config, pool, self.reactor, self.pump, self.connection_log)
 
     def _add_listener(self, service: ListenerService) -> None:
@@ -173,10 +188,9 @@ class LBService(MultiService):
         try:
             for name, lc in new.listeners.items():
                 current = self.listeners.get(name)
-                if current is not None and current.listener.config.bind == lc.bind:
+                if current is not None and _same_socket(current.listener.config, lc):
                     continue
-                service = ListenerService(self._listener(lc, None),  # type: ignore[arg-type]
-                                          new.shutdown_timeout)
+                service = ListenerService(self._listener(lc, None), new.shutdown_timeout)
                 if self.running:
                     try:
                         service.listen()
@@ -194,6 +208,8 @@ class LBService(MultiService):
             if name not in new.pools:
                 service = self.pools.pop(name)
                 self.removeService(service)
+                if self.upstream_pools is not None:
+                    self.upstream_pools.drop(name)
                 self.log.info("pool {pool} removed by the reload ({n} peer(s) let go)",
                               pool=name, n=len(service.pool.peers))
         for name, pc in new.pools.items():
@@ -213,7 +229,7 @@ class LBService(MultiService):
         # shutdown_timeout, like an old HAProxy process after a reload.
         for name in list(self.listeners):
             lc = new.listeners.get(name)
-            if lc is None or lc.bind != self.listeners[name].listener.config.bind:
+            if lc is None or not _same_socket(self.listeners[name].listener.config, lc):
                 service = self.listeners.pop(name)
                 self.log.info("listener {name} on {bind} stopped by the reload{moved}; its "
                               "{n} open connection(s) get up to {timeout:g}s", name=name,
@@ -222,11 +238,11 @@ class LBService(MultiService):
                               moved="" if lc is None else f" (moving to {lc.bind})")
                 self.removeService(service)
         for service in opened:
-            service.listener.pool = self.pools[service.listener.config.pool].pool
+            service.listener.pool = self._pool_of(service.listener.config)  # type: ignore
             self._add_listener(service)  # already bound: startService does not bind again
         for name, lc in new.listeners.items():
             service = self.listeners[name]
-            service.listener.reconfigure(lc, self.pools[lc.pool].pool)
+            service.listener.reconfigure(lc, self._pool_of(lc))  # type: ignore[arg-type]
             service.shutdown_timeout = new.shutdown_timeout
         self.config = new
         self.admin.reconfigure(new.admin)
@@ -258,7 +274,10 @@ class LBService(MultiService):
         yield defer.gatherResults([s.stop_accepting() for s in listeners])
         timeout = self.config.shutdown_timeout
         yield defer.gatherResults([s.drain(timeout) for s in listeners])
+        if self.upstream_pools is not None:
+            self.upstream_pools.close_all()
         self.connection_log.flush()
+        self.access_log.flush()
         yield defer.maybeDeferred(super().stopService)
 
 
@@ -289,6 +308,12 @@ class AdminView:
     def pool_to_change(self, name: str) -> Optional[Pool]:
         service = self._root.pools.get(name)
         return None if service is None else service.pool
+
+
+def _same_socket(old: ListenerConfig, new: ListenerConfig) -> bool:
+    """A listener keeps its socket (and open connections) across a reload unless its address
+    or its mode changed (a tcp and an http listener accept differently)."""
+    return old.bind == new.bind and old.mode == new.mode
 
 
 def _part_config(kind: str, pc: PoolConfig) -> Any:

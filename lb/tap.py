@@ -10,7 +10,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from lb import config as lbconfig
-from lb.service import LBService
+from lb.service import LBService, ReloadError
 
 
 class Options(usage.Options):
@@ -29,7 +29,11 @@ def makeService(options: Options) -> IService:
         for line in e.lines():
             print(line, file=sys.stderr)
         raise SystemExit(1)
-    service = LBService(config, reactor)
+    try:
+        service = LBService(config, reactor)
+    except ReloadError as e:  # a config this process cannot run (mode http, another reactor)
+        print(f"{config.path}: {e}", file=sys.stderr)
+        raise SystemExit(1)
 
     def on_hup(signum: int, frame: Any) -> None:
         reactor.callFromThread(service.reload)

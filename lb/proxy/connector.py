@@ -55,7 +55,7 @@ class Attempt:
         self.first = first
         self.connected = connected
         self.failed = failed
-        self.tried: frozenset = frozenset()
+        self.tried: frozenset = frozenset(context.exclude)  # peers tried for this client
         self.failures: List[str] = []
         self.peer: Optional[Peer] = None
         self.dialing: Optional[Cancellable] = None

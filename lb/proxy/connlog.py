@@ -19,8 +19,11 @@ _log = Logger(namespace=NAMESPACE)  # module level: a Logger on a class takes th
 
 
 class ConnectionLog:
-    def __init__(self, clock: Any, interval: float = 0.2, max_lines: int = 512) -> None:
+    def __init__(self, clock: Any, interval: float = 0.2, max_lines: int = 512,
+                 namespace: str = NAMESPACE) -> None:
         self.clock = clock
+        self.namespace = namespace
+        self._log = _log if namespace == NAMESPACE else Logger(namespace=namespace)
         self.interval = interval
         self.max_lines = max_lines
         self._lines: List[str] = []
@@ -36,7 +39,7 @@ class ConnectionLog:
             if second != self._second:
                 self._second = second
                 self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
-            line = f"{self._stamp} [{NAMESPACE}#info] {line}"
+            line = f"{self._stamp} [{self.namespace}#info] {line}"
         self._lines.append(line)
         self._infos.append(info)
         if len(self._lines) >= self.max_lines:
@@ -53,4 +56,4 @@ class ConnectionLog:
             return
         lines, self._lines = self._lines, []
         infos, self._infos = self._infos, []
-        _log.info("{lines}", lines="\n".join(lines), connections=infos)
+        self._log.info("{lines}", lines="\n".join(lines), connections=infos)

@@ -56,6 +56,15 @@ class Listener(Factory):
         self._idle_sweep: Optional[LoopingCall] = None
 
     @property
+    def raw_accept(self) -> bool:
+        """Clients are accepted as bare sockets (``accept_raw``) rather than as Twisted
+        transports: when the pump carries every byte from the start."""
+        return self.pump is not None and not self.config.accept_proxy
+
+    def drain_sessions(self) -> None:
+        """Shutdown has begun; TCP connections simply run to their end."""
+
+    @property
     def no_peer(self) -> int:
         """Clients closed because no peer could take them."""
         return self.ended["no_peer"]
@@ -257,7 +266,7 @@ class ListenerService(Service):
         if self.port is None:
             listener = self.listener
             bind = listener.config.bind
-            if listener.pump is not None and not listener.config.accept_proxy:
+            if listener.raw_accept:
                 # every byte goes through the pump: accept without Twisted transports
                 self.port = RawPort(listener.reactor, listener, bind.host, bind.port, BACKLOG)
             else:
@@ -329,6 +338,7 @@ class ListenerService(Service):
     def drain(self, timeout: float) -> defer.Deferred:
         """Wait for open connections to finish; cut what is left after ``timeout``."""
         listener = self.listener
+        listener.drain_sessions()
         if not listener.sessions:
             return defer.succeed(None)
         self.log.info("listener {name}: waiting up to {timeout:g}s for {n} connection(s)",

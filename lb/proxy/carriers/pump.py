@@ -224,8 +224,10 @@ class Pump:
             connect.timed_out()
 
     def adopt(self, session: Any, client: socket.socket, peer: socket.socket,
-              first: bytes = b"", peer_registered: bool = False) -> Pair:
-        """Take over two connected non-blocking sockets; ``first`` goes to the peer first.
+              first: bytes = b"", peer_registered: bool = False,
+              to_client: bytes = b"") -> Pair:
+        """Take over two connected non-blocking sockets; ``first`` goes to the peer first
+        (and ``to_client`` to the client: what a peer sent after its 101 answer).
         ``peer_registered``: the peer socket is already in the epoll set (our own connect)."""
         pair = Pair(self, session, client, peer)
         client_fd, peer_fd = pair.up.src_fd, pair.down.src_fd
@@ -234,9 +236,11 @@ class Pump:
         self.pairs += 1
         if first and not self._send(pair, pair.up, first):
             return pair
-        blocked = pair.up.blocked
-        client_mask = 0 if blocked else _IN
-        peer_mask = _IN | (_OUT if blocked else 0)
+        if to_client and not self._send(pair, pair.down, to_client):
+            return pair
+        up_blocked, down_blocked = pair.up.blocked, pair.down.blocked
+        client_mask = (0 if up_blocked else _IN) | (_OUT if down_blocked else 0)
+        peer_mask = (0 if down_blocked else _IN) | (_OUT if up_blocked else 0)
         pair.client_mask = client_mask
         pair.peer_mask = peer_mask
         self._epoll.register(client_fd, client_mask)
