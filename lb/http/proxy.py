@@ -81,7 +81,8 @@ class HTTPSession:
     log = Logger()
     __slots__ = ("listener", "sock", "fd", "client", "destination", "parser", "head",
                  "current", "queue", "out", "reading", "closing", "closed", "mask",
-                 "last_active", "head_started", "head_bytes", "in_url", "header_reader",
+                 "last_active", "head_started", "head_bytes", "in_url", "in_head",
+                 "header_reader",
                  "started", "requests", "tunnel", "half_closed", "end_reason", "__weakref__")
 
     def __init__(self, listener: HTTPHost, sock: socket.socket, client: Any, destination: Any,
@@ -104,6 +105,7 @@ class HTTPSession:
         self.head_started = 0.0  # when the request head being read began (408)
         self.head_bytes = 0
         self.in_url = False
+        self.in_head = False  # between a request's first byte and the end of its head
         self.header_reader = proxyprotocol.HeaderReader() if listener.config.accept_proxy \
             else None
         self.requests = 0
@@ -158,7 +160,7 @@ class HTTPSession:
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
-        if self.head is not None or self.head_bytes == 0:
+        if self.in_head or self.head is None:
             self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
@@ -178,7 +180,7 @@ class HTTPSession:
                 self._refuse(answers.bad_request(why))
             return
         limit = self.listener.config.http.max_header_size
-        if self.head is not None and self.head_bytes > limit + CHUNK:
+        if self.in_head and self.head_bytes > limit + CHUNK:
             self._refuse(self._too_large())  # a head that never ends: bounded memory
             return
         self._next()
@@ -188,7 +190,7 @@ class HTTPSession:
     def on_message_begin(self) -> None:
         self.head = RequestHead()
         self.head_started = self.listener.clock.seconds()
-        self.in_url = True
+        self.in_url = self.in_head = True
 
     def on_url(self, url: bytes) -> None:
         head = self.head
@@ -230,6 +232,7 @@ class HTTPSession:
         head.check()
         _check_target(head)
         self.head_bytes = 0
+        self.in_head = False
         self.requests += 1
         exchange = Exchange(self, head, self.listener.clock.seconds())
         self.queue.append(exchange)
@@ -389,7 +392,7 @@ class HTTPSession:
         http = self.listener.config.http
         if self.current is not None:
             self.current.expire(now)
-        elif self.head is not None or self.head_bytes:
+        elif self.in_head or (self.head is None and self.head_bytes):
             if now - self.head_started > http.client_header_timeout:
                 self._refuse(answers.answer(408, answers.HEADER_TIMEOUT,
                                             "request head not received in time", close=True))
@@ -478,6 +481,7 @@ class Exchange:
     __slots__ = ("session", "head", "pool", "peer", "conn", "attempt", "started", "picked",
                  "connected_at", "sent_at", "first_at", "status", "bytes_in", "bytes_out",
                  "body", "body_kept", "body_done", "response", "body_mode", "resp_buf",
+                 "unsent", "unsent_size", "sent_any",
                  "left", "chunks", "retries", "tried", "fresh_retry", "close_client",
                  "chunked_out", "answered", "head_sent", "out", "finished", "early", "tunnel",
                  "route", "request_id", "no_body", "error", "upstreams", "resp_bytes",
@@ -500,6 +504,9 @@ class Exchange:
         self.body: Optional[List[bytes]] = []  # kept for retries while small enough
         self.body_kept = 0
         self.body_done = False  # the whole request body has been read
+        self.unsent: List[bytes] = []  # body bytes read that no peer connection has had
+        self.unsent_size = 0
+        self.sent_any = False  # some of the request went out on a peer connection
         self.response: Optional[ResponseHead] = None
         self.body_mode = _HEAD  # what the peer's bytes are: head, body by length, ...
         self.resp_buf = b""  # an answer head split across reads
@@ -549,8 +556,13 @@ class Exchange:
         assert pool is not None and upstreams is not None
         session = self.session
         first = self.head.serialize(self._forwarding(), upgrading=self.head.upgrade is not None)
-        if self.body:
-            first += b"".join(self.body)
+        # Nothing has left yet: what was read goes with the head. After a peer failed
+        # mid-request (a retry), the whole body again: only a kept body is retried.
+        payload = self.body if self.sent_any else self.unsent
+        if payload:
+            first += b"".join(payload)
+        self.unsent = []
+        self.unsent_size = 0
         dial = upstreams.dial if not fresh else _fresh(upstreams)
         client = getattr(session.client, "host", None)
         context = PickContext(client, None, self.tried)
@@ -601,10 +613,17 @@ class Exchange:
         self.body_mode = _HEAD
         self.resp_buf = b""
         self.resp_bytes = 0
-        if self.body_done and not conn.blocked:
-            self.sent_at = now
-        elif conn.blocked:
+        self.sent_any = True
+        if self.unsent:  # read while connecting
+            conn.send(b"".join(self.unsent))
+            self.unsent = []
+            self.unsent_size = 0
+        if conn.blocked:
             self.session.pause_reading()
+        elif self.body_done:
+            self.sent_at = now
+        else:
+            self.session.resume_reading()
 
     def _failed(self, reason: str, failures: Any) -> None:
         self.attempt = None
@@ -618,10 +637,14 @@ class Exchange:
             self.answer(answers.bad_gateway(pool.name, why))
 
     def request_body(self, data: bytes) -> None:
-        n = len(data)
-        self.bytes_in += n
+        self.bytes_in += len(data)
         if self.head.chunked:
-            data = b"%x\r\n%b\r\n" % (n, data)
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        self._body_bytes(data)
+
+    def _body_bytes(self, data: bytes) -> None:
+        """Request body bytes (as they go to the peer): kept while small enough for a retry,
+        sent when connected, held (reading paused past KEEP_BODY) while connecting."""
         body = self.body
         if body is not None:
             self.body_kept += len(data)
@@ -634,21 +657,18 @@ class Exchange:
             conn.send(data)
             if conn.blocked:
                 self.session.pause_reading()
-        elif self.session.current is self and self.answered:
-            pass  # answered already (lb's own answer): the body is read and dropped
-        else:
-            if self.body is None:
-                self.session.pause_reading()  # connecting: hold what came, read no more
+        elif not self.answered:
+            self.unsent.append(data)
+            self.unsent_size += len(data)
+            if self.unsent_size > KEEP_BODY:
+                self.session.pause_reading()  # connecting: read no more until connected
+        # else: lb answered already (an error): the body is read and dropped
 
     def request_done(self) -> None:
         self.body_done = True
         if self.head.chunked:
             trailers = b"".join(b"%b: %b\r\n" % t for t in self.head.trailers or ())
-            end = b"0\r\n" + trailers + b"\r\n"
-            if self.body is not None:
-                self.body.append(end)
-            if self.conn is not None:
-                self.conn.send(end)
+            self._body_bytes(b"0\r\n" + trailers + b"\r\n")
         if self.conn is not None and not self.conn.blocked:
             self.sent_at = self.session.listener.clock.seconds()
         if self.answered and self.session.current is self:
@@ -885,9 +905,11 @@ class Exchange:
     def _retry_allowed(self, condition: str) -> bool:
         pool = self.pool
         assert pool is not None
+        tried = len(self.tried) + 1  # with the one that just failed
         return (not self.head_sent and self.body is not None and self.head.idempotent
                 and condition in pool.config.retry_on and self.head.upgrade is None
-                and len(self.tried) + 1 <= pool.config.retries)
+                and tried <= pool.config.retries
+                and tried < len(pool.balancer))  # another peer is there to try
 
     def _retry(self, condition: str) -> None:
         conn, self.conn = self.conn, None
