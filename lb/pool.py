@@ -442,4 +442,5 @@ class Pool:
             active_connections=peer.active_connections,
             total_connections=peer.total_connections, bytes_in=peer.bytes_in,
             bytes_out=peer.bytes_out, connect_failures=peer.connect_failures,
-            last_check=None if last is None else CheckStats(last.ok, last.detail, last.at))
+            last_check=None if last is None else CheckStats(last.ok, last.detail, last.at),
+            ejected=peer.ejected, ejections=peer.ejections)

@@ -5,6 +5,7 @@ Everything gets the reactor from here; only ``lb.tap`` imports the global one.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.application.service import MultiService
@@ -296,11 +297,19 @@ class AdminView:
         return self._root.stopping
 
     def pools(self) -> Sequence[PoolStats]:
-        return [service.stats() for service in list(self._root.pools.values())]
+        return [self._stats(service) for service in list(self._root.pools.values())]
 
     def pool(self, name: str) -> Optional[PoolStats]:
         service = self._root.pools.get(name)
-        return None if service is None else service.stats()
+        return None if service is None else self._stats(service)
+
+    def _stats(self, service: PoolService) -> PoolStats:
+        stats = service.stats()
+        upstreams = self._root.upstream_pools
+        mine = upstreams.pools.get(service.pool.name) if upstreams is not None else None
+        if mine is not None and mine.pool is service.pool:
+            stats = replace(stats, upstream=mine.counts())
+        return stats
 
     def listeners(self) -> Sequence[ListenerStats]:
         return [service.stats() for service in list(self._root.listeners.values())]

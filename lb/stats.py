@@ -41,6 +41,8 @@ class PeerStats:
     bytes_out: int  # peer -> client
     connect_failures: int
     last_check: Optional[CheckStats]
+    ejected: bool = False  # taken out by outlier detection (HTTP mode)
+    ejections: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,28 @@ class PoolStats:
     peers: Tuple[PeerStats, ...]  # in the order they joined
     health_check: Optional[HealthCheckStats]  # None: the pool has no health monitor
     consul: Optional[ConsulStats]  # None: the pool has no Consul watch
+    # HTTP mode: peer key -> {"active": n, "idle": n} keep-alive connections to it
+    upstream: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HistogramStats:
+    """Request durations: per bucket (upper bounds in seconds, then +Inf), not cumulative."""
+
+    buckets: Tuple[float, ...]
+    counts: Tuple[int, ...]  # one more than buckets: the last is above every bound
+    sum: float
+    count: int
+
+
+@dataclass(frozen=True)
+class HTTPStats:
+    """An http listener's requests."""
+
+    requests: Mapping[Tuple[str, int], int]  # (pool, status sent) -> requests
+    errors: Mapping[str, int]  # answers lb made itself, by reason (every reason shown)
+    retries: Mapping[Tuple[str, str], int]  # (pool, condition) -> retries
+    durations: Mapping[str, HistogramStats]  # pool -> request head received to last byte
 
 
 @dataclass(frozen=True)
@@ -107,3 +131,4 @@ class ListenerStats:
     ended: Mapping[str, int]  # end reason -> connections, sorted by reason
     # peer key -> (total, active), for peers still in the pool or with connections open
     per_peer: Mapping[str, Tuple[int, int]]
+    http: Optional["HTTPStats"] = None  # an http listener's requests

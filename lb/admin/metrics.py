@@ -14,10 +14,11 @@ in the reactor thread, which is cheap at these sizes.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, Sequence
+from typing import Any, Dict, Iterable, Iterator, Sequence, Tuple
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -48,6 +49,7 @@ class LBCollector(Collector):
         yield from self._listener_metrics(listeners)
         yield from self._peer_metrics(pools)
         yield from self._consul_metrics(pools)
+        yield from self._http_metrics(listeners, pools)
         info = GaugeMetricFamily("lb_build_info", "lb's version (always 1).",
                                  labels=["version"])
         info.add_metric([lb.__version__], 1)
@@ -160,6 +162,40 @@ class LBCollector(Collector):
         yield from (bytes_total, failures, up, checks, admin, weight, active, total,
                     last_check, peers_n)
 
+    # HTTP mode
+
+    def _http_metrics(self, listeners: Sequence[ListenerStats],
+                      pools: Sequence[PoolStats]) -> Iterator[Metric]:
+        requests, durations, retries, errors, upstream, ejections = _http_families()
+        retried: Dict[Tuple[str, str], int] = {}
+        for listener in listeners:
+            http = listener.http
+            if http is None:
+                continue
+            for (pool, code), n in sorted(http.requests.items()):
+                requests.add_metric([listener.name, pool, str(code)], n)
+            for pool, histogram in sorted(http.durations.items()):
+                running, buckets = 0, []
+                for bound, n in zip(histogram.buckets, histogram.counts):
+                    running += n
+                    buckets.append((f"{bound:g}", running))
+                buckets.append(("+Inf", histogram.count))
+                durations.add_metric([listener.name, pool], buckets, histogram.sum)
+            for reason, n in sorted(http.errors.items()):
+                errors.add_metric([listener.name, reason], n)
+            for key, n in http.retries.items():
+                retried[key] = retried.get(key, 0) + n
+        for (pool, reason), n in sorted(retried.items()):
+            retries.add_metric([pool, reason], n)
+        for pool_stats in pools:
+            for peer, states in sorted(pool_stats.upstream.items()):
+                for state in ("active", "idle"):
+                    upstream.add_metric([pool_stats.name, peer, state], states.get(state, 0))
+            for peer_stats in pool_stats.peers:
+                ejections.add_metric([pool_stats.name, peer_stats.address],
+                                     peer_stats.ejections)
+        yield from (requests, durations, retries, errors, upstream, ejections)
+
     # per pool: Consul discovery
 
     def _consul_metrics(self, pools: Sequence[PoolStats]) -> Iterator[Metric]:
@@ -183,6 +219,30 @@ class LBCollector(Collector):
                 last.add_metric([pool.name], consul.last_success)
             failing.add_metric([pool.name], consul.failures)
         yield from (requests, last, failing)
+
+
+def _http_families() -> Tuple[Any, ...]:
+    return (
+        CounterMetricFamily(
+            "lb_http_requests_total", "HTTP requests answered, by the status sent to the "
+            "client (pool is empty when no route matched).", labels=["listener", "pool", "code"]),
+        HistogramMetricFamily(
+            "lb_http_request_duration_seconds", "HTTP requests from their head received to "
+            "their answer's last byte sent.", labels=["listener", "pool"]),
+        CounterMetricFamily(
+            "lb_http_retries_total", "HTTP requests sent again to another peer (or, after a "
+            "reused connection failed, on a fresh one), by condition.",
+            labels=["pool", "reason"]),
+        CounterMetricFamily(
+            "lb_http_errors_total", "Answers lb made itself, by reason.",
+            labels=["listener", "reason"]),
+        GaugeMetricFamily(
+            "lb_upstream_connections", "Connections to peers in HTTP mode: active (serving a "
+            "request) and idle (kept alive for the next).", labels=["pool", "peer", "state"]),
+        CounterMetricFamily(
+            "lb_outlier_ejections_total", "Times outlier detection ejected the peer.",
+            labels=["pool", "peer"]),
+    )
 
 
 def make_registry(view: IAdminView, process: bool = True) -> CollectorRegistry:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from html import escape
 from importlib import resources
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
@@ -85,6 +85,7 @@ class StatusPage(Resource):
         self.refresh = refresh
         self.started = clock.seconds()
         self._template = _template()
+        self._requests: Dict[str, Tuple[float, int]] = {}  # pool → (when, requests), for rates
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
@@ -108,8 +109,9 @@ class StatusPage(Resource):
         subtitle = (f"{lb.__version__} · {len(pools)} pool(s), {len(listeners)} "
                     f"listener(s) · up {human_age(now - self.started)}")
         parts = [self._summary(now), self._listeners(listeners)]
+        http = _http_by_pool(listeners)
         for pool in pools:
-            parts.append(self._pool(pool, now))
+            parts.append(self._pool(pool, now, http.get(pool.name)))
         if not pools:
             parts.append('<p class="empty">no pools configured</p>')
         page = self._template
@@ -163,7 +165,8 @@ class StatusPage(Resource):
 
     # pools
 
-    def _pool(self, pool: PoolStats, now: float) -> str:
+    def _pool(self, pool: PoolStats, now: float,
+              http: Optional[Dict[str, int]] = None) -> str:
         peers = pool.peers
         up = sum(1 for p in peers if p.health == "up")
         active = sum(p.active_connections for p in peers)
@@ -171,6 +174,8 @@ class StatusPage(Resource):
                 f"<b>{up}</b> of {len(peers)} peer(s) up",
                 f"<b>{active}</b> active connection(s)",
                 self._checks(pool.health_check), *self._consul(pool.consul, now)]
+        if http is not None:
+            meta.append(self._http(pool.name, http, now))
         if pool.slow_start > 0:
             meta.append(f"slow start {pool.slow_start:g}s")
         rows = [self._peer_row(pool, peer, now) for peer in peers]
@@ -190,6 +195,19 @@ class StatusPage(Resource):
                 '<input name="address" placeholder="host:port" required aria-label="address"> '
                 'weight <input name="weight" type="number" min="0" max="256" value="1" '
                 'aria-label="weight"> <button type="submit">add</button></form></section>')
+
+    def _http(self, pool: str, classes: Dict[str, int], now: float) -> str:
+        """HTTP requests of the pool: the rate since the page was last rendered, and the
+        answers by status class."""
+        total = sum(classes.values())
+        last = self._requests.get(pool)
+        self._requests[pool] = (now, total)
+        rate = "—"
+        if last is not None and now > last[0]:
+            rate = f"{(total - last[1]) / (now - last[0]):.1f}/s"
+        shown = " ".join(f'<span class="http-{cls}">{cls} {classes.get(cls, 0)}</span>'
+                         for cls in ("2xx", "3xx", "4xx", "5xx"))
+        return f'HTTP <b>{total}</b> request(s), <b class="rate">{rate}</b> · {shown}'
 
     @staticmethod
     def _checks(health: Optional[HealthCheckStats]) -> str:
@@ -223,6 +241,9 @@ class StatusPage(Resource):
         if peer.removing:
             state_html += ' <span class="badge s-removing" title="no source wants it: ' \
                           'removed once idle or after drain_timeout">removing</span>'
+        if peer.ejected:
+            state_html += ' <span class="badge s-ejected" title="outlier detection took it ' \
+                          f'out ({peer.ejections}× so far)">ejected</span>'
         weight = f"{peer.weight}"
         if peer.ramp < 1.0:
             weight += f' <span class="muted">(slow start {peer.ramp:.0%})</span>'
@@ -263,3 +284,16 @@ class StatusPage(Resource):
             buttons.append(f'<button type="button" class="remove" data-action="remove" '
                            f'{data}>remove</button>')
         return " ".join(buttons)
+
+
+def _http_by_pool(listeners: Sequence[ListenerStats]) -> Dict[str, Dict[str, int]]:
+    """Requests per pool over every http listener, by status class (``2xx``...)."""
+    out: Dict[str, Dict[str, int]] = {}
+    for listener in listeners:
+        if listener.http is None:
+            continue
+        for (pool, code), n in listener.http.requests.items():
+            classes = out.setdefault(pool, {})
+            cls = f"{code // 100}xx" if code else "0xx"
+            classes[cls] = classes.get(cls, 0) + n
+    return out

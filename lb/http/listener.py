@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any, Dict, Optional, Tuple
 
 from lb.config import ListenerConfig
+from lb.http.answers import ERROR_REASONS
 from lb.http.proxy import Exchange, HTTPSession
 from lb.http.upstream import UpstreamPool
 from lb.net import host_port
@@ -21,6 +22,7 @@ from lb.pool import Pool
 from lb.proxy.carriers.pump import Pump
 from lb.proxy.connlog import ConnectionLog
 from lb.proxy.listener import IDLE_SWEEP, Listener
+from lb.stats import HistogramStats, HTTPStats
 
 ACCESS_NAMESPACE = "lb.access"
 # lb_http_request_duration_seconds buckets (seconds): Prometheus' defaults, plus 1 ms
@@ -146,6 +148,15 @@ class HTTPListener(Listener):
             histogram = counters.durations[pool] = Histogram()
         histogram.observe(total)
         self.access_log.add(access_line(exchange, self.config.name, now), {})
+
+    def http_stats(self) -> HTTPStats:
+        counters = self.counters
+        errors = dict.fromkeys(ERROR_REASONS, 0)
+        errors.update(counters.errors)
+        return HTTPStats(
+            requests=dict(counters.requests), errors=errors, retries=dict(counters.retries),
+            durations={pool: HistogramStats(BUCKETS, tuple(h.counts), h.sum, h.count)
+                       for pool, h in counters.durations.items()})
 
     def counted_retry(self, exchange: Exchange, condition: str) -> None:
         pool = exchange.pool.name if exchange.pool is not None else ""

@@ -25,6 +25,7 @@ from lb.proxy.carriers.transports import TransportClient
 from lb.proxy.connector import Dial
 from lb.proxy.connlog import ConnectionLog
 from lb.proxy.session import Session
+from lb.stats import HTTPStats
 from lb.stats import ListenerStats
 
 BACKLOG = 1024
@@ -63,6 +64,10 @@ class Listener(Factory):
 
     def drain_sessions(self) -> None:
         """Shutdown has begun; TCP connections simply run to their end."""
+
+    def http_stats(self) -> Optional[HTTPStats]:
+        """An http listener's request counters (none here)."""
+        return None
 
     @property
     def no_peer(self) -> int:
@@ -320,7 +325,8 @@ class ListenerService(Service):
             # a peer that left the pool goes once its last connection ends
             per_peer={key: (total, max(active, 0))
                       for key, (total, active) in list(listener.per_peer.items())
-                      if key in live or active > 0})
+                      if key in live or active > 0},
+            http=listener.http_stats())
 
     def stop_accepting(self) -> defer.Deferred:
         port, self.port = self.port, None

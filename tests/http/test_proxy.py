@@ -400,3 +400,71 @@ def test_a_client_reset_mid_answer_does_not_poison_the_peer_connection(
         assert r.status == 200
     with pytest.raises((ConnectionEnded, OSError)):
         raise ConnectionEnded(False, None, b"")  # the helper's error type is importable
+
+
+def test_metrics_and_status_page_show_http(lb_process: Start,
+                                           backends: Callable[..., Backend]) -> None:
+    """/metrics carries lb_http_requests_total by code, the duration histogram, lb's own
+    answers by reason, retries and the peers' keep-alive connections; the status page
+    shows the pool's requests by status class."""
+    peer = backends("p")
+    lb = simple(lb_process, peer)
+    port = lb.port("www")
+    keepalive(port, ["/", "/status?code=404", "/close-before", "/"])
+    metrics = lb.admin("/metrics")
+    assert 'lb_http_requests_total{code="200",listener="www",pool="web"} 2.0' in metrics
+    assert 'lb_http_requests_total{code="404",listener="www",pool="web"} 1.0' in metrics
+    assert 'lb_http_requests_total{code="502",listener="www",pool="web"} 1.0' in metrics
+    assert 'lb_http_request_duration_seconds_count{listener="www",pool="web"} 4.0' in metrics
+    assert 'lb_http_errors_total{listener="www",reason="bad_gateway"} 1.0' in metrics
+    assert 'lb_http_errors_total{listener="www",reason="no_peer"} 0.0' in metrics
+    assert (f'lb_upstream_connections{{peer="{peer.address}",pool="web",state="idle"}} 1.0'
+            in metrics)
+    assert f'lb_outlier_ejections_total{{peer="{peer.address}",pool="web"}} 0.0' in metrics
+    page = lb.admin("/")
+    assert "HTTP <b>4</b> request(s)" in page and "5xx 1" in page and "2xx 2" in page
+
+
+def test_outlier_detection_ejects_a_peer_serving_5xx(lb_process: Start,
+                                                     backends: Callable[..., Backend]) -> None:
+    """A peer answering 500s consecutive_5xx times in a row is ejected: requests go to the
+    other peer; it comes back after ejection_time."""
+    bad, good = backends("bad"), backends("good")
+    lb = simple(lb_process, bad, good, pool=indent("""
+        outlier:
+          consecutive_5xx: 3
+          ejection_time: 1s
+          max_ejected: 50%
+        """, 4))
+    port = lb.port("www")
+    seen = []
+    with RawClient(port=port) as client:
+        for _ in range(8):
+            r = client.request("GET", "/status?code=500")
+            seen.append(r.header("X-Backend"))
+    peer = lb.admin(f"/api/pools/web/peers/{bad.address}")
+    assert peer["admin_state"] == "ready"
+    assert seen.count("bad") == 3, seen  # ejected after its third 500
+    metrics = lb.admin("/metrics")
+    assert f'lb_outlier_ejections_total{{peer="{bad.address}",pool="web"}} 1.0' in metrics
+    wait_for(lambda: "back from ejection" in lb.log(), timeout=5, what="the ejection's end")
+    served = {r.header("X-Backend") for r in keepalive(port, ["/"] * 4)}
+    assert served == {"bad", "good"}
+
+
+def test_leastconn_counts_requests_in_flight(lb_process: Start,
+                                             backends: Callable[..., Backend]) -> None:
+    """With leastconn, a peer busy with a slow request gets none of the next ones while the
+    other is idle: load is counted per request in flight (a client connection waiting for
+    its answer is one request on one peer)."""
+    one, two = backends("one"), backends("two")
+    lb = simple(lb_process, one, two, pool="    balance: leastconn")
+    port = lb.port("www")
+    with RawClient(port=port) as slow_client:
+        slow_client.send_request("GET", "/slow?ms=2000")
+        wait_for(lambda: one.stats()["in_flight"] + two.stats()["in_flight"] == 1,
+                 timeout=5, what="the slow request in flight")
+        busy = "one" if one.stats()["in_flight"] else "two"
+        answers = keepalive(port, ["/"] * 6)
+        assert busy not in {r.header("X-Backend") for r in answers}
+        assert slow_client.read_response(timeout=5).status == 200
