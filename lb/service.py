@@ -144,8 +144,9 @@ class LBService(MultiService):
                                   "(twistd was started with another --reactor)")
             return HTTPListener(config, pool, self.reactor, self.pump, self.connection_log,
                                 self.access_log, self.upstream_pools)
-        assert pool is not None  # a tcp listener always has its pool
-        return Listener(config, pool, self.reactor, self.pump, self.connection_log)
+        # pool is None only while a reload builds a new listener; it is set before use
+        return Listener(config, pool, self.reactor, self.pump,  # type: ignore[arg-type]
+                        self.connection_log)
 
     def _add_listener(self, service: ListenerService) -> None:
         self.listeners[service.listener.config.name] = service

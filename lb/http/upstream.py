@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import select
 import socket
-from typing import Any, Callable, Dict, List, Optional, Protocol
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -202,6 +202,7 @@ class UpstreamPool:
         self.reactor = reactor
         self.idle: Dict[str, List[UpstreamConnection]] = {}  # peer key → last used last
         self.active: Dict[str, int] = {}  # peer key → connections serving a request
+        self.unwanted: Set[str] = set()  # peers leaving, draining or in maintenance
         self._sweep: Optional[LoopingCall] = None
         pool.subscribe(self._peer_event)
 
@@ -248,7 +249,7 @@ class UpstreamPool:
         conn.user = None
         self._done(conn.peer_key)
         if (not reusable or conn.closed or conn.pending is not None
-                or self.pool.config.keepalive <= 0 or conn.peer_key not in self.pool.peers):
+                or self.pool.config.keepalive <= 0 or conn.peer_key in self.unwanted):
             conn.close()
             return
         # Beyond `keepalive` idle connections the sweep closes the oldest, within a second:
@@ -308,10 +309,14 @@ class UpstreamPool:
                     conn.close()
 
     def _peer_event(self, pool: Pool, peer: Peer, event: str) -> None:
-        """A peer leaving, draining or in maintenance keeps no idle connection."""
+        """A peer leaving, draining or in maintenance keeps no idle connection (those
+        serving a request close when it is answered)."""
         if event == "removed" or not peer.serving:
+            self.unwanted.add(peer.key)
             for conn in list(self.idle.get(peer.key, ())):
                 conn.close()
+        else:
+            self.unwanted.discard(peer.key)
 
     def counts(self) -> Dict[str, Dict[str, int]]:
         """Per peer: connections serving a request (``active``) and ``idle`` ones."""

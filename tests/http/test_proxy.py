@@ -468,3 +468,64 @@ def test_leastconn_counts_requests_in_flight(lb_process: Start,
         answers = keepalive(port, ["/"] * 6)
         assert busy not in {r.header("X-Backend") for r in answers}
         assert slow_client.read_response(timeout=5).status == 200
+
+
+def test_sigterm_answers_requests_in_flight_with_connection_close(
+        lb_process: Start, backends: Callable[..., Backend]) -> None:
+    """SIGTERM: an idle keep-alive client is closed at once, a request in flight is answered
+    (with ``Connection: close``) and then its connection closes, and lb exits."""
+    import signal
+    peer = backends("p")
+    lb = simple(lb_process, peer)
+    port = lb.port("www")
+    idle = RawClient(port=port)
+    busy = RawClient(port=port)
+    try:
+        assert idle.request("GET", "/").status == 200
+        busy.send_request("GET", "/slow?ms=800")
+        wait_for(lambda: peer.stats()["in_flight"] == 1, timeout=5, what="the slow request")
+        assert lb.proc is not None
+        lb.proc.signal(signal.SIGTERM)
+        assert idle.peer_closed(timeout=5)
+        r = busy.read_response(timeout=5)
+        assert r.status == 200 and r.header("Connection") == "close"
+        assert busy.peer_closed(timeout=5)
+        assert lb.proc.wait(10) is not None
+    finally:
+        idle.close()
+        busy.close()
+
+
+def test_draining_a_peer_lets_requests_finish_and_closes_its_idle_connections(
+        lb_process: Start, backends: Callable[..., Backend]) -> None:
+    """An operator drains a peer: its request in flight is answered, its idle keep-alive
+    connections are closed, new requests go to the other peer."""
+    a, b = backends("a"), backends("b")
+    lb = simple(lb_process, a, b)
+    port = lb.port("www")
+    keepalive(port, ["/"] * 4)  # both peers now have an idle connection from lb
+    with RawClient(port=port) as slow:
+        slow.send_request("GET", "/slow?ms=700")
+        wait_for(lambda: a.stats()["in_flight"] + b.stats()["in_flight"] == 1, timeout=5,
+                 what="the slow request")
+        busy = a if a.stats()["in_flight"] else b
+        other = b if busy is a else a
+        lb.admin(f"/api/pools/web/peers/{busy.address}", "PUT", {"admin_state": "drain"})
+        answers = keepalive(port, ["/"] * 4)
+        assert {r.header("X-Backend") for r in answers} == {other.name}
+        assert slow.read_response(timeout=5).status == 200
+    wait_for(lambda: busy.stats()["open"] == 0, timeout=5,
+             what="the drained peer's connections closed")
+
+
+def test_accept_proxy_on_an_http_listener(lb_process: Start,
+                                          backends: Callable[..., Backend]) -> None:
+    """Behind accept_proxy the client address comes from the PROXY header: it is what
+    X-Forwarded-For carries."""
+    peer = backends("p")
+    lb = simple(lb_process, peer, listener="    accept_proxy: true")
+    with RawClient(port=lb.port("www")) as client:
+        client.send(b"PROXY TCP4 198.51.100.7 127.0.0.1 5555 80\r\n")
+        r = client.request("GET", "/echo")
+    headers = {k.lower(): v for k, v in r.json()["headers"]}
+    assert headers["x-forwarded-for"] == "198.51.100.7"
