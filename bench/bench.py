@@ -1,16 +1,24 @@
 #!/usr/bin/env python3
-"""lb next to HAProxy, nginx stream and a direct connection, on 127.0.0.1.
+"""lb next to HAProxy, nginx and a direct connection, on 127.0.0.1, in TCP and HTTP mode.
 
-Starts an nginx backend (a 100-byte and a 1 MiB file, long keep-alive) and an iperf3
-server, then, for each workload, fresh instances of every proxy, and measures them in
-alternating runs (direct, HAProxy, nginx, lb, direct, ...). Reports medians over rounds:
+Starts an nginx backend (a 100-byte and a 1 MiB file, long keep-alive, and /post, which
+answers "ok" once it has read a POST's body) and an iperf3 server, then, for each workload,
+fresh instances of every proxy, and measures them in alternating runs (direct, HAProxy,
+nginx, lb, HAProxy http, nginx http, lb http, direct, ...). Reports medians over rounds:
 
   keepalive  wrk -t1 -c50 on the 100-byte file           req/s, p50/p99, proxy CPU µs/req
   close      the same with 'Connection: close'            conn/s, p50/p99, proxy CPU µs/conn
   bulk       wrk -t1 -c10 on the 1 MiB file               MB/s, proxy CPU s/GB
-  iperf      iperf3 through the proxy, one stream         Gbit/s, proxy CPU s/GB
+  post       wrk -t1 -c10 POSTing 64 KiB bodies (http)    req/s, p50/p99, proxy CPU µs/req
+  iperf      iperf3 through the proxy, one stream (tcp)   Gbit/s, proxy CPU s/GB
   idle       N connections opened through the proxy (one request each) and held idle:
              the proxy's RSS and descriptors with all of them open
+
+Targets: direct (no proxy); tcp: HAProxy (mode tcp), nginx stream, lb, lb on PyPy; http:
+HAProxy http (mode http, http-reuse safe, option forwardfor), nginx http (proxy_pass,
+upstream keepalive 32), lb http (mode http, pool keepalive 32, access log on), lb http on
+PyPy. --mode tcp|http|both picks them (default both); CPU and RSS ratios are to the HAProxy
+of the same mode.
 
 Proxy CPU is utime+stime of the proxy's processes (/proc/PID/stat) sampled right before and
 after each run; peak RSS is VmRSS sampled every 100 ms during the run. On a small machine the
@@ -18,7 +26,8 @@ load generator, backend and proxy share the CPUs, so CPU per unit is the figure 
 fairly; by default the proxy is pinned to one CPU and everything else to another.
 
 Run it through bench/run (installs the Debian packages, raises the open-files limit). Writes
-bench/results/latest.json and latest.md; prints the table, and a markdown copy for README.
+bench/results/latest.json and latest.md; prints the table, the HTTP-mode targets met or
+missed by lb http, and a markdown copy for README.
 """
 
 from __future__ import annotations
@@ -49,16 +58,39 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 
-WORKLOADS = ("keepalive", "close", "bulk", "iperf", "idle")
-PROXIES = ("direct", "haproxy", "nginx", "lb-base", "lb", "lb-pypy")
+WORKLOADS = ("keepalive", "close", "bulk", "post", "iperf", "idle")
+TCP_PROXIES = ("haproxy", "nginx", "lb-base", "lb", "lb-pypy")
+HTTP_PROXIES = ("haproxy-http", "nginx-http", "lb-base-http", "lb-http", "lb-pypy-http")
+PROXIES = ("direct",) + TCP_PROXIES + HTTP_PROXIES
+MODES = ("tcp", "http", "both")
+# Which targets a workload runs on besides direct: iperf needs a byte stream, and the
+# 64 KiB POSTs are an HTTP-mode workload (direct runs them too, as the ceiling).
+WORKLOAD_MODES = {"keepalive": ("tcp", "http"), "close": ("tcp", "http"),
+                  "bulk": ("tcp", "http"), "post": ("http",), "iperf": ("tcp",),
+                  "idle": ("tcp", "http")}
 LABELS = {"direct": "direct", "haproxy": "HAProxy", "nginx": "nginx stream", "lb": "lb",
-          "lb-pypy": "lb (PyPy)", "lb-base": "lb (baseline)"}
-VENVS = {"lb": os.path.join(ROOT, ".venv"), "lb-pypy": os.path.join(ROOT, ".venv-pypy")}
+          "lb-pypy": "lb (PyPy)", "lb-base": "lb (baseline)",
+          "haproxy-http": "HAProxy http", "nginx-http": "nginx http", "lb-http": "lb http",
+          "lb-pypy-http": "lb http (PyPy)", "lb-base-http": "lb http (baseline)"}
+VENVS = {"lb": os.path.join(ROOT, ".venv"), "lb-pypy": os.path.join(ROOT, ".venv-pypy"),
+         "lb-http": os.path.join(ROOT, ".venv"),
+         "lb-pypy-http": os.path.join(ROOT, ".venv-pypy")}
 JIT_WARMUP = 5.0  # PyPy compiles the hot paths in its first seconds: warm it up longer
 
 SMALL_PATH, SMALL_SIZE = "/small.bin", 100
 LARGE_PATH, LARGE_SIZE = "/large.bin", 1 << 20
-WRK_CONNECTIONS = {"keepalive": 50, "close": 50, "bulk": 10}
+POST_PATH, POST_SIZE, POST_ANSWER = "/post", 64 << 10, b"ok\n"
+WRK_CONNECTIONS = {"keepalive": 50, "close": 50, "bulk": 10, "post": 10}
+# The issue's targets for lb's HTTP mode, against HAProxy http in the same run:
+# (workload, figure, bound, at most?, what).
+HTTP_GOALS = (
+    ("keepalive", "cpu_vs_haproxy", 1.25, True, "keep-alive CPU per request"),
+    ("keepalive", "throughput_vs_haproxy", 0.9, False, "keep-alive req/s"),
+    ("bulk", "throughput_vs_haproxy", 1.0, False, "1 MiB answers MB/s"),
+    ("bulk", "cpu_vs_haproxy", 0.6, True, "1 MiB answers CPU per GB"),
+    ("close", "cpu_vs_haproxy", 1.5, True, "new connection per request CPU per request"),
+    ("idle", "rss_at_10000_mb", 100.0, True, "RSS with 10,000 idle keep-alive clients (MB)"),
+)
 IDLE_TARGET = 10_000  # the issue's figure; fewer when the descriptor limit cannot hold it
 FD_MARGIN = 200  # descriptors a proxy needs besides two per proxied connection
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -69,6 +101,25 @@ STREAM_MODULE_PATHS = ("/usr/lib/nginx/modules/ngx_stream_module.so",
 
 class BenchError(Exception):
     """A run or a process failed; the message says what and where its log is."""
+
+
+def proxy_mode(name: str) -> Optional[str]:
+    """'tcp' or 'http' for a proxy, None for direct."""
+    if name == "direct":
+        return None
+    return "http" if name.endswith("-http") else "tcp"
+
+
+def reference(name: str) -> str:
+    """The HAProxy a proxy is compared with: the one in the same mode."""
+    return "haproxy-http" if proxy_mode(name) == "http" else "haproxy"
+
+
+def runs_on(workload: str, name: str) -> bool:
+    mode = proxy_mode(name)
+    if mode is None:
+        return workload != "idle"  # nothing to hold idle without a proxy
+    return mode in WORKLOAD_MODES[workload]
 
 
 # --- /proc ----------------------------------------------------------------------------------
@@ -273,7 +324,7 @@ class Target:
 
     name: str
     web_port: int
-    iperf_port: int
+    iperf_port: Optional[int]  # HTTP targets have no iperf listener
     proc: Optional[Proc] = None
     pids: List[int] = field(default_factory=list)
     rss_fresh: Optional[int] = None  # RSS once started and checked, before any load
@@ -327,17 +378,34 @@ class Bench:
                       LARGE_PATH: os.urandom(LARGE_SIZE)}  # incompressible, not that it matters
         self.iperf_server: Optional[Proc] = None
         self.started = datetime.datetime.now(datetime.timezone.utc)
-        self.idle_count = min(args.idle_count, self.idle_capacity())
-        if self.idle_count < args.idle_count:
-            self.notes.append(
-                f"idle: the open-files limit is {self.nofile} (hard limit, not raisable here), "
-                f"so each proxy holds {self.idle_count:,} connections ({2 * self.idle_count:,}"
-                f" sockets) instead of {args.idle_count:,}; RSS at {args.idle_count:,} is "
-                f"extrapolated linearly from the measured per-connection growth")
+        self.post_script = os.path.join(self.tmp, "post.lua")
+        with open(self.post_script, "w", encoding="utf-8") as out:
+            for name in ("post.lua", "report.lua"):
+                with open(os.path.join(HERE, name), encoding="utf-8") as f:
+                    out.write(f.read() + "\n")
+        self.backend_checks: Dict[str, Any] = {}
+        self.target_checks: Dict[str, Dict[str, Any]] = {}
+        self.start_failures: Dict[str, str] = {}  # proxies that refused their config
+        modes = {proxy_mode(p) for p in args.proxies} - {None}
+        # tcp: a client and a backend socket per connection; http: the client's only (the
+        # backend connections are pooled)
+        self.idle_count = {mode: min(args.idle_count, self.idle_capacity(mode))
+                           for mode in ("tcp", "http")}
+        for mode in sorted(modes):
+            held = self.idle_count[mode]
+            if held < args.idle_count and "idle" in args.only:
+                sockets = 2 * held if mode == "tcp" else held
+                self.notes.append(
+                    f"idle ({mode}): the open-files limit is {self.nofile} (hard limit, not "
+                    f"raisable here), so each {mode} proxy holds {held:,} connections "
+                    f"({sockets:,} sockets) instead of {args.idle_count:,}; RSS at "
+                    f"{args.idle_count:,} is extrapolated linearly from the measured "
+                    f"per-connection growth")
 
-    def idle_capacity(self) -> int:
-        """Connections a proxy can hold: two sockets each, under the descriptor limit."""
-        usable = (self.nofile - FD_MARGIN) // 2
+    def idle_capacity(self, mode: str = "tcp") -> int:
+        """Connections a proxy can hold under the descriptor limit: two sockets each in tcp
+        mode, one in http mode (and the idle client needs one each too)."""
+        usable = (self.nofile - FD_MARGIN) // (2 if mode == "tcp" else 1)
         return max(100, usable // 100 * 100)
 
     # --- processes --------------------------------------------------------------------------
@@ -366,14 +434,44 @@ class Bench:
         for path, body in self.files.items():
             with open(os.path.join(docroot, path.lstrip("/")), "wb") as f:
                 f.write(body)
+        # nginx's static module answers POST with 405 only for a file that exists (404
+        # otherwise); the backend turns that 405 into its "ok" (nginx-backend.conf)
+        with open(os.path.join(docroot, POST_PATH.lstrip("/")), "wb") as f:
+            f.write(b"never served\n")
         conf = os.path.join(self.tmp, "nginx-backend.conf")
         render("nginx-backend.conf", conf, error_log=self.nginx_error_log(conf), tmp=self.tmp,
                docroot=docroot, port=self.backend_port, nofile=self.nofile,
                worker_connections=self.nofile)
         self.backend = self.spawn("backend-nginx", self.nginx_argv(conf), self.args.load_cpu)
         self.backend.wait_listening([self.backend_port])
-        if "iperf" in self.args.only:
+        if "post" in self.args.only:
+            self.check_backend_post()
+        if "iperf" in self.args.only and any(runs_on("iperf", p) and p != "direct"
+                                              for p in self.args.proxies):
             self.start_iperf_server()
+
+    def check_backend_post(self) -> None:
+        """The backend must read a POST's whole body before it answers, or the post workload
+        would measure proxies forwarding bodies nobody waits for: send the head and half the
+        body, make sure nothing comes back, then the rest, and expect 200 "ok"."""
+        head = (f"POST {POST_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Type: application/octet-stream\r\n"
+                f"Content-Length: {POST_SIZE}\r\n\r\n").encode()
+        half = POST_SIZE // 2
+        with socket.create_connection(("127.0.0.1", self.backend_port), timeout=10) as sock:
+            sock.sendall(head + b"x" * half)
+            early, _, _ = select.select([sock], [], [], 0.5)
+            if early:
+                raise BenchError(f"the backend answered POST {POST_PATH} before reading the "
+                                 f"body: {sock.recv(200)!r}")
+            sock.sendall(b"x" * (POST_SIZE - half))
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            body = response.read()
+        if response.status != 200 or body != POST_ANSWER:
+            raise BenchError(f"the backend answered POST {POST_PATH} with {response.status} "
+                             f"{body[:100]!r}, not 200 {POST_ANSWER!r}")
+        self.backend_checks["post_waits_for_body"] = True
 
     def start_iperf_server(self) -> None:
         self.stop(self.iperf_server)
@@ -398,27 +496,59 @@ class Bench:
             return "# stream module built in"
         raise BenchError("nginx has no stream module: install libnginx-mod-stream")
 
-    def start_target(self, name: str) -> Target:
+    def start_target(self, name: str, workload: str = "") -> Target:
         if name == "direct":
             return Target(name, self.backend_port, self.iperf_backend_port)
-        web, iperf = free_port(), free_port()
+        http_mode = proxy_mode(name) == "http"
+        web = free_port()
+        iperf = None if http_mode else free_port()
         ports = dict(web_port=web, iperf_port=iperf, backend_port=self.backend_port,
                      iperf_backend_port=self.iperf_backend_port, tmp=self.tmp)
         cpu = self.args.proxy_cpu
+        logs = self.args.access_logs
         if name == "haproxy":
             maxconn = self.idle_capacity()
             conf = render("haproxy.cfg", os.path.join(self.tmp, "haproxy.cfg"),
                           maxconn=maxconn, **ports)
             proc = self.spawn("haproxy", ["haproxy", "-db", "-f", conf], cpu)
+        elif name == "haproxy-http":
+            # HAProxy sizes its descriptors for two per connection; in http mode a client
+            # needs one (server connections are pooled), so where the limit is short of
+            # 2 × maxconn it may still start, with a warning, instead of refusing to
+            maxconn = self.idle_count["http"] + 100
+            limits = ""
+            if 2 * maxconn + 300 > self.nofile:
+                limits = ("    no strict-limits   # the fd limit is below HAProxy's 2 per "
+                          "connection sizing")
+                note = (f"HAProxy http: maxconn {maxconn:,} makes HAProxy ask for two "
+                        f"descriptors per connection, more than the limit {self.nofile:,}: "
+                        f"started with `no strict-limits` (it warns and runs; an idle HTTP "
+                        f"client takes one descriptor)")
+                if "idle" in self.args.only and note not in self.notes:
+                    self.notes.append(note)
+            conf = render("haproxy-http.cfg", os.path.join(self.tmp, "haproxy-http.cfg"),
+                          maxconn=maxconn, limits=limits,
+                          log_global="    log stdout format raw local0" if logs else "",
+                          log_defaults="    log global\n    option httplog" if logs else "",
+                          **ports)
+            proc = self.spawn("haproxy-http", ["haproxy", "-db", "-f", conf], cpu)
         elif name == "nginx":
             conf = os.path.join(self.tmp, "nginx-stream.conf")
             render("nginx-stream.conf", conf, load_stream_module=self.stream_module_line(),
                    error_log=self.nginx_error_log(conf), nofile=self.nofile,
                    worker_connections=self.nofile, **ports)
             proc = self.spawn("nginx-stream", self.nginx_argv(conf), cpu)
+        elif name == "nginx-http":
+            conf = os.path.join(self.tmp, "nginx-http.conf")
+            access = os.path.join(self.logs, "nginx-http.access.log")
+            render("nginx-http.conf", conf, error_log=self.nginx_error_log(conf),
+                   nofile=self.nofile, worker_connections=self.nofile,
+                   access_log=f"access_log {access};" if logs else "access_log off;", **ports)
+            proc = self.spawn("nginx-http", self.nginx_argv(conf), cpu)
         elif name in VENVS:
             os.makedirs(os.path.join(self.tmp, name + "-state"), exist_ok=True)
-            conf = render("lb.yaml", os.path.join(self.tmp, name + ".yaml"),
+            conf = render("lb-http.yaml" if http_mode else "lb.yaml",
+                          os.path.join(self.tmp, name + ".yaml"),
                           state_dir=name + "-state", **ports)
             twistd = os.path.join(VENVS[name], "bin", "twistd")
             if not os.path.exists(twistd):
@@ -429,18 +559,37 @@ class Bench:
             raise BenchError(f"unknown proxy {name}")
         target = Target(name, web, iperf, proc)
         try:
-            proc.wait_listening([web, iperf])
-            if name == "nginx":  # the master binds, then forks the worker that does the work
+            try:
+                proc.wait_listening([web] + ([iperf] if iperf else []))
+            except BenchError as e:
+                if not proc.alive():  # it refused its config: no use trying it again
+                    self.start_failures[name] = self.refusal(proc) or str(e).splitlines()[0]
+                raise
+            if name in ("nginx", "nginx-http"):  # the master binds, then forks the worker
                 wait_until(lambda: len(process_tree(proc.pid)) >= 2, 10, "the nginx worker")
             target.pids = process_tree(proc.pid)
-            self.check_target(target)
+            self.check_target(target, workload)
             target.rss_fresh = rss_bytes(target.pids)
         except BaseException:
             self.stop_target(target, "start")
             raise
         return target
 
-    def check_target(self, target: Target) -> None:
+    @staticmethod
+    def refusal(proc: Proc) -> str:
+        """The line of a proxy's log that says why it exited at start (lb: the config
+        error; HAProxy: its ALERT; nginx: emerg), shortened for a table note."""
+        lines = [line.strip() for line in proc.tail(40).splitlines() if line.strip()]
+        for pattern in (r"mode http|not implemented", r"unknown key|invalid|config",
+                        r"ALERT|emerg", r"Error|error"):
+            for line in lines:
+                if re.search(pattern, line):
+                    line = re.sub(r"^\S+T\S+ \[[^]]*\] ", "", line)  # twistd's stamp
+                    line = re.sub(r"^/\S+\.yaml: ", "", line)  # lb's config path
+                    return line[:200]
+        return lines[-1][:200] if lines else ""
+
+    def check_target(self, target: Target, workload: str = "") -> None:
         """Fetch both files through the proxy once: a broken path fails loudly, not as a
         fast benchmark of error pages."""
         for path, expected in self.files.items():
@@ -456,6 +605,56 @@ class Bench:
             if response.status != 200 or body != expected:
                 raise BenchError(f"{target.label}: GET {path} gave {response.status} with "
                                  f"{len(body)} bytes, not 200 with the file's {len(expected)}")
+        if proxy_mode(target.name) == "http":
+            self.check_http_target(target, post=workload == "post")
+
+    def check_http_target(self, target: Target, post: bool) -> None:
+        """An HTTP proxy must pass a 64 KiB POST (for the post workload), and what the backend
+        saw is recorded: the X-Forwarded-For it got, and whether the proxy sent a client's
+        second request, and a new client's first one, over a backend connection it had used
+        before (HAProxy's http-reuse safe never does for a new client's first request)."""
+        conn = http.client.HTTPConnection("127.0.0.1", target.web_port, timeout=10)
+        seen: List[Dict[str, str]] = []
+        try:
+            if post:
+                conn.request("POST", POST_PATH, body=b"x" * POST_SIZE,
+                             headers={"Content-Type": "application/octet-stream"})
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 200 or body != POST_ANSWER:
+                    raise BenchError(f"{target.label}: POST {POST_PATH} ({POST_SIZE:,} bytes) "
+                                     f"gave {response.status} {body[:100]!r}, not 200 "
+                                     f"{POST_ANSWER!r}")
+            for fresh in (False, False, True):
+                if fresh:
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", target.web_port, timeout=10)
+                conn.request("GET", "/headers")
+                response = conn.getresponse()
+                text = response.read().decode(errors="replace").strip()
+                if response.status != 200:
+                    raise BenchError(f"{target.label}: GET /headers gave {response.status}")
+                seen.append(dict(re.findall(r"(\w+)=(\S*)", text)))
+        except OSError as e:
+            raise BenchError(f"{target.label}: HTTP check failed: {e}") from None
+        finally:
+            conn.close()
+        # the backend counts the requests each of its connections served: above 1, the
+        # proxy sent this request over a connection it had used before
+        def reused(answer: Dict[str, str]) -> bool:
+            return answer.get("requests", "1").isdigit() and int(answer["requests"]) > 1
+
+        check = {"backend_saw": seen,
+                 "reuse_same_client": reused(seen[1]),   # a client's second request
+                 "reuse_new_client": reused(seen[2])}    # a new client's first request
+        if target.name not in self.target_checks:
+            self.target_checks[target.name] = check
+            yes = {True: "yes", False: "no"}
+            self.notes.append(
+                f"{target.label}: backend connection reused for a client's second request: "
+                f"{yes[check['reuse_same_client']]}, for a new client's first request: "
+                f"{yes[check['reuse_new_client']]}; X-Forwarded-For at the backend: "
+                f"{seen[0].get('xff') or 'none'}")
 
     def stop_target(self, target: Target, workload: str) -> None:
         if target.proc is None:
@@ -473,9 +672,11 @@ class Bench:
         tracebacks; warnings and errors from HAProxy and nginx."""
         assert target.proc is not None
         logs = [target.proc.log_path]
-        if target.name == "nginx":
-            logs.append(self.nginx_error_log("nginx-stream.conf"))
+        nginx_conf = {"nginx": "nginx-stream.conf", "nginx-http": "nginx-http.conf"}
+        if target.name in nginx_conf:
+            logs.append(self.nginx_error_log(nginx_conf[target.name]))
         ends: Counter = Counter()
+        statuses: Counter = Counter()
         problems: List[str] = []
         for path in logs:
             try:
@@ -487,20 +688,30 @@ class Bench:
                     m = re.search(r" end=(\w+)", line)
                     if m:
                         ends[m.group(1)] += 1
+                        continue
+                    m = re.search(r"\bstatus=(\d{3})\b", line)  # lb's HTTP access lines
+                    if m:
+                        statuses[m.group(1)] += 1
                     elif workload == "iperf" and "reset by peer" in line:
                         continue  # iperf3's server resets its data stream when a test ends
+                    elif (target.name == "haproxy-http" and
+                          re.search(r"FD limit|too low for maxconn", line)):
+                        continue  # expected where the fd limit is short (no strict-limits)
                     elif re.search(r"Traceback|Unhandled|\[(error|crit|alert|emerg)\]|"
                                    r"ALERT|WARNING|Error", line):
                         if len(problems) < 20:
                             problems.append(line.rstrip()[:300])
-        if target.name == "nginx":  # one error log across workloads: start afresh
+        if target.name in nginx_conf:  # one error log across workloads: start afresh
             try:
                 os.truncate(logs[1], 0)
             except OSError:
                 pass
         entry: Dict[str, Any] = {"problem_lines": problems}
         if target.name in VENVS:
-            entry["connection_ends"] = dict(ends)
+            if proxy_mode(target.name) == "http":
+                entry["statuses"] = dict(statuses)
+            else:
+                entry["connection_ends"] = dict(ends)
         self.proxy_logs[f"{target.name}/{workload}"] = entry
 
     # --- one run ----------------------------------------------------------------------------
@@ -526,9 +737,11 @@ class Bench:
         return result
 
     def wrk(self, target: Target, workload: str, duration: float, tag: str) -> Dict[str, Any]:
-        path = LARGE_PATH if workload == "bulk" else SMALL_PATH
-        argv = ["wrk", "-t1", f"-c{WRK_CONNECTIONS[workload]}", f"-d{duration:g}s",
-                "--latency", "--timeout", "5s", "-s", os.path.join(HERE, "report.lua")]
+        path = {"bulk": LARGE_PATH, "post": POST_PATH}.get(workload, SMALL_PATH)
+        script = self.post_script if workload == "post" else os.path.join(HERE, "report.lua")
+        duration = max(1, int(round(duration)))  # wrk takes whole seconds only
+        argv = ["wrk", "-t1", f"-c{WRK_CONNECTIONS[workload]}", f"-d{duration}s",
+                "--latency", "--timeout", "5s", "-s", script]
         if workload == "close":
             argv += ["-H", "Connection: close"]
         argv.append(f"http://127.0.0.1:{target.web_port}{path}")
@@ -546,10 +759,14 @@ class Bench:
         seconds = r["duration_us"] / 1e6
         errors = {k: r[k] for k in ("connect_errors", "read_errors", "write_errors",
                                     "status_errors", "timeouts") if r[k]}
-        return {"requests": r["requests"], "bytes": r["bytes"], "seconds": seconds,
-                "rate": r["requests"] / seconds, "mb_per_s": r["bytes"] / seconds / 1e6,
-                "p50_us": r["p50_us"], "p90_us": r["p90_us"], "p99_us": r["p99_us"],
-                "errors": errors}
+        result = {"requests": r["requests"], "bytes": r["bytes"], "seconds": seconds,
+                  "rate": r["requests"] / seconds, "mb_per_s": r["bytes"] / seconds / 1e6,
+                  "p50_us": r["p50_us"], "p90_us": r["p90_us"], "p99_us": r["p99_us"],
+                  "errors": errors}
+        if workload == "post":  # request bodies sent (the answers are 3 bytes)
+            result["bytes_up"] = r["requests"] * POST_SIZE
+            result["mb_per_s_up"] = result["bytes_up"] / seconds / 1e6
+        return result
 
     def iperf(self, target: Target, duration: float, tag: str) -> Dict[str, Any]:
         seconds = max(1, int(round(duration)))
@@ -576,8 +793,12 @@ class Bench:
 
     def idle(self, target: Target, tag: str) -> Dict[str, Any]:
         """Open N connections through the proxy (one request each), hold them, and read the
-        proxy's RSS and descriptors once it holds both sides of every one."""
-        count = self.idle_count
+        proxy's RSS and descriptors once it holds every one (both sides in tcp mode)."""
+        mode = proxy_mode(target.name) or "tcp"
+        count = self.idle_count[mode]
+        # the proxy holds a client and a backend socket per connection in tcp mode, the
+        # client's only in http mode (backend connections are pooled)
+        sockets = 2 if mode == "tcp" else 1
         pids = target.pids
         rss0, fds0, cpu0 = rss_bytes(pids), fd_count(pids), cpu_seconds(pids)
         open_timeout = 30.0 + count / 500
@@ -596,10 +817,9 @@ class Bench:
                                                   "detail": ready["errors"]}
                                                  if ready["failed"] else {})}
             if pids:
-                # the proxy holds a client and a backend socket per connection
                 try:
-                    wait_until(lambda: fd_count(pids) >= fds0 + 2 * opened, 30,
-                               "the proxy to hold both sides", interval=0.2)
+                    wait_until(lambda: fd_count(pids) >= fds0 + sockets * opened, 30,
+                               "the proxy to hold every connection", interval=0.2)
                 except BenchError as e:
                     result["errors"]["fds"] = str(e)
                 time.sleep(1.0)  # let lazily allocated buffers settle
@@ -622,8 +842,11 @@ class Bench:
                 client.wait(10)
             log.close()
         if pids:  # the next run starts from a proxy that let go of everything
+            # (an HTTP proxy may keep idle backend connections: HAProxy as many as it
+            # opened, purged over seconds; nginx and lb up to keepalive 32)
+            slack = 10 if mode == "tcp" else 250
             try:
-                wait_until(lambda: fd_count(pids) <= fds0 + 10, 30,
+                wait_until(lambda: fd_count(pids) <= fds0 + slack, 30,
                            "the proxy to close the idle connections", interval=0.2)
             except BenchError as e:
                 self.notes.append(f"idle {target.label}: {e}")
@@ -645,6 +868,18 @@ class Bench:
                     return message
         raise BenchError(f"idle client gave no '{event}' within {timeout:g}s")
 
+    def backend_connection_number(self) -> Optional[int]:
+        """The serial number the backend (one worker) gives a new connection of ours."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.backend_port, timeout=10)
+        try:
+            conn.request("GET", "/headers")
+            m = re.search(r"connection=(\d+)", conn.getresponse().read().decode())
+            return int(m.group(1)) if m else None
+        except OSError:
+            return None
+        finally:
+            conn.close()
+
     def run_one(self, workload: str, target: Target, round_no: int) -> Dict[str, Any]:
         tag = f"{workload}.{target.name}.r{round_no}"
         duration = self.args.duration
@@ -656,8 +891,16 @@ class Bench:
             action = lambda: self.idle(target, tag)  # noqa: E731
         record: Dict[str, Any] = {"workload": workload, "proxy": target.name,
                                   "round": round_no}
+        # how many backend connections an HTTP proxy opened for the run's requests: the
+        # backend numbers its connections, so probe it before and after
+        count_backend = proxy_mode(target.name) == "http" and workload in WRK_CONNECTIONS
         try:
+            first = self.backend_connection_number() if count_backend else None
             record.update(self.measure(target, action))
+            if first is not None:
+                last = self.backend_connection_number()
+                if last is not None:
+                    record["backend_connections"] = last - first - 1
         except BenchError as e:
             record["failure"] = str(e)
             if target.proc is not None and not target.proc.alive():
@@ -671,21 +914,28 @@ class Bench:
     def run(self) -> None:
         self.start_backend()
         for workload in self.args.only:
-            proxies = [p for p in self.args.proxies if not (workload == "idle" and
-                                                            p == "direct")]
+            proxies = [p for p in self.args.proxies if runs_on(workload, p)]
             targets: List[Target] = []
             try:
                 for name in proxies:
-                    try:
-                        targets.append(self.start_target(name))
-                    except BenchError as e:
+                    if name in self.start_failures:  # refused its config once: not again
                         self.runs.append({"workload": workload, "proxy": name, "round": 0,
-                                          "failure": f"did not start: {e}"})
-                        print(f"  {LABELS[name]}: did not start: {e}", file=sys.stderr)
+                                          "failure": "did not start: "
+                                                     + self.start_failures[name]})
+                        continue
+                    try:
+                        targets.append(self.start_target(name, workload))
+                    except BenchError as e:
+                        reason = self.start_failures.get(name) or str(e)
+                        self.runs.append({"workload": workload, "proxy": name, "round": 0,
+                                          "failure": f"did not start: {reason}"})
+                        print(f"  {LABELS[name]}: did not start: "
+                              f"{reason if name in self.start_failures else e}",
+                              file=sys.stderr)
                 if workload in WRK_CONNECTIONS and self.args.warmup > 0:
                     for target in targets:  # first connections, page faults, caches, JIT
                         warmup = self.args.warmup
-                        if target.name == "lb-pypy":
+                        if target.name.startswith("lb-pypy"):
                             warmup = max(warmup, JIT_WARMUP)
                         try:
                             self.wrk(target, workload, warmup,
@@ -723,7 +973,9 @@ class Bench:
 
 
 UNITS = {"keepalive": ("req/s", "µs/req"), "close": ("conn/s", "µs/conn"),
-         "bulk": ("MB/s", "s/GB"), "iperf": ("Gbit/s", "s/GB"), "idle": ("held", "µs/conn")}
+         "bulk": ("MB/s", "s/GB"), "post": ("req/s", "µs/req"), "iperf": ("Gbit/s", "s/GB"),
+         "idle": ("held", "µs/conn")}
+RATE_WORKLOADS = ("keepalive", "close", "post")  # figures per request, with latencies
 
 
 def derive(record: Dict[str, Any]) -> Dict[str, Optional[float]]:
@@ -732,8 +984,12 @@ def derive(record: Dict[str, Any]) -> Dict[str, Optional[float]]:
     cpu = record.get("proxy_cpu_s")
     out: Dict[str, Optional[float]] = {"throughput": None, "cpu_per_unit": None,
                                        "rss_mb": None, "p50_us": record.get("p50_us"),
-                                       "p99_us": record.get("p99_us")}
-    if w in ("keepalive", "close"):
+                                       "p99_us": record.get("p99_us"),
+                                       "mb_per_s_up": record.get("mb_per_s_up"),
+                                       "backend_conns_per_req": None}
+    if record.get("backend_connections") is not None and record.get("requests"):
+        out["backend_conns_per_req"] = record["backend_connections"] / record["requests"]
+    if w in RATE_WORKLOADS:
         out["throughput"] = record["rate"]
         if cpu is not None and record["requests"]:
             out["cpu_per_unit"] = cpu / record["requests"] * 1e6
@@ -769,7 +1025,8 @@ def summarize(runs: List[Dict[str, Any]], idle_target: int) -> List[Dict[str, An
         figures = [derive(r) for r in good]
         row: Dict[str, Any] = {"workload": workload, "proxy": proxy, "runs": len(good),
                                "failures": [r["failure"] for r in records if "failure" in r]}
-        for key in ("throughput", "cpu_per_unit", "rss_mb", "p50_us", "p99_us"):
+        for key in ("throughput", "cpu_per_unit", "rss_mb", "p50_us", "p99_us",
+                    "mb_per_s_up", "backend_conns_per_req"):
             row[key] = median([f[key] for f in figures])
         errors: Counter = Counter()
         for r in good:
@@ -788,13 +1045,22 @@ def summarize(runs: List[Dict[str, Any]], idle_target: int) -> List[Dict[str, An
             row["held"] = row["throughput"]
             if per_conn is not None and before is not None:
                 row["rss_at_target_mb"] = (before + per_conn * idle_target) / 1e6
+                # the issue's figure is at 10,000 whatever this run held
+                row["rss_at_10000_mb"] = (
+                    row["rss_mb"] if row["held"] == IDLE_TARGET and row["rss_mb"] is not None
+                    else (before + per_conn * IDLE_TARGET) / 1e6)
         rows.append(row)
     by_key = {(r["workload"], r["proxy"]): r for r in rows}
     for row in rows:
-        ha = by_key.get((row["workload"], "haproxy"))
+        # ratios to the HAProxy of the same mode: tcp proxies to HAProxy (mode tcp), http
+        # proxies to HAProxy http; direct is a ceiling, not compared
+        ha = (by_key.get((row["workload"], reference(row["proxy"])))
+              if row["proxy"] != "direct" else None)
         direct = by_key.get((row["workload"], "direct"))
         row["cpu_vs_haproxy"] = ratio(row["cpu_per_unit"], ha and ha["cpu_per_unit"])
         row["rss_vs_haproxy"] = ratio(row["rss_mb"], ha and ha["rss_mb"])
+        row["throughput_vs_haproxy"] = (ratio(row["throughput"], ha and ha["throughput"])
+                                        if row["workload"] != "idle" else None)
         row["throughput_vs_direct"] = (ratio(row["throughput"], direct and direct["throughput"])
                                        if row["workload"] != "idle" else None)
     order = {w: i for i, w in enumerate(WORKLOADS)}
@@ -805,6 +1071,56 @@ def summarize(runs: List[Dict[str, Any]], idle_target: int) -> List[Dict[str, An
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a is not None and b else None
+
+
+def goals(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The issue's targets for lb's HTTP mode, checked for every lb http variant that was
+    selected (measured or not: a variant that did not start says so)."""
+    by_key = {(r["workload"], r["proxy"]): r for r in rows}
+    out = []
+    for proxy in ("lb-http", "lb-pypy-http", "lb-base-http"):
+        if not any(r["proxy"] == proxy for r in rows):
+            continue
+        for workload, key, bound, at_most, what in HTTP_GOALS:
+            row = by_key.get((workload, proxy))
+            if row is None:
+                continue  # workload not selected
+            value = row.get(key)
+            entry: Dict[str, Any] = {"proxy": proxy, "workload": workload, "figure": key,
+                                     "what": what, "bound": bound, "at_most": at_most,
+                                     "value": value}
+            if value is None:
+                entry["met"] = None
+                entry["why"] = (row["failures"][0].splitlines()[0][:120] if row["failures"]
+                                else "no HAProxy http figure to compare with")
+            else:
+                entry["met"] = value <= bound if at_most else value >= bound
+                if key == "rss_at_10000_mb" and row.get("held") != IDLE_TARGET:
+                    entry["extrapolated_from"] = row.get("held")
+            out.append(entry)
+    return out
+
+
+def goal_lines(entries: List[Dict[str, Any]]) -> List[str]:
+    lines = []
+    for proxy in dict.fromkeys(e["proxy"] for e in entries):
+        mine = [e for e in entries if e["proxy"] == proxy]
+        whys = {e.get("why") for e in mine}
+        if all(e["met"] is None for e in mine) and len(whys) == 1:
+            lines.append(f"{LABELS[proxy]}: none measured ({whys.pop()})")
+            entries = [e for e in entries if e["proxy"] != proxy]
+    for e in entries:
+        unit = " MB" if e["figure"] == "rss_at_10000_mb" else "×"
+        target = f"{'≤' if e['at_most'] else '≥'} {e['bound']:g}{unit}"
+        if e["met"] is None:
+            got = f"not measured ({e['why']})"
+        else:
+            value = f"{e['value']:.0f} MB" if unit == " MB" else f"{e['value']:.2f}×"
+            if e.get("extrapolated_from"):
+                value = f"≈{value} (extrapolated from {e['extrapolated_from']:,.0f})"
+            got = f"{value} {'met' if e['met'] else 'MISSED'}"
+        lines.append(f"{LABELS[e['proxy']]}: {e['what']} {target}: {got}")
+    return lines
 
 
 def fmt_us(us: Optional[float]) -> str:
@@ -842,7 +1158,14 @@ def table_rows(rows: List[Dict[str, Any]], idle_target: int) -> List[List[str]]:
     for row in rows:
         w = row["workload"]
         notes = [f"{k} {v:,}" for k, v in row["errors"].items()]
-        if row["failures"]:
+        if w == "post" and row.get("mb_per_s_up") is not None:
+            notes.append(f"{row['mb_per_s_up']:,.0f} MB/s up")
+        if row.get("backend_conns_per_req") is not None:
+            notes.append(f"{row['backend_conns_per_req']:.2f} new backend conns/req")
+        if row["failures"] and not row["runs"] and all(
+                f.startswith("did not start") for f in row["failures"]):
+            notes.append("did not start (see below)")
+        elif row["failures"]:
             notes.append(f"{len(row['failures'])} run(s) failed")
         if w == "idle" and row.get("fds") is not None:
             notes.append(f"{row['fds']:,.0f} fds")
@@ -854,8 +1177,8 @@ def table_rows(rows: List[Dict[str, Any]], idle_target: int) -> List[List[str]]:
         out.append([
             w, LABELS[row["proxy"]], fmt_throughput(w, row["throughput"]),
             fmt_ratio(row["throughput_vs_direct"]),
-            fmt_us(row["p50_us"]) if w in ("keepalive", "close") else "—",
-            fmt_us(row["p99_us"]) if w in ("keepalive", "close") else "—",
+            fmt_us(row["p50_us"]) if w in RATE_WORKLOADS else "—",
+            fmt_us(row["p99_us"]) if w in RATE_WORKLOADS else "—",
             fmt_cpu(w, row["cpu_per_unit"]) if row["proxy"] != "direct" else "—",
             fmt_ratio(row["cpu_vs_haproxy"]), rss, fmt_ratio(row["rss_vs_haproxy"]),
             "; ".join(notes)])
@@ -975,10 +1298,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None,
                         help="runs per workload and proxy; medians are reported "
                              "(default 3; --quick: 1)")
-    parser.add_argument("--only", default=",".join(WORKLOADS),
-                        help=f"workloads, comma-separated (default {','.join(WORKLOADS)})")
-    parser.add_argument("--proxies", default=",".join(PROXIES),
-                        help=f"targets, comma-separated (default {','.join(PROXIES)})")
+    parser.add_argument("--mode", choices=MODES, default=None,
+                        help="tcp: the TCP targets (HAProxy mode tcp, nginx stream, lb tcp "
+                             "listeners) and their workloads; http: the HTTP targets (HAProxy "
+                             "mode http, nginx proxy_pass, lb mode http) and theirs; both "
+                             "(default): all, HTTP targets next to TCP ones in the same rounds")
+    parser.add_argument("--only", default=None,
+                        help=f"workloads, comma-separated (default: those of the mode, all "
+                             f"being {','.join(WORKLOADS)}; iperf runs on tcp targets only, "
+                             f"post on http targets only, both with direct)")
+    parser.add_argument("--proxies", default=None,
+                        help=f"targets, comma-separated (default: those of the mode, all "
+                             f"being {','.join(p for p in PROXIES if 'base' not in p)}; "
+                             f"lb-base and lb-base-http come with --baseline)")
+    parser.add_argument("--access-logs", action="store_true",
+                        help="HAProxy http and nginx http also log one line per request, as "
+                             "lb's HTTP mode does by default (off: the references run "
+                             "without logging, as they are usually benchmarked)")
     parser.add_argument("--quick", action="store_true",
                         help="development: 2s runs, 1 round, 2,000 idle connections")
     parser.add_argument("--idle-count", type=int, default=None,
@@ -1005,21 +1341,49 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output", default=os.path.join(RESULTS, "latest.json"),
                         help="where the JSON goes (a .md beside it gets the markdown table)")
     args = parser.parse_args(argv)
-    args.only = [w.strip() for w in args.only.split(",") if w.strip()]
-    args.proxies = [p.strip() for p in args.proxies.split(",") if p.strip()]
+    if args.report:
+        return args
+    modes = {"tcp": ("tcp",), "http": ("http",), "both": ("tcp", "http")}[args.mode or "both"]
+    if args.proxies is None:
+        args.proxies = [p for p in PROXIES
+                        if "base" not in p and (p == "direct" or proxy_mode(p) in modes)]
+    else:
+        args.proxies = [p.strip() for p in args.proxies.split(",") if p.strip()]
+        bad = [p for p in args.proxies if p not in PROXIES]
+        if bad or not args.proxies:
+            parser.error(f"--proxies: unknown {', '.join(bad) or 'empty list'} "
+                         f"(choose from {','.join(PROXIES)})")
+        if args.mode:
+            other = [p for p in args.proxies if p != "direct" and proxy_mode(p) not in modes]
+            if other:
+                parser.error(f"--proxies {','.join(other)} not in --mode {args.mode}")
+        if any("base" in p for p in args.proxies) and not args.baseline:
+            parser.error("--proxies lb-base, lb-base-http: the baseline needs --baseline DIR")
     if args.baseline:
-        VENVS["lb-base"] = os.path.join(os.path.abspath(args.baseline), ".venv")
+        venv = os.path.join(os.path.abspath(args.baseline), ".venv")
         rev = subprocess.run(["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True).stdout.strip()
-        LABELS["lb-base"] = f"lb (baseline {rev or args.baseline})"
-        if "lb-base" not in args.proxies:
-            args.proxies.append("lb-base")
-    for value, allowed, option in ((args.only, WORKLOADS, "--only"),
-                                   (args.proxies, PROXIES, "--proxies")):
-        bad = [v for v in value if v not in allowed]
-        if bad or not value:
-            parser.error(f"{option}: unknown {', '.join(bad) or 'empty list'} "
-                         f"(choose from {','.join(allowed)})")
+        for name, label, mode in (("lb-base", "lb", "tcp"), ("lb-base-http", "lb http", "http")):
+            VENVS[name] = venv
+            LABELS[name] = f"{label} (baseline {rev or args.baseline})"
+            if mode in modes and name not in args.proxies and (
+                    args.mode or any(proxy_mode(p) == mode for p in args.proxies)):
+                args.proxies.append(name)
+    selected = [p for p in args.proxies if p != "direct"]
+    if args.only is None:
+        args.only = [w for w in WORKLOADS
+                     if any(runs_on(w, p) for p in selected) or (not selected and w != "idle")]
+    else:
+        args.only = [w.strip() for w in args.only.split(",") if w.strip()]
+        bad = [w for w in args.only if w not in WORKLOADS]
+        if bad or not args.only:
+            parser.error(f"--only: unknown {', '.join(bad) or 'empty list'} "
+                         f"(choose from {','.join(WORKLOADS)})")
+        unused = [w for w in args.only
+                  if not any(runs_on(w, p) for p in (selected or args.proxies))]
+        if unused:
+            parser.error(f"--only {','.join(unused)}: no selected proxy runs it "
+                         f"(iperf: tcp targets; post: http targets; both with direct)")
     args.only = [w for w in WORKLOADS if w in args.only]
     args.proxies = [p for p in PROXIES if p in args.proxies]
     if args.duration is None:
@@ -1028,8 +1392,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.rounds = 1 if args.quick else 3
     if args.idle_count is None:
         args.idle_count = 2000 if args.quick else IDLE_TARGET
-    if not (0.5 <= args.duration <= 600):
-        parser.error("--duration must be within 0.5-600 seconds")
+    if not (1 <= args.duration <= 600):
+        parser.error("--duration must be within 1-600 seconds (wrk takes whole seconds)")
     if not (1 <= args.rounds <= 50):
         parser.error("--rounds must be within 1-50")
     if not (1 <= args.idle_count <= 100_000):
@@ -1067,12 +1431,25 @@ def publish(report: Dict[str, Any], output: str, logs: str) -> None:
     head = header_lines(report, settings, date)
     if report.get("interrupted"):
         head.append("INTERRUPTED: only the runs finished before Ctrl-C")
-    notes = report["notes"] + [f"{LABELS[r['proxy']]} {r['workload']}: {f.splitlines()[0]}"
-                               for r in rows for f in r["failures"]]
+    # one note per distinct failure, naming the workloads it hit (a proxy that refused
+    # its config fails the same way in every workload)
+    failures: Dict[tuple, List[str]] = {}
+    for r in rows:
+        for f in r["failures"]:
+            workloads = failures.setdefault((r["proxy"], f.splitlines()[0]), [])
+            if r["workload"] not in workloads:
+                workloads.append(r["workload"])
+    notes = report["notes"] + [f"{LABELS[proxy]} {', '.join(ws)}: {line}"
+                               for (proxy, line), ws in failures.items()]
+    report["goals"] = goals(rows)
+    goal_text = goal_lines(report["goals"])
     with open(output, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1, ensure_ascii=False)
+    goal_head = "HTTP-mode targets (the issue's; ratios to HAProxy http in this run):"
     markdown = "\n".join([f"{line}  " for line in head] + [""] + [markdown_table(cells)] +
-                         ([""] + [f"- {n}" for n in notes] if notes else []))
+                         ([""] + [f"- {n}" for n in notes] if notes else []) +
+                         ([""] + [goal_head] + [f"- {g}" for g in goal_text]
+                          if goal_text else []))
     with open(os.path.splitext(output)[0] + ".md", "w", encoding="utf-8") as f:
         f.write(markdown + "\n")
     print()
@@ -1081,6 +1458,11 @@ def publish(report: Dict[str, Any], output: str, logs: str) -> None:
     print(text_table(cells))
     for n in notes:
         print(f"note: {n}")
+    if goal_text:
+        print(f"\n{goal_head}")
+        for g in goal_text:
+            print(f"  {g}")
+        print()
     for key, entry in report.get("proxy_logs", {}).items():
         if entry.get("problem_lines"):
             print(f"log {key}: {len(entry['problem_lines'])} problem line(s), first: "
@@ -1110,9 +1492,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench = Bench(args)
     settings = {"duration": args.duration, "rounds": args.rounds, "workloads": args.only,
                 "proxies": args.proxies, "pinning": pinning_text(args),
+                "mode": args.mode or "both", "access_logs": args.access_logs,
                 "wrk_connections": WRK_CONNECTIONS, "idle_connections": bench.idle_count,
                 "idle_target": args.idle_count, "open_files_limit": bench.nofile,
-                "warmup_s": args.warmup, "note": args.note}
+                "post_body_bytes": POST_SIZE, "warmup_s": args.warmup, "note": args.note}
     print(f"bench: {', '.join(args.only)} × {', '.join(args.proxies)}; {args.duration:g}s runs, "
           f"{args.rounds} round(s); {settings['pinning']}; logs in {bench.logs}", flush=True)
     interrupted = False
@@ -1135,6 +1518,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = {"date": bench.started.isoformat(timespec="seconds"), "machine": machine(),
               "versions": versions(), "settings": settings, "runs": bench.runs,
               "notes": bench.notes, "proxy_logs": bench.proxy_logs,
+              "checks": {"backend": bench.backend_checks, "targets": bench.target_checks},
               "interrupted": interrupted}
     publish(report, args.output, logs)
     shutil.rmtree(bench.tmp, ignore_errors=True)
