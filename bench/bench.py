@@ -689,7 +689,7 @@ class Bench:
                     if m:
                         ends[m.group(1)] += 1
                         continue
-                    m = re.search(r"\bstatus=(\d{3})\b", line)  # lb's HTTP access lines
+                    m = re.search(r'\[lb\.access#info\] \S+ \S+ \S+ ".*?" (\d{3}) ', line)
                     if m:
                         statuses[m.group(1)] += 1
                     elif workload == "iperf" and "reset by peer" in line:
