@@ -55,13 +55,6 @@ class IBalancer(Interface):
         """How many peers are eligible."""
 
 
-class IPeerObserver(Interface):
-    """Hears about a pool's peers: added, changed (state, health, weight), removed."""
-
-    def peer_event(pool, peer, event):
-        """``event`` is ``"added"``, ``"changed"`` or ``"removed"``."""
-
-
 class IClosable(Interface):
     """An open proxied connection the pool may need to cut (``maint``)."""
 
