@@ -298,8 +298,8 @@ def _str(value: Any) -> str:
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        if value not in choices:
+    def convert(value: object) -> str:
+        if not isinstance(value, str) or value not in choices:
             raise ValueError(f"{_show(value)} is not one of: {', '.join(choices)}")
         return value
     return convert
@@ -337,11 +337,11 @@ def _status_ranges(value: Any) -> Tuple[Tuple[int, int], ...]:
     return tuple(ranges)
 
 
-def _send_proxy(value: Any) -> str:
+def _send_proxy(value: object) -> str:
     # YAML 1.1 reads a bare `off` as false; accept it as the operator meant it.
     if value is False:
         return "off"
-    if value in ("off", "v1", "v2"):
+    if isinstance(value, str) and value in ("off", "v1", "v2"):
         return value
     raise ValueError(f"{_show(value)} is not one of: off, v1, v2")
 
@@ -430,7 +430,7 @@ def _check_health(c: _Checker, path: str, raw: Any) -> Optional[HealthConfig]:
             raise ValueError(f"{_show(value)} is not an absolute request path like '/health'")
         return value
 
-    def host_header(value: Any) -> str:
+    def host_header(value: object) -> str:
         value = _str(value)
         if not printable(value):
             raise ValueError(f"{_show(value)} is not a Host header value like 'www.example.com'")
@@ -464,13 +464,13 @@ def _check_pool_consul(c: _Checker, path: str, raw: Any, have_consul: bool,
             raise ValueError("expected a list of tag strings")
         return tuple(value)
 
-    def kv_prefix(value: Any) -> str:
+    def kv_prefix(value: object) -> str:
         value = _str(value).strip("/")
         if not value:
             raise ValueError("must name a KV folder like 'upstreams/web'")
         return value
 
-    def service(value: Any) -> str:
+    def service(value: object) -> str:
         value = _str(value)
         if "/" in value or any(ch.isspace() for ch in value):
             raise ValueError(f"{_show(value)} is not a Consul service name")
@@ -581,7 +581,7 @@ def _check_listener(c: _Checker, name: str, raw: Any, pools: Mapping[str, Any],
         c.fail(f"{path}.bind", f"{_show(bind.host)} must be an IP address to listen on "
                                "(0.0.0.0 or [::] for all)")
 
-    def pool(value: Any) -> str:
+    def pool(value: object) -> str:
         value = _str(value)
         if value not in pools:
             raise ValueError(f"no pool named {_show(value)} (pools: {', '.join(pools) or 'none'})")
@@ -712,6 +712,9 @@ def _measure(root: yaml.Node) -> None:
             stack.extend((child, False) for child in _children(node))
 
 
+_Node = Union[yaml.ScalarNode, yaml.SequenceNode, yaml.MappingNode]  # what the composer makes
+
+
 class _Loader(yaml.SafeLoader):
     """PyYAML's SafeLoader with bounds: nesting is counted while composing (PyYAML's composer
     recurses, so a deep document would end in a RecursionError), the composed graph is
@@ -724,9 +727,10 @@ class _Loader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.depth >= MAX_DEPTH:
+            event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
             raise _Limit(problem=f"nested deeper than {MAX_DEPTH} levels "
                                  "(the limit for a config)",
-                         problem_mark=self.peek_event().start_mark)
+                         problem_mark=event.start_mark)
         self.depth += 1
         try:
             return super().compose_node(parent, index)
@@ -739,7 +743,7 @@ class _Loader(yaml.SafeLoader):
             _measure(node)
         return node
 
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+    def construct_object(self, node: _Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
         except yaml.YAMLError:
@@ -752,7 +756,7 @@ class _Loader(yaml.SafeLoader):
             raise ConstructorError(problem=f"{what} is not a valid {kind}{detail}",
                                    problem_mark=node.start_mark) from None
 
-    def construct_yaml_int(self, node: yaml.Node) -> Any:
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
         if isinstance(node.value, str) and sum(ch.isdigit() for ch in node.value) > MAX_INT_DIGITS:
             raise ConstructorError(problem=f"an integer of more than {MAX_INT_DIGITS} digits",
                                    problem_mark=node.start_mark)

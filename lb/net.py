@@ -161,5 +161,6 @@ def describe_connect_failure(failure: Union[Failure, BaseException], timeout: fl
 
 def failure_message(failure: Failure) -> str:
     """The first line of a failure's message (or its type), at most 200 characters."""
-    text = failure.getErrorMessage().strip() or failure.type.__name__
+    kind = failure.type  # set once the Failure is built (Twisted types it Optional)
+    text = failure.getErrorMessage().strip() or (kind.__name__ if kind else "error")
     return text.splitlines()[0][:200]

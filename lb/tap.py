@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python import usage
 
 from lb import config as lbconfig
@@ -30,9 +31,10 @@ def makeService(options: Options) -> IService:
             print(line, file=sys.stderr)
         raise SystemExit(1)
     service = LBService(config, reactor)
+    threads = IReactorFromThreads(reactor)  # the global reactor's static type lacks it
 
     def on_hup(signum: int, frame: Any) -> None:
-        reactor.callFromThread(service.reload)
+        threads.callFromThread(service.reload)
 
     signal.signal(signal.SIGHUP, on_hup)
     return service

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
@@ -28,7 +28,7 @@ class HeaderReader:
 
     def __init__(self) -> None:
         self._buffer = b""
-        self._parser: Optional[object] = None
+        self._parser: Optional[Union[V1Parser, V2Parser]] = None
         self._seen = 0
 
     def feed(self, data: bytes) -> Tuple[Optional[ProxyInfo], bytes]:
@@ -49,7 +49,7 @@ class HeaderReader:
                 raise InvalidProxyHeader()
             data, self._buffer = buf, b""
         self._seen += len(data)
-        info, rest = self._parser.feed(data)  # type: ignore[attr-defined]
+        info, rest = self._parser.feed(data)
         if info is None:
             if self._seen > MAX_HEADER:
                 raise InvalidProxyHeader()
@@ -76,8 +76,8 @@ def build_header(version: str, source: object, destination: object) -> bytes:
         else:
             dst = ipaddress.IPv6Address(f"::ffff:{dst}")
     if version == "v1":
-        family = "TCP4" if src.version == 4 else "TCP6"
-        return f"PROXY {family} {src} {dst} {src_port} {dst_port}\r\n".encode("ascii")
+        protocol = "TCP4" if src.version == 4 else "TCP6"
+        return f"PROXY {protocol} {src} {dst} {src_port} {dst_port}\r\n".encode("ascii")
     if src.version == 4:
         body = src.packed + dst.packed + struct.pack("!HH", src_port, dst_port)
         family = 0x11  # AF_INET, STREAM
@@ -87,9 +87,11 @@ def build_header(version: str, source: object, destination: object) -> bytes:
     return V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
 
 
-def address_of(info: ProxyInfo) -> Optional[object]:
+def address_of(info: ProxyInfo) -> Optional[Union[IPv4Address, IPv6Address]]:
     """The client address a PROXY header announces (None for LOCAL/UNKNOWN)."""
-    source = info.source
+    # object, not Optional[IAddress]: with an interface type, mypy-zope takes the isinstance
+    # as always true and the None branch as unreachable (Shoobx/mypy-zope#91)
+    source: object = info.source
     if isinstance(source, (IPv4Address, IPv6Address)):
         return source
     return None
