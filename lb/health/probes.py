@@ -20,7 +20,7 @@ from hyperlink import EncodedURL
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived
@@ -116,7 +116,7 @@ class _CappedBody(Protocol):
             self.done.callback(f"response body larger than {self.cap // 1024} KiB")
             self._stop()
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         if reason.check(ResponseDone, http.PotentialDataLoss):

@@ -20,7 +20,7 @@ from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (IConsumer, IHalfCloseableProtocol, IPushProducer,
                                          ITCPTransport)
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -154,7 +154,7 @@ class TransportClient(Protocol):
         if self.join is not None:
             self.join.client_write_closed()
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.join is not None:
             self.join.client_lost(reason)
         elif self.session is not None:
@@ -183,7 +183,7 @@ class PeerProtocol(Protocol):
         assert self.join is not None, "joined as it connected"
         self.join.peer_write_closed()
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.join is not None:
             self.join.peer_lost(reason)
 
