@@ -21,7 +21,7 @@ that are not up with a TCP probe at the default interval.
 from __future__ import annotations
 
 from collections import Counter, deque
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from treq.client import HTTPClient
 from twisted.application.service import Service
@@ -56,7 +56,7 @@ class _Slot:
         self.peer = peer
         self.timer: Optional[IDelayedCall] = None
         self.queued = False
-        self.in_flight: Optional[defer.Deferred] = None
+        self.in_flight: Optional[defer.Deferred[ProbeResult]] = None
         self.anchor = 0.0  # an early first probe counts as run here, for the next one's time
         self.dropped = False
 
@@ -89,7 +89,7 @@ class HealthMonitor(Service):
         self._stopping = False
         self._starting_next = False
         self._added = 0
-        self.checks: Counter = Counter()  # (peer key, "pass" | "fail") → probes run
+        self.checks: Counter[Tuple[str, str]] = Counter()  # (peer key, pass|fail) → probes run
 
     # --- what tests and the admin server (through stats) may read -------------------------
 
@@ -123,7 +123,7 @@ class HealthMonitor(Service):
     # --- service ---------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self._stopping = False
         self.pool.subscribe(self._peer_event)
         peers = [peer for peer in self.pool.peers.values() if self._wants(peer)]
@@ -150,7 +150,7 @@ class HealthMonitor(Service):
             except Exception:
                 self.log.failure("pool {pool}: health monitor cleanup failed",
                                  pool=self.pool.name)
-        return super().stopService()
+        return Service.stopService(self)
 
     # --- which peers -----------------------------------------------------------------------
 
@@ -286,7 +286,8 @@ def monitor_for(pool: Pool, health: Optional[HealthConfig], *, reactor: Any,
     if health is not None and health.type == "http":
         client = http
         if client is None:
-            connections = QuietHTTPConnectionPool(reactor, persistent=False)
+            connections = QuietHTTPConnectionPool(  # type: ignore[no-untyped-call]
+                reactor, persistent=False)
             client = HTTPClient(Agent(reactor, pool=connections,
                                       connectTimeout=settings.timeout))
             on_stop = connections.closeCachedConnections
