@@ -168,10 +168,10 @@ class _QuietHTTPFactory(_HTTP11ClientFactory):
 def own_http_client(reactor: IReactorTime) -> Tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client for a watcher that was given none, and its connection pool (to close
     on stop): persistent connections, and no log line per connection."""
-    pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+    pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 2
     pool._factory = _QuietHTTPFactory
-    agent = Agent(reactor, pool=pool)  # type: ignore[no-untyped-call]
+    agent = Agent(reactor, pool=pool)
     return HTTPClient(agent), pool
 
 
