@@ -218,7 +218,7 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self.registry = registry
 
     def render_GET(self, request: Request) -> bytes:
