@@ -45,7 +45,7 @@ class PoolService(MultiService):
     """A pool and the services that keep it current (health checks, discovery)."""
 
     def __init__(self, pool: Pool) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.pool = pool
         self.parts: Dict[str, IPoolPart] = {}
 
@@ -55,13 +55,13 @@ class PoolService(MultiService):
         (a source that went away drains its peers and forgets its snapshot)."""
         old = self.parts.pop(kind, None)
         if old is not None:
-            self.removeService(old)  # stops it when running
+            self.removeService(old)  # type: ignore[no-untyped-call]  # stops it when running
             if part is None:
                 old.release()
         if part is not None:
-            part.setName(f"{self.pool.name}:{kind}")
+            part.setName(f"{self.pool.name}:{kind}")  # type: ignore[no-untyped-call]
             self.parts[kind] = part
-            part.setServiceParent(self)
+            part.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def stats(self) -> PoolStats:
         """The pool's view with its parts' (a health monitor, a Consul watch)."""
@@ -77,8 +77,11 @@ class PoolService(MultiService):
 
     def stopService(self) -> Any:
         d = defer.maybeDeferred(super().stopService)
-        d.addBoth(lambda r: (self.pool.stop(), r)[1])
-        return d
+
+        def stop_pool(result: object) -> object:
+            self.pool.stop()
+            return result
+        return d.addBoth(stop_pool)
 
 
 class LBService(MultiService):
@@ -87,7 +90,7 @@ class LBService(MultiService):
     def __init__(self, config: Config, reactor: Any, *,
                  pool_parts: Optional[Dict[str, PoolPart]] = None,
                  http_client: Any = None) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.config = config
         self.reactor = reactor
         self.http_client = http_client
@@ -108,7 +111,7 @@ class LBService(MultiService):
         self.admin_view = AdminView(self)
         # added last so it stops first, after the listeners have drained
         self.admin = AdminService(self.admin_view, reactor, config.admin)
-        self.admin.setServiceParent(self)
+        self.admin.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     # --- building ---------------------------------------------------------------------------
 
@@ -119,7 +122,7 @@ class LBService(MultiService):
         self.pools[pool.name] = service
         static.apply(pool, pool_config)
         self._build_parts(service, pool_config)
-        service.setServiceParent(self)
+        service.setServiceParent(self)  # type: ignore[no-untyped-call]
         return service
 
     def _build_parts(self, service: PoolService, pool_config: PoolConfig,
@@ -133,7 +136,7 @@ class LBService(MultiService):
 
     def _add_listener(self, service: ListenerService) -> None:
         self.listeners[service.listener.config.name] = service
-        service.setServiceParent(self)
+        service.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _forget_removed_peer(self, pool: Pool, peer: object, event: str) -> None:
         """Listener counters of a peer that left its pool go too (bounded metric labels)."""
@@ -192,35 +195,35 @@ class LBService(MultiService):
         # pools first: listeners point at them
         for name in list(self.pools):
             if name not in new.pools:
-                service = self.pools.pop(name)
-                self.removeService(service)
+                gone = self.pools.pop(name)
+                self.removeService(gone)  # type: ignore[no-untyped-call]
                 self.log.info("pool {pool} removed by the reload ({n} peer(s) let go)",
-                              pool=name, n=len(service.pool.peers))
+                              pool=name, n=len(gone.pool.peers))
         for name, pc in new.pools.items():
-            service = self.pools.get(name)
-            if service is None:
+            pool_service = self.pools.get(name)
+            if pool_service is None:
                 self._add_pool(pc)
                 continue
-            before = service.pool.config
-            service.pool.reconfigure(pc)
-            static.apply(service.pool, pc)  # also brings back static peers deleted by API
+            before = pool_service.pool.config
+            pool_service.pool.reconfigure(pc)
+            static.apply(pool_service.pool, pc)  # also brings back static peers deleted by API
             changed = [kind for kind in self.pool_parts
                        if _part_config(kind, before) != _part_config(kind, pc)]
             if changed:
-                self._build_parts(service, pc, only=changed)
+                self._build_parts(pool_service, pc, only=changed)
 
         # Removed or re-bound listeners stop accepting; their open connections get
         # shutdown_timeout, like an old HAProxy process after a reload.
         for name in list(self.listeners):
-            lc = new.listeners.get(name)
-            if lc is None or lc.bind != self.listeners[name].listener.config.bind:
+            wanted = new.listeners.get(name)
+            if wanted is None or wanted.bind != self.listeners[name].listener.config.bind:
                 service = self.listeners.pop(name)
                 self.log.info("listener {name} on {bind} stopped by the reload{moved}; its "
                               "{n} open connection(s) get up to {timeout:g}s", name=name,
                               bind=service.address(), n=len(service.listener.sessions),
                               timeout=service.shutdown_timeout,
-                              moved="" if lc is None else f" (moving to {lc.bind})")
-                self.removeService(service)
+                              moved="" if wanted is None else f" (moving to {wanted.bind})")
+                self.removeService(service)  # type: ignore[no-untyped-call]
         for service in opened:
             service.listener.pool = self.pools[service.listener.config.pool].pool
             self._add_listener(service)  # already bound: startService does not bind again
@@ -246,7 +249,7 @@ class LBService(MultiService):
             except CannotListenError as e:
                 self.log.error("{problem}", problem=listen_failure(what, bind, e))
                 raise SystemExit(1) from None
-        super().privilegedStartService()
+        MultiService.privilegedStartService(self)
 
 
     @defer.inlineCallbacks
