@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set
 
-from lb.net import Address
 from lb.health.risefall import UNKNOWN, UP, HealthState
+from lb.net import Address
 
 # Admin states, least restrictive first: the one place they are named.
 READY = "ready"

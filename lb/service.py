@@ -15,9 +15,9 @@ from zope.interface import implementer
 
 from lb import config as lbconfig
 from lb.admin.server import AdminService
+from lb.admin.view import IAdminView
 from lb.config import Config, ConsulConfig, ListenerConfig, PoolConfig
 from lb.discovery import static
-from lb.admin.view import IAdminView
 from lb.interfaces import IPoolPart
 from lb.pool import Pool
 from lb.proxy.carriers.pump import Pump

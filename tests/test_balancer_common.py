@@ -10,11 +10,10 @@ from typing import Any, Optional
 import pytest
 from zope.interface.verify import verifyObject
 
-from lb.testing import FakePeer
-from lb.interfaces import PickContext
 from lb.balancer import create
 from lb.config import BALANCE_ALGORITHMS
-from lb.interfaces import IBalancer
+from lb.interfaces import IBalancer, PickContext
+from lb.testing import FakePeer
 
 ALGORITHMS = [(name, None) for name in BALANCE_ALGORITHMS] + [("source", 1.25)]
 IDS = [name if factor is None else f"{name}-bounded" for name, factor in ALGORITHMS]

@@ -8,8 +8,8 @@ from typing import Any, Dict, List
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.error import ConnectError
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import implementer
 

@@ -29,8 +29,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from lb.config import MAX_WEIGHT
 from lb.admin.view import IAdminView
+from lb.config import MAX_WEIGHT
 from lb.net import parse_address
 from lb.peer import ADMIN_STATES
 from lb.pool import Pool, PoolError

@@ -27,8 +27,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 import lb
-from lb.health.risefall import UP
 from lb.admin.view import IAdminView
+from lb.health.risefall import UP
 from lb.peer import ADMIN_STATES
 from lb.stats import ListenerStats, PoolStats
 

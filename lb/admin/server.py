@@ -30,8 +30,8 @@ from twisted.web.server import GzipEncoderFactory, Request
 from lb.admin.api import MAX_BODY, ApiError, ApiResource, check_body_size, write_json
 from lb.admin.metrics import MetricsResource, make_registry
 from lb.admin.status import StatusPage
-from lb.config import Address, AdminConfig
 from lb.admin.view import IAdminView
+from lb.config import Address, AdminConfig
 
 log = Logger()
 

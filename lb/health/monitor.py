@@ -33,13 +33,19 @@ from twisted.web.client import Agent
 from zope.interface import implementer
 
 from lb.config import HealthConfig
-from lb.health.probes import (HTTPProbe, Probe, ProbeResult, QuietHTTPConnectionPool,
-                              TCPProbe, unexpected)
-from lb.interfaces import IPoolPart
-from lb.peer import Peer
 from lb.health.passive import THRESHOLDS_WITHOUT_CHECKS
-from lb.pool import Pool
+from lb.health.probes import (
+    HTTPProbe,
+    Probe,
+    ProbeResult,
+    QuietHTTPConnectionPool,
+    TCPProbe,
+    unexpected,
+)
+from lb.interfaces import IPoolPart
 from lb.net import endpoint_for, format_seconds
+from lb.peer import Peer
+from lb.pool import Pool
 from lb.stats import HealthCheckStats
 
 PASS = "pass"

@@ -22,8 +22,8 @@ from zope.interface import implementer
 from lb.interfaces import IClosable, PickContext
 from lb.net import host_port
 from lb.peer import Peer
-from lb.proxy import proxyprotocol
 from lb.pool import Pool
+from lb.proxy import proxyprotocol
 from lb.proxy.connector import Attempt, Dial
 
 ERROR = "error"  # lb failed handling this client (logged with its traceback)

@@ -44,9 +44,18 @@ from zope.interface import implementer
 
 from lb.config import ConsulConfig, PoolConsulConfig
 from lb.discovery.consul import snapshot
-from lb.discovery.consul.api import (ConsulAnswer, ConsulClient, ConsulHTTPError,
-                                     InvalidAnswer, Query, describe_failure, merge_specs,
-                                     own_http_client, request_timeout, safe_url)
+from lb.discovery.consul.api import (
+    ConsulAnswer,
+    ConsulClient,
+    ConsulHTTPError,
+    InvalidAnswer,
+    Query,
+    describe_failure,
+    merge_specs,
+    own_http_client,
+    request_timeout,
+    safe_url,
+)
 from lb.discovery.consul.backoff import RETRY_MAX, TokenBucket, backoff_delay
 from lb.discovery.consul.health import ServiceQuery
 from lb.discovery.consul.kv import KVQuery

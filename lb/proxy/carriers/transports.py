@@ -14,12 +14,17 @@ through an endpoint by ``connect``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Protocol as TypingProtocol, Tuple
+from typing import Any, Callable, List, Optional, Tuple
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import (IConsumer, IHalfCloseableProtocol, IPushProducer,
-                                         ITCPTransport)
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
