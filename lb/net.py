@@ -74,7 +74,8 @@ def parse_address(text: str, *, allow_port_zero: bool = False) -> Address:
         ip = ipaddress.ip_address(host)
     except ValueError:
         if text.startswith("["):
-            raise ValueError(f"{short_repr(host)} in {short_repr(text)} is not an IPv6 address") from None
+            raise ValueError(f"{short_repr(host)} in {short_repr(text)} is not an IPv6 "
+                             "address") from None
         try:
             return Address(host_name(host), port)
         except ValueError as e:

@@ -102,9 +102,9 @@ class LBService(MultiService):
         # lb's reactor runs the fast data path (its one pump); any other reactor does not
         self.pump: Optional[Pump] = reactor.pump if isinstance(reactor, Reactor) else None
         self.connection_log = ConnectionLog(reactor)
-        for name, pool_config in config.pools.items():
+        for pool_config in config.pools.values():
             self._add_pool(pool_config)
-        for name, listener_config in config.listeners.items():
+        for listener_config in config.listeners.values():
             self._add_listener(ListenerService(
                 self._listener(listener_config, self.pools[listener_config.pool].pool),
                 config.shutdown_timeout))

@@ -29,7 +29,7 @@ def makeService(options: Options) -> IService:
     except lbconfig.ConfigError as e:
         for line in e.lines():
             print(line, file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     service = LBService(config, reactor)
     threads = IReactorFromThreads(reactor)  # the global reactor's static type lacks it
 

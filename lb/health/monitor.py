@@ -2,12 +2,12 @@
 
 One monitor per pool, on an injected clock. A peer's next probe starts ``interval`` after
 its last one ended (HAProxy's ``inter``, Envoy's ``interval``): one peer never has two probes
-in flight, and a ``timeout`` longer than the interval is fine. Each peer has its own phase: on start (or a reload, which
-builds a new monitor) the peers' phases are spread evenly over one interval, so a pool of
-many peers is never probed in bursts. A peer without a verdict yet (``unknown``) is probed
-at once and settles into its phase after that. At most ``concurrency`` probes run at a
-time, the rest wait in line; each probe is cancelled when it reaches ``timeout``;
-``stopService`` cancels every timer and probe.
+in flight, and a ``timeout`` longer than the interval is fine. Each peer has its own phase:
+on start (or a reload, which builds a new monitor) the peers' phases are spread evenly over
+one interval, so a pool of many peers is never probed in bursts. A peer without a verdict
+yet (``unknown``) is probed at once and settles into its phase after that. At most
+``concurrency`` probes run at a time, the rest wait in line; each probe is cancelled when it
+reaches ``timeout``; ``stopService`` cancels every timer and probe.
 
 Health state lives on the peers, not here: a new monitor picks up where the old one left
 off, and a peer that is re-announced keeps its counters. The monitor follows the pool's

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Optional, Tuple, Union
+from typing import Optional, Protocol, Tuple, Union
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
@@ -57,14 +57,25 @@ class HeaderReader:
         return info, rest or b""
 
 
-def _ip(address: object) -> Tuple[str, int]:
-    host = getattr(address, "host")
+class HostPort(Protocol):
+    """An IP address and port: Twisted's ``IPv4Address``/``IPv6Address`` (a host given as
+    bytes is ASCII text)."""
+
+    @property
+    def host(self) -> Union[str, bytes]: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+def _ip(address: HostPort) -> Tuple[str, int]:
+    host = address.host
     if isinstance(host, bytes):
         host = host.decode("ascii")
-    return host, int(getattr(address, "port"))
+    return host, int(address.port)
 
 
-def build_header(version: str, source: object, destination: object) -> bytes:
+def build_header(version: str, source: HostPort, destination: HostPort) -> bytes:
     """A PROXY header carrying the client's address (``source``) and the address it
     reached (``destination``); a mixed v4/v6 pair maps v4 into v6."""
     src_host, src_port = _ip(source)
