@@ -16,8 +16,8 @@ import sys
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
-from lb.interfaces import PickContext
 from lb.balancer import create
+from lb.interfaces import PickContext
 
 ALGORITHMS: List[Tuple[str, str, Optional[float]]] = [
     ("roundrobin", "roundrobin", None),

@@ -404,8 +404,8 @@ def _str(value: Any) -> str:
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        if value not in choices:
+    def convert(value: object) -> str:
+        if not isinstance(value, str) or value not in choices:
             raise ValueError(f"{_show(value)} is not one of: {', '.join(choices)}")
         return value
     return convert
@@ -629,7 +629,7 @@ def _check_health(c: _Checker, path: str, raw: Any) -> Optional[HealthConfig]:
             raise ValueError(f"{_show(value)} is not an absolute request path like '/health'")
         return value
 
-    def host_header(value: Any) -> str:
+    def host_header(value: object) -> str:
         value = _str(value)
         if not printable(value):
             raise ValueError(f"{_show(value)} is not a Host header value like 'www.example.com'")
@@ -663,13 +663,13 @@ def _check_pool_consul(c: _Checker, path: str, raw: Any, have_consul: bool,
             raise ValueError("expected a list of tag strings")
         return tuple(value)
 
-    def kv_prefix(value: Any) -> str:
+    def kv_prefix(value: object) -> str:
         value = _str(value).strip("/")
         if not value:
             raise ValueError("must name a KV folder like 'upstreams/web'")
         return value
 
-    def service(value: Any) -> str:
+    def service(value: object) -> str:
         value = _str(value)
         if "/" in value or any(ch.isspace() for ch in value):
             raise ValueError(f"{_show(value)} is not a Consul service name")
@@ -849,10 +849,10 @@ HTTP_KEYS = ("max_header_size", "client_header_timeout", "client_keepalive_timeo
 
 def _pool_name(pools: Mapping[str, Any]) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
-        value = _str(value)
-        if value not in pools:
-            raise ValueError(f"no pool named {_show(value)} (pools: {', '.join(pools) or 'none'})")
-        return value
+        name = _str(value)
+        if name not in pools:
+            raise ValueError(f"no pool named {_show(name)} (pools: {', '.join(pools) or 'none'})")
+        return name
     return convert
 
 
@@ -1083,11 +1083,11 @@ def _check_consul_routes(c: _Checker, path: str, raw: Any, have_consul: bool,
         return None
 
     def tag_prefix(value: Any) -> str:
-        value = _str(value)
-        if any(ch.isspace() or ch == "/" or not ch.isprintable() for ch in value):
-            raise ValueError(f"{_show(value)} has a space, a '/' or a control character "
+        prefix = _str(value)
+        if any(ch.isspace() or ch == "/" or not ch.isprintable() for ch in prefix):
+            raise ValueError(f"{_show(prefix)} has a space, a '/' or a control character "
                              "(the host and path follow it in the tag)")
-        return value
+        return prefix
 
     m = c.mapping(path, raw, ("tag_prefix", "pool_defaults"))
     if not have_consul:
@@ -1253,6 +1253,9 @@ def _measure(root: yaml.Node) -> None:
             stack.extend((child, False) for child in _children(node))
 
 
+_Node = Union[yaml.ScalarNode, yaml.SequenceNode, yaml.MappingNode]  # what the composer makes
+
+
 class _Loader(yaml.SafeLoader):
     """PyYAML's SafeLoader with bounds: nesting is counted while composing (PyYAML's composer
     recurses, so a deep document would end in a RecursionError), the composed graph is
@@ -1265,9 +1268,10 @@ class _Loader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.depth >= MAX_DEPTH:
+            event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
             raise _Limit(problem=f"nested deeper than {MAX_DEPTH} levels "
                                  "(the limit for a config)",
-                         problem_mark=self.peek_event().start_mark)
+                         problem_mark=event.start_mark)
         self.depth += 1
         try:
             return super().compose_node(parent, index)
@@ -1280,7 +1284,7 @@ class _Loader(yaml.SafeLoader):
             _measure(node)
         return node
 
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+    def construct_object(self, node: _Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
         except yaml.YAMLError:
@@ -1293,7 +1297,7 @@ class _Loader(yaml.SafeLoader):
             raise ConstructorError(problem=f"{what} is not a valid {kind}{detail}",
                                    problem_mark=node.start_mark) from None
 
-    def construct_yaml_int(self, node: yaml.Node) -> Any:
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
         if isinstance(node.value, str) and sum(ch.isdigit() for ch in node.value) > MAX_INT_DIGITS:
             raise ConstructorError(problem=f"an integer of more than {MAX_INT_DIGITS} digits",
                                    problem_mark=node.start_mark)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, List, Optional
+from typing import Any, List, NoReturn, Optional
 
 from twisted.internet import defer, task
 from twisted.web import resource, server
@@ -21,7 +21,7 @@ class Backend(resource.Resource):
     isLeaf = True
 
     def __init__(self, name: str) -> None:
-        super().__init__()
+        resource.Resource.__init__(self)
         self.name = name
         self.healthy = True
 
@@ -72,7 +72,7 @@ def _deregister(consul: str, service: str, ports: List[int]) -> Any:
             pass
 
 
-def serve(reactor: Any, argv: Optional[List[str]] = None) -> defer.Deferred:
+def serve(reactor: Any, argv: Optional[List[str]] = None) -> defer.Deferred[None]:
     """Run the demo on ``reactor`` until it stops (SIGTERM, SIGINT)."""
     parser = argparse.ArgumentParser(prog="python -m lb.demo", description=__doc__)
     parser.add_argument("--ports", default="9001,9002", help="backends to serve")
@@ -97,11 +97,11 @@ def serve(reactor: Any, argv: Optional[List[str]] = None) -> defer.Deferred:
     return defer.Deferred()  # never fires: the signal that stops the reactor ends the demo
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    # react() runs the reactor for serve(); registrations are removed on the way out
+def main(argv: Optional[List[str]] = None) -> NoReturn:
+    # react() runs the reactor for serve(); registrations are removed on the way out, and it
+    # exits the process
     task.react(serve, [argv])
-    return 0  # pragma: no cover (react exits the process)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

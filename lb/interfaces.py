@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import AbstractSet, Any, NamedTuple, Optional
+from typing import AbstractSet, NamedTuple, Optional
 
 from twisted.application.service import IService
 from zope.interface import Attribute, Interface
 
+from lb.peer import Peer
 from lb.stats import PartStats
-
 
 
 class PickContext(NamedTuple):
@@ -17,7 +17,7 @@ class PickContext(NamedTuple):
 
     client: Optional[str] = None  # the client's IP (behind accept_proxy, the PROXY header's)
     hash_key: Optional[str] = None  # what `source` hashes; None: the client's IP
-    exclude: AbstractSet[Any] = frozenset()  # peers already tried (connect retries)
+    exclude: AbstractSet[Peer] = frozenset()  # peers already tried (connect retries)
 
 
 NO_CONTEXT = PickContext()
@@ -31,35 +31,28 @@ class IBalancer(Interface):
     load (connections in TCP mode, requests in flight in HTTP mode) added and removed.
     """
 
-    def add(peer):
+    def add(peer: Peer) -> None:
         """``peer`` may now be picked (its ``effective_weight`` is set)."""
 
-    def remove(peer):
+    def remove(peer: Peer) -> None:
         """``peer`` must not be picked any more."""
 
-    def reweight(peer):
+    def reweight(peer: Peer) -> None:
         """``peer.effective_weight`` changed."""
 
-    def pick(context):
+    def pick(context: PickContext) -> Optional[Peer]:
         """Return a peer for a ``PickContext`` (``NO_CONTEXT`` when there is none), skipping
         ``context.exclude``; None when no eligible peer is left."""
 
-    def load_added(peer):
+    def load_added(peer: Peer) -> None:
         """``peer.load`` went up by one (a connection or request started; counted from pick
         time so a burst spreads by least load)."""
 
-    def load_removed(peer):
+    def load_removed(peer: Peer) -> None:
         """``peer.load`` went down by one."""
 
-    def __len__():
+    def __len__() -> int:
         """How many peers are eligible."""
-
-
-class IPeerObserver(Interface):
-    """Hears about a pool's peers: added, changed (state, health, weight), removed."""
-
-    def peer_event(pool, peer, event):
-        """``event`` is ``"added"``, ``"changed"`` or ``"removed"``."""
 
 
 class IClosable(Interface):
@@ -67,7 +60,7 @@ class IClosable(Interface):
 
     peer = Attribute("The Peer it is connected to.")
 
-    def abort(reason):
+    def abort(reason: str) -> None:
         """Close both sides now."""
 
 

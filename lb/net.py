@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from twisted.internet import error
-from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
-                                        TCP6ClientEndpoint)
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
 
@@ -75,7 +74,8 @@ def parse_address(text: str, *, allow_port_zero: bool = False) -> Address:
         ip = ipaddress.ip_address(host)
     except ValueError:
         if text.startswith("["):
-            raise ValueError(f"{short_repr(host)} in {short_repr(text)} is not an IPv6 address") from None
+            raise ValueError(f"{short_repr(host)} in {short_repr(text)} is not an IPv6 "
+                             "address") from None
         try:
             return Address(host_name(host), port)
         except ValueError as e:
@@ -161,5 +161,6 @@ def describe_connect_failure(failure: Union[Failure, BaseException], timeout: fl
 
 def failure_message(failure: Failure) -> str:
     """The first line of a failure's message (or its type), at most 200 characters."""
-    text = failure.getErrorMessage().strip() or failure.type.__name__
+    kind = failure.type  # set once the Failure is built (Twisted types it Optional)
+    text = failure.getErrorMessage().strip() or (kind.__name__ if kind else "error")
     return text.splitlines()[0][:200]

@@ -6,10 +6,10 @@ Only ``lb.pool.Pool`` changes a peer's state; the data path only bumps its count
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
-from lb.net import Address
 from lb.health.risefall import UNKNOWN, UP, HealthState
+from lb.net import Address
 
 # Admin states, least restrictive first: the one place they are named.
 READY = "ready"
@@ -69,7 +69,7 @@ class Peer:
         return self.health_state.status
 
     @property
-    def sources(self) -> list:
+    def sources(self) -> List[str]:
         return [s for s in SOURCE_PRIORITY if s in self.wants] + sorted(
             s for s in self.wants if s not in SOURCE_PRIORITY)
 

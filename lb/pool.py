@@ -9,7 +9,7 @@ report results here; observers (health monitor, snapshots, status page) are told
 from __future__ import annotations
 
 import random
-from typing import Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -50,9 +50,9 @@ class Pool:
         self.peers: Dict[str, Peer] = {}
         self.balancer: IBalancer = self._new_balancer()
         self._observers: List[Observer] = []
-        self._timers: Dict[tuple, IDelayedCall] = {}
-        self._up_serving: set = set()  # serving and up; when empty, unknown peers get traffic
-        self._in_balancer: set = set()
+        self._timers: Dict[Tuple[str, str], IDelayedCall] = {}  # (peer key, kind) → timer
+        self._up_serving: Set[Peer] = set()  # serving and up; when empty, unknown peers get traffic
+        self._in_balancer: Set[Peer] = set()
         self.slow_start = SlowStart(clock, lambda: self.config.slow_start, self._set_ramp)
         self.outlier = Outlier(self, clock, lambda: self.config.outlier)
 
@@ -230,7 +230,7 @@ class Pool:
     # --- the data path ---------------------------------------------------------------------
 
     def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Peer]:
-        return self.balancer.pick(context)  # type: ignore[no-any-return]
+        return self.balancer.pick(context)
 
     def load_added(self, peer: Peer) -> None:
         """A connection or request to ``peer`` started (counted from pick time, so a burst
@@ -305,10 +305,11 @@ class Pool:
         self._notify(peer, "added")
 
     @staticmethod
-    def _describe(peer: Peer) -> tuple:
+    def _describe(peer: Peer) -> Tuple[str, str, int]:
         return (peer.admin_state, peer.health, peer.weight)
 
-    def _changed(self, peer: Peer, before: tuple, reason: str, log: bool = True) -> None:
+    def _changed(self, peer: Peer, before: Tuple[str, str, int], reason: str,
+                 log: bool = True) -> None:
         after = self._describe(peer)
         if after == before:
             return
@@ -395,7 +396,8 @@ class Pool:
             peer.ramp = ramp
             self._update(peer)
 
-    def _schedule(self, key: tuple, delay: float, f: Callable, *args: object) -> None:
+    def _schedule(self, key: Tuple[str, str], delay: float, f: Callable[..., object],
+                  *args: object) -> None:
         self._cancel(key)
 
         def fire() -> None:
@@ -403,7 +405,7 @@ class Pool:
             f(*args)
         self._timers[key] = self.clock.callLater(delay, fire)
 
-    def _cancel(self, key: tuple) -> None:
+    def _cancel(self, key: Tuple[str, str]) -> None:
         call = self._timers.pop(key, None)
         if call is not None and call.active():
             call.cancel()

@@ -30,7 +30,7 @@ class Reactor(EPollReactor):
     reactor's epoll set can feed one pump), which the composition root hands to listeners."""
 
     def __init__(self) -> None:
-        super().__init__()
+        EPollReactor.__init__(self)
         self.pump_events: Optional[Callable[[Events], None]] = None
         self._pump: Optional[Pump] = None
 

@@ -16,13 +16,13 @@ from zope.interface import implementer
 
 from lb import config as lbconfig
 from lb.admin.server import AdminService
+from lb.admin.view import IAdminView
 from lb.config import Config, ConsulConfig, ListenerConfig, PoolConfig
 from lb.discovery import static
-from lb.admin.view import IAdminView
+from lb.http.listener import ACCESS_NAMESPACE, HTTPListener, UpstreamPools
 from lb.interfaces import IPoolPart
 from lb.pool import Pool
 from lb.proxy.carriers.pump import Pump
-from lb.http.listener import ACCESS_NAMESPACE, HTTPListener, UpstreamPools
 from lb.proxy.connlog import ConnectionLog
 from lb.proxy.listener import Listener, ListenerService
 from lb.reactor import Reactor
@@ -47,7 +47,7 @@ class PoolService(MultiService):
     """A pool and the services that keep it current (health checks, discovery)."""
 
     def __init__(self, pool: Pool) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.pool = pool
         self.parts: Dict[str, IPoolPart] = {}
 
@@ -57,13 +57,13 @@ class PoolService(MultiService):
         (a source that went away drains its peers and forgets its snapshot)."""
         old = self.parts.pop(kind, None)
         if old is not None:
-            self.removeService(old)  # stops it when running
+            self.removeService(old)  # type: ignore[no-untyped-call]  # stops it when running
             if part is None:
                 old.release()
         if part is not None:
-            part.setName(f"{self.pool.name}:{kind}")
+            part.setName(f"{self.pool.name}:{kind}")  # type: ignore[no-untyped-call]
             self.parts[kind] = part
-            part.setServiceParent(self)
+            part.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def stats(self) -> PoolStats:
         """The pool's view with its parts' (a health monitor, a Consul watch)."""
@@ -79,8 +79,11 @@ class PoolService(MultiService):
 
     def stopService(self) -> Any:
         d = defer.maybeDeferred(super().stopService)
-        d.addBoth(lambda r: (self.pool.stop(), r)[1])
-        return d
+
+        def stop_pool(result: object) -> object:
+            self.pool.stop()
+            return result
+        return d.addBoth(stop_pool)
 
 
 class LBService(MultiService):
@@ -89,7 +92,7 @@ class LBService(MultiService):
     def __init__(self, config: Config, reactor: Any, *,
                  pool_parts: Optional[Dict[str, PoolPart]] = None,
                  http_client: Any = None) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.config = config
         self.reactor = reactor
         self.http_client = http_client
@@ -103,16 +106,16 @@ class LBService(MultiService):
         self.connection_log = ConnectionLog(reactor)
         self.access_log = ConnectionLog(reactor, namespace=ACCESS_NAMESPACE)
         self.upstream_pools = UpstreamPools(self.pump, reactor) if self.pump else None
-        for name, pool_config in config.pools.items():
+        for pool_config in config.pools.values():
             self._add_pool(pool_config)
-        for name, listener_config in config.listeners.items():
+        for listener_config in config.listeners.values():
             self._add_listener(ListenerService(
                 self._listener(listener_config, self._pool_of(listener_config)),
                 config.shutdown_timeout))
         self.admin_view = AdminView(self)
         # added last so it stops first, after the listeners have drained
         self.admin = AdminService(self.admin_view, reactor, config.admin)
-        self.admin.setServiceParent(self)
+        self.admin.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     # --- building ---------------------------------------------------------------------------
 
@@ -123,7 +126,7 @@ class LBService(MultiService):
         self.pools[pool.name] = service
         static.apply(pool, pool_config)
         self._build_parts(service, pool_config)
-        service.setServiceParent(self)
+        service.setServiceParent(self)  # type: ignore[no-untyped-call]
         return service
 
     def _build_parts(self, service: PoolService, pool_config: PoolConfig,
@@ -150,7 +153,7 @@ class LBService(MultiService):
 
     def _add_listener(self, service: ListenerService) -> None:
         self.listeners[service.listener.config.name] = service
-        service.setServiceParent(self)
+        service.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _forget_removed_peer(self, pool: Pool, peer: object, event: str) -> None:
         """Listener counters of a peer that left its pool go too (bounded metric labels)."""
@@ -208,39 +211,40 @@ class LBService(MultiService):
         # pools first: listeners point at them
         for name in list(self.pools):
             if name not in new.pools:
-                service = self.pools.pop(name)
-                self.removeService(service)
+                gone = self.pools.pop(name)
+                self.removeService(gone)  # type: ignore[no-untyped-call]
                 if self.upstream_pools is not None:
                     self.upstream_pools.drop(name)
                 self.log.info("pool {pool} removed by the reload ({n} peer(s) let go)",
-                              pool=name, n=len(service.pool.peers))
+                              pool=name, n=len(gone.pool.peers))
         for name, pc in new.pools.items():
-            service = self.pools.get(name)
-            if service is None:
+            pool_service = self.pools.get(name)
+            if pool_service is None:
                 self._add_pool(pc)
                 continue
-            before = service.pool.config
-            service.pool.reconfigure(pc)
-            static.apply(service.pool, pc)  # also brings back static peers deleted by API
+            before = pool_service.pool.config
+            pool_service.pool.reconfigure(pc)
+            static.apply(pool_service.pool, pc)  # also brings back static peers deleted by API
             changed = [kind for kind in self.pool_parts
                        if _part_config(kind, before) != _part_config(kind, pc)]
             if changed:
-                self._build_parts(service, pc, only=changed)
+                self._build_parts(pool_service, pc, only=changed)
 
         # Removed or re-bound listeners stop accepting; their open connections get
         # shutdown_timeout, like an old HAProxy process after a reload.
         for name in list(self.listeners):
-            lc = new.listeners.get(name)
-            if lc is None or not _same_socket(self.listeners[name].listener.config, lc):
+            wanted = new.listeners.get(name)
+            if wanted is None or not _same_socket(self.listeners[name].listener.config, wanted):
                 service = self.listeners.pop(name)
                 self.log.info("listener {name} on {bind} stopped by the reload{moved}; its "
                               "{n} open connection(s) get up to {timeout:g}s", name=name,
                               bind=service.address(), n=len(service.listener.sessions),
                               timeout=service.shutdown_timeout,
-                              moved="" if lc is None else f" (moving to {lc.bind})")
-                self.removeService(service)
+                              moved="" if wanted is None else f" (moving to {wanted.bind})")
+                self.removeService(service)  # type: ignore[no-untyped-call]
         for service in opened:
-            service.listener.pool = self._pool_of(service.listener.config)  # type: ignore
+            service.listener.pool = self._pool_of(  # type: ignore[assignment]
+                service.listener.config)
             self._add_listener(service)  # already bound: startService does not bind again
         for name, lc in new.listeners.items():
             service = self.listeners[name]
@@ -264,7 +268,7 @@ class LBService(MultiService):
             except CannotListenError as e:
                 self.log.error("{problem}", problem=listen_failure(what, bind, e))
                 raise SystemExit(1) from None
-        super().privilegedStartService()
+        MultiService.privilegedStartService(self)
 
 
     @defer.inlineCallbacks

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python import usage
 
 from lb import config as lbconfig
@@ -28,15 +29,16 @@ def makeService(options: Options) -> IService:
     except lbconfig.ConfigError as e:
         for line in e.lines():
             print(line, file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     try:
         service = LBService(config, reactor)
     except ReloadError as e:  # a config this process cannot run (mode http, another reactor)
         print(f"{config.path}: {e}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
+    threads = IReactorFromThreads(reactor)  # the global reactor's static type lacks it
 
     def on_hup(signum: int, frame: Any) -> None:
-        reactor.callFromThread(service.reload)
+        threads.callFromThread(service.reload)
 
     signal.signal(signal.SIGHUP, on_hup)
     return service

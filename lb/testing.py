@@ -4,10 +4,10 @@ bounded polling. Nothing here sleeps to wait for a condition."""
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
@@ -19,6 +19,8 @@ from lb import config as lbconfig
 class HalfCloseEcho(Protocol):
     """Echoes everything and closes its side only after the client half-closes and every
     echoed byte is flushed (Twisted's plain Echo drops buffered writes on EOF)."""
+
+    transport: ITransport  # connected: Twisted types it Optional for before the connection
 
     def connectionMade(self) -> None:
         self.factory.connections.append(self)
@@ -49,6 +51,8 @@ class EchoFactory(Factory):
 
 class NamedServer(Protocol):
     """Answers every connection with its name and closes: shows who served a client."""
+
+    transport: ITransport  # connected: Twisted types it Optional for before the connection
 
     def connectionMade(self) -> None:
         self.factory.hits += 1
@@ -83,7 +87,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def tcp_pair() -> "tuple[socket.socket, socket.socket]":
@@ -109,7 +114,7 @@ def make_config(listeners: Dict[str, Dict[str, Any]], pools: Dict[str, Dict[str,
 
 
 def poll_until(reactor: Any, condition: Callable[[], Any], timeout: float = 10.0,
-               interval: float = 0.02, what: str = "condition") -> defer.Deferred:
+               interval: float = 0.02, what: str = "condition") -> defer.Deferred[Any]:
     """Fire with the condition's truthy value, or fail once ``timeout`` passes."""
     deadline = reactor.seconds() + timeout
 
@@ -126,8 +131,9 @@ def poll_until(reactor: Any, condition: Callable[[], Any], timeout: float = 10.0
 
 def listening_port(service: Any) -> int:
     """The port a started ListenerService (or an IListeningPort) is bound to."""
-    port: Optional[Any] = getattr(service, "port", service)
-    return port.getHost().port  # type: ignore[union-attr]
+    port = getattr(service, "port", service)
+    number: int = port.getHost().port
+    return number
 
 
 class FakeTCPTransport(StringTransport):
@@ -135,7 +141,7 @@ class FakeTCPTransport(StringTransport):
     Twisted's lenient producer unregistering."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        StringTransport.__init__(self, *args, **kwargs)
         self.no_delay = False
         self.write_closed = False
 
@@ -262,7 +268,7 @@ class RecordingSession:
         self.peer = SimpleNamespace(bytes_in=0, bytes_out=0)
         self.last_active = 0.0
         self.bytes_in = self.bytes_out = self.fins = 0
-        self.closed: List[tuple] = []  # (kind, side, answer_done, request_pending)
+        self.closed: List[Tuple[str, Optional[str], bool, bool]] = []  # carrier_closed's arguments
 
     def _session_for(self, front: Any, client: Any, destination: Any) -> "RecordingSession":
         return self

@@ -118,7 +118,7 @@ class ConsulAgent:
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start and wait (bounded) for a leader; used in fixture setup, where blocking is
         fine. On a port clash on the first start, retry with new ports."""
-        for attempt in range(START_ATTEMPTS):
+        for _attempt in range(START_ATTEMPTS):
             self.spawn()
             if self._wait_leader_blocking(timeout):
                 return

@@ -7,8 +7,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import pytest
 from prometheus_client import REGISTRY
-from prometheus_client.openmetrics.parser import \
-    text_string_to_metric_families as openmetrics_families
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.application.service import Service

@@ -12,7 +12,7 @@ import treq
 from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from treq.testing import StubTreq
-from twisted.internet import defer, reactor
+from twisted.internet import defer, error, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import CannotListenError
@@ -271,7 +271,7 @@ def test_a_reload_moves_the_admin_server() -> Any:
         response = yield lb.client.get(f"http://127.0.0.1:{new_port}/healthz")
         assert response.code == 200
         yield response.text()
-        with pytest.raises(Exception):
+        with pytest.raises(error.ConnectionRefusedError):  # the old port is closed
             yield lb.client.get(f"http://127.0.0.1:{old_port}/healthz", timeout=5)
         yield lb.admin.stopService()
         assert lb.admin.port is None

@@ -6,8 +6,8 @@ from __future__ import annotations
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
-from lb.config import Address, parse_address
 from lb.admin.view import IAdminView
+from lb.config import Address, parse_address
 from lb.service import LBService
 from lb.testing import make_config
 

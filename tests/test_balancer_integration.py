@@ -177,7 +177,7 @@ def test_source_keeps_each_client_address_on_one_backend(stack: Dict[str, Any]) 
     IPs spread over the backends (clients bind 127.0.0.x addresses)."""
     start(stack, {"balance": "source"}, ["a", "b", "c"])
     seen: Dict[str, set] = {}
-    for round_ in range(2):
+    for _round in range(2):
         for i in range(2, 18):
             ip = f"127.0.0.{i}"
             name = yield short(stack, source_ip=ip)

@@ -9,11 +9,10 @@ from typing import Any, List, Set
 import pytest
 from zope.interface.verify import verifyObject
 
-from lb.testing import FakePeer
-from lb.interfaces import PickContext
 from lb.balancer import create
 from lb.balancer.leastconn import Balancer
-from lb.interfaces import IBalancer
+from lb.interfaces import IBalancer, PickContext
+from lb.testing import FakePeer
 
 
 def balancer_with(*members: FakePeer) -> Balancer:

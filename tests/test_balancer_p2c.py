@@ -8,11 +8,10 @@ from typing import List
 
 from zope.interface.verify import verifyObject
 
-from lb.testing import FakePeer
-from lb.interfaces import PickContext
 from lb.balancer import create
 from lb.balancer.p2c import Balancer
-from lb.interfaces import IBalancer
+from lb.interfaces import IBalancer, PickContext
+from lb.testing import FakePeer
 
 
 def balancer_with(seed: int, *members: FakePeer) -> Balancer:

@@ -9,11 +9,10 @@ from typing import Any, List
 import pytest
 from zope.interface.verify import verifyObject
 
-from lb.testing import FakePeer
-from lb.interfaces import PickContext
 from lb.balancer import create
 from lb.balancer.random import Balancer, WeightedSet
-from lb.interfaces import IBalancer
+from lb.interfaces import IBalancer, PickContext
+from lb.testing import FakePeer
 
 
 class FixedDraw:

@@ -9,11 +9,10 @@ from typing import Any, List, Optional, Set
 import pytest
 from zope.interface.verify import verifyObject
 
-from lb.testing import FakePeer
-from lb.interfaces import PickContext
 from lb.balancer import create
 from lb.balancer.roundrobin import Balancer, heap_in_order
-from lb.interfaces import IBalancer
+from lb.interfaces import IBalancer, PickContext
+from lb.testing import FakePeer
 
 
 def peers(**weights: float) -> List[FakePeer]:

@@ -10,11 +10,10 @@ from typing import Dict, List, Optional
 import pytest
 from zope.interface.verify import verifyObject
 
-from lb.testing import FakePeer
-from lb.interfaces import PickContext
 from lb.balancer import create, source
 from lb.balancer.source import Balancer
-from lb.interfaces import IBalancer
+from lb.interfaces import IBalancer, PickContext
+from lb.testing import FakePeer
 
 CLIENTS = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(20000)]
 

@@ -10,8 +10,8 @@ from typing import Optional
 import pytest
 from twisted.internet.task import Clock
 
-from lb.interfaces import PickContext
 from lb.config import BALANCE_ALGORITHMS, Address, PoolConfig
+from lb.interfaces import PickContext
 from lb.peer import PeerSpec
 from lb.pool import Pool
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator, List, Tuple
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor
 
 from lb.net import Address
 from lb.proxy.carriers import transports
@@ -267,3 +267,30 @@ def test_a_client_that_does_not_read_throttles_the_peer(joined: Joined) -> Any:
     assert held <= 2 * 1024 * 1024, f"the carrier holds {held} bytes"
     assert sent < 64 * 1024 * 1024
     assert j.session.closed == []
+
+
+class _Join:
+    """Records what a transports-carrier protocol hands its join when its connection goes."""
+
+    def __init__(self) -> None:
+        self.lost: List[Any] = []
+
+    def client_lost(self, reason: Any) -> None:
+        self.lost.append(("client", reason.check(error.ConnectionDone) is not None))
+
+    def peer_lost(self, reason: Any) -> None:
+        self.lost.append(("peer", reason.check(error.ConnectionDone) is not None))
+
+
+def test_connection_lost_without_a_reason_is_a_clean_close() -> None:
+    """Both transport protocols default ``connectionLost``'s reason to Twisted's
+    ``connectionDone`` Failure, as ``Protocol`` does (the default was a bare exception, which
+    the join could not read)."""
+    join = _Join()
+    peer = transports.PeerProtocol()
+    peer.join = join
+    peer.connectionLost()
+    client = transports.TransportClient(RecordingSession(None).listener)
+    client.join = join
+    client.connectionLost()
+    assert join.lost == [("peer", True), ("client", True)]

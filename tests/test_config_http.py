@@ -9,9 +9,20 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from lb import config as lbconfig
-from lb.config import (Config, ConfigError, ConsulRoutesConfig, HashKey, HttpConfig,
-                       OutlierConfig, PoolConfig, PoolConsulConfig, RouteConfig,
-                       StickyCookieConfig, WeightedPool, parse_size)
+from lb.config import (
+    Config,
+    ConfigError,
+    ConsulRoutesConfig,
+    HashKey,
+    HttpConfig,
+    OutlierConfig,
+    PoolConfig,
+    PoolConsulConfig,
+    RouteConfig,
+    StickyCookieConfig,
+    WeightedPool,
+    parse_size,
+)
 
 POOLS = ("web", "api", "canary")
 

@@ -5,8 +5,15 @@ from typing import List
 
 import pytest
 
-from lb.discovery.consul.backoff import (BURST, REFILL, RETRY_FIRST, RETRY_JITTER, RETRY_MAX,
-                                         TokenBucket, backoff_delay)
+from lb.discovery.consul.backoff import (
+    BURST,
+    REFILL,
+    RETRY_FIRST,
+    RETRY_JITTER,
+    RETRY_MAX,
+    TokenBucket,
+    backoff_delay,
+)
 
 
 @pytest.mark.parametrize("attempt, jitter, seconds", [

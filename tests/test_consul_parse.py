@@ -7,7 +7,8 @@ import os
 from typing import Any, Dict, List
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.web.http_headers import Headers
 
 from lb.config import Address, ConsulConfig, PoolConsulConfig, parse_address

@@ -16,9 +16,9 @@ from twisted.web.resource import Resource
 from lb.config import Address, HealthConfig, PoolConfig
 from lb.discovery import static
 from lb.health.monitor import FAIL, PASS, HealthMonitor, monitor_for
+from lb.health.passive import THRESHOLDS_WITHOUT_CHECKS as PASSIVE_DEFAULTS
 from lb.health.probes import HTTPProbe, ProbeResult, TCPProbe
 from lb.peer import PeerSpec
-from lb.health.passive import THRESHOLDS_WITHOUT_CHECKS as PASSIVE_DEFAULTS
 from lb.pool import Pool
 from lb.service import LBService, default_pool_parts
 from lb.testing import make_config

@@ -341,3 +341,16 @@ def test_tcp_endpoint_error() -> None:
         raise ValueError("no route for this family")
     d = TCPProbe(broken, 1.0)(PEER)
     assert _result(d) == ProbeResult(False, "no route for this family")
+
+
+def test_body_reader_lost_without_a_reason_reads_as_closed() -> None:
+    """The body reader's ``connectionLost`` defaults its reason to Twisted's
+    ``connectionDone`` Failure, as ``Protocol`` does (it was a bare exception, which it could
+    not read)."""
+    from lb.health.probes import _CappedBody
+
+    body = _CappedBody(BODY_CAP)
+    body.connectionLost()
+    details: List[Optional[str]] = []
+    body.done.addCallback(details.append)
+    assert details == ["connection closed"]

@@ -8,8 +8,8 @@ from typing import Any, Dict, List
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.error import ConnectError
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import implementer
 
@@ -320,7 +320,7 @@ def test_bytes_sent_with_the_connect_reach_the_retried_peer_once(cleanup: List[A
         sock.setblocking(False)
         received: List[bytes] = []
 
-        def answered() -> bool:
+        def answered(sock: socket.socket = sock, received: List[bytes] = received) -> bool:
             try:
                 while True:
                     chunk = sock.recv(65536)

@@ -9,11 +9,12 @@ from typing import List, Optional
 import pytest
 from twisted.internet.task import Clock
 
-from lb.interfaces import PickContext
 from lb.config import Address, HealthConfig, PoolConfig
+from lb.interfaces import PickContext
 from lb.peer import PeerSpec
 from lb.pool import Pool
-from lb.slowstart import FLOOR as SLOW_START_FLOOR, STEPS as SLOW_START_STEPS
+from lb.slowstart import FLOOR as SLOW_START_FLOOR
+from lb.slowstart import STEPS as SLOW_START_STEPS
 
 OLD = [Address("127.0.0.1", 9001 + i) for i in range(3)]
 NEW = Address("127.0.0.1", 9100)

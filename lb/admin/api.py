@@ -29,8 +29,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from lb.config import MAX_WEIGHT
 from lb.admin.view import IAdminView
+from lb.config import MAX_WEIGHT
 from lb.net import parse_address
 from lb.peer import ADMIN_STATES
 from lb.pool import Pool, PoolError
@@ -246,7 +246,7 @@ class ApiResource(Resource):
     def __init__(self, view: IAdminView, token: Optional[TokenSource] = None) -> None:
         """``token`` gives the admin token in force (by default the running config's, so a
         reload that changes the token applies at once)."""
-        super().__init__()
+        Resource.__init__(self)
         self.view = view
         self.token: TokenSource = token or (lambda: view.config().admin.token)
 
@@ -289,7 +289,8 @@ class ApiResource(Resource):
         if method in MUTATING:
             check_token(request, self.token())
             check_origin(request)
-        handler = getattr(self, f"_{route}_{method.lower()}")
+        handler: Callable[..., Tuple[int, Any, Dict[str, str]]] = getattr(
+            self, f"_{route}_{method.lower()}")
         return handler(request, *segments[1::2])
 
     @staticmethod

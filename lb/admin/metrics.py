@@ -17,8 +17,12 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, Iterator, Sequence, Tuple
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily, Metric)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -28,8 +32,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 import lb
-from lb.health.risefall import UP
 from lb.admin.view import IAdminView
+from lb.health.risefall import UP
 from lb.peer import ADMIN_STATES
 from lb.stats import ListenerStats, PoolStats
 
@@ -278,7 +282,7 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self.registry = registry
 
     def render_GET(self, request: Request) -> bytes:

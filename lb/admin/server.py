@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
@@ -30,8 +30,8 @@ from twisted.web.server import GzipEncoderFactory, Request
 from lb.admin.api import MAX_BODY, ApiError, ApiResource, check_body_size, write_json
 from lb.admin.metrics import MetricsResource, make_registry
 from lb.admin.status import StatusPage
-from lb.config import Address, AdminConfig
 from lb.admin.view import IAdminView
+from lb.config import Address, AdminConfig
 
 log = Logger()
 
@@ -47,7 +47,7 @@ class LimitedRequest(Request):
         if length is not None and length > MAX_BODY:
             self.body_too_large = True
             length = 0
-        super().gotLength(length)
+        Request.gotLength(self, length)
 
     def handleContentChunk(self, data: bytes) -> None:
         content = self.content
@@ -58,18 +58,19 @@ class LimitedRequest(Request):
             content.seek(0)
             content.truncate()
             return
-        super().handleContentChunk(data)
+        Request.handleContentChunk(self, data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """Twisted's version also parses urlencoded and multipart POST bodies into ``args``,
         answering a bad multipart body with a bare 400 and raising (dropping the connection
         unanswered) on some it cannot read; the API reads JSON bodies itself, so only the
         query string becomes ``args`` here."""
+        assert self.content is not None, "gotLength made it"
         self.content.seek(0, 0)
         self.method, self.uri, self.clientproto = command, path, version
         self.path, _, query = path.partition(b"?")
         self.args = http.parse_qs(query, 1) if query else {}
-        self.process()
+        self.process()  # type: ignore[no-untyped-call]
 
     def processingFailed(self, reason: Failure) -> None:
         """A failure outside the resources' own handling (finding the resource, say): a
@@ -80,9 +81,9 @@ class LimitedRequest(Request):
             self.channel.loseConnection()  # half an answer is out: the client sees it cut
             return
         body = write_json(self, 500, {"error": "internal error (see the balancer's log)"})
-        self.setHeader(b"content-length", b"%d" % len(body))
-        self.write(body)
-        self.finish()
+        self.setHeader(b"content-length", b"%d" % len(body))  # type: ignore[no-untyped-call]
+        self.write(body)  # type: ignore[no-untyped-call]
+        self.finish()  # type: ignore[no-untyped-call]
 
 
 def _raw_json(status: int, reason: bytes, message: str, head: bool = False) -> bytes:
@@ -101,11 +102,13 @@ class AdminChannel(http.HTTPChannel):
     it cannot parse), close without a word (a line over its limit) or time out a request
     that stopped arriving (408)."""
 
+    transport: ITransport  # connected: Twisted types it Optional for before the connection
+
     def _refuse(self, status: int, reason: bytes, message: str) -> None:
         # HTTPChannel keeps a request's method in _command from its request line on
         head = getattr(self, "_command", None) == b"HEAD"
         self.transport.write(_raw_json(status, reason, message, head))
-        self.loseConnection()
+        self.loseConnection()  # type: ignore[no-untyped-call]
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's one exit for requests it cannot frame: request line, headers, lengths,
@@ -126,7 +129,7 @@ class AdminChannel(http.HTTPChannel):
             self.transport.write(_raw_json(
                 408, b"Request Timeout", f"the request did not arrive in full within "
                                          f"{self.timeOut:g}s", head))
-        super().timeoutConnection()
+        http.HTTPChannel.timeoutConnection(self)
 
 
 class GetOnly(Resource):
@@ -138,7 +141,7 @@ class GetOnly(Resource):
     methods = ("GET", "HEAD")
 
     def __init__(self, page: IResource) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self.page = page
 
     def render(self, request: Request) -> bytes:
@@ -151,7 +154,8 @@ class GetOnly(Resource):
                     f"method {request.method.decode('latin-1')} is not allowed on "
                     f"{_path(request)} (allowed: {allowed})")}, {"Allow": allowed})
             check_body_size(request)
-            return self.page.render(request)
+            page: bytes = self.page.render(request)  # these pages answer at once
+            return page
         except ApiError as e:
             return write_json(request, e.status, {"error": e.message}, e.headers)
         except Exception:
@@ -168,7 +172,7 @@ class Healthz(Resource):
     isLeaf = True
 
     def __init__(self, view: IAdminView) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self.view = view
 
     def render_GET(self, request: Request) -> bytes:
@@ -209,14 +213,14 @@ class AdminRoot(Resource):
     """``/`` is the status page; ``/api``, ``/metrics``, ``/healthz`` below it."""
 
     def getChild(self, path: bytes, request: Request) -> IResource:
-        return NotFound()
+        return NotFound()  # type: ignore[no-untyped-call]
 
 
 def build_resource(view: IAdminView, clock: IReactorTime,
                    registry: Optional[CollectorRegistry] = None) -> Resource:
     """The whole admin resource tree over ``view``; tests call it through StubTreq."""
     registry = registry if registry is not None else make_registry(view)
-    tree = AdminRoot()
+    tree = AdminRoot()  # type: ignore[no-untyped-call]
     tree.putChild(b"", GetOnly(StatusPage(view, clock)))
     tree.putChild(b"api", ApiResource(view))
     # the encoder is taken from the leaf Twisted renders, so the wrapper goes outside
@@ -231,7 +235,9 @@ class AdminSite(server.Site):
     no access log line per request (the status page polls; the API logs every change)."""
 
     noisy = False
-    protocol = AdminChannel  # plain HTTP/1.1 (no TLS, so no HTTP/2 to negotiate)
+    # plain HTTP/1.1 (no TLS, so no HTTP/2 to negotiate); Twisted types this as a factory of
+    # its HTTP/1-or-2 wrapper only
+    protocol = AdminChannel  # type: ignore[assignment]
     requestFactory = LimitedRequest
 
     def log(self, request: Any) -> None:
@@ -254,15 +260,15 @@ class AdminService(Service):
     """Serves the admin site over ``view`` on ``settings.bind`` while running."""
 
     log = Logger()
-    name: Optional[str] = "admin"  # type: ignore[assignment]
+    name: Optional[str] = "admin"
 
     def __init__(self, view: IAdminView, reactor: Any, settings: AdminConfig) -> None:
         """``reactor`` provides IReactorTCP and IReactorTime."""
         self.reactor = reactor
         self.registry = make_registry(view)
         self.resource = build_resource(view, reactor, self.registry)
-        self.site = AdminSite(self.resource, reactor=reactor)
-        self.connections = Connections(self.site)
+        self.site = AdminSite(self.resource, reactor=reactor)  # type: ignore[no-untyped-call]
+        self.connections = Connections(self.site)  # type: ignore[no-untyped-call]
         self.bind: Address = settings.bind
         self.port: Any = None  # the IListeningPort while running
         self._token = settings.token  # for the log lines; requests read the running config
@@ -285,15 +291,15 @@ class AdminService(Service):
 
     def startService(self) -> None:
         self.listen()
-        super().startService()
+        Service.startService(self)
         self.log.info("admin: status page, API and /metrics on http://{address}/{auth}",
                       address=self.address(),
                       auth="" if self._token is None else " (changes need the token)")
 
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
+    def stopService(self) -> defer.Deferred[None]:
+        Service.stopService(self)
 
-        def close() -> defer.Deferred:
+        def close() -> defer.Deferred[None]:
             port, self.port = self.port, None
             self.connections.close_all()
             if port is None:

@@ -78,7 +78,7 @@ class StatusPage(Resource):
     def __init__(self, view: IAdminView, clock: IReactorTime,
                  token: Optional[Callable[[], Optional[str]]] = None,
                  refresh: int = REFRESH_SECONDS) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self.view = view
         self.clock = clock
         self.token = token or (lambda: view.config().admin.token)

@@ -17,4 +17,6 @@ def create(name: str, *, rng: Optional[_random.Random] = None,
            hash_balance_factor: Optional[float] = None) -> IBalancer:
     """Build the balancer called ``name`` (a validated ``balance`` value)."""
     module = importlib.import_module(f"lb.balancer.{name}")
-    return module.Balancer(rng=rng or _random.Random(), hash_balance_factor=hash_balance_factor)
+    balancer: IBalancer = module.Balancer(rng=rng or _random.Random(),
+                                          hash_balance_factor=hash_balance_factor)
+    return balancer

@@ -17,37 +17,40 @@ rescans the pool.
 from __future__ import annotations
 
 import heapq
-from typing import Any, Dict, List, Optional, Tuple
+import random as _random
+from typing import Dict, List, Optional, Tuple
 
 from zope.interface import implementer
 
 from lb.balancer.roundrobin import heap_in_order, scaled_weight
 from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
+from lb.peer import Peer
 
 _STRIDE_ONE = 1 << 40  # a pick of a weight-1 peer advances its pass by 2**40 / 1000
 
-_Item = Tuple[float, int, int, Any]  # (load, pass, sequence, peer)
+_Item = Tuple[float, int, int, Peer]  # (load, pass, sequence, peer)
 
 
 @implementer(IBalancer)
 class Balancer:
     """Weighted least connections with weighted round-robin among ties."""
 
-    def __init__(self, rng: Any = None, hash_balance_factor: Optional[float] = None) -> None:
+    def __init__(self, rng: Optional[_random.Random] = None,
+                 hash_balance_factor: Optional[float] = None) -> None:
         self._heap: List[_Item] = []
-        self._live: Dict[Any, _Item] = {}  # peer -> its current heap item
-        self._pass: Dict[Any, int] = {}
-        self._weight: Dict[Any, int] = {}
+        self._live: Dict[Peer, _Item] = {}  # peer -> its current heap item
+        self._pass: Dict[Peer, int] = {}
+        self._weight: Dict[Peer, int] = {}
         self._seq = 0
         self._vtime = 0  # pass of the latest pick: where newcomers start
 
     def __len__(self) -> int:
         return len(self._live)
 
-    def _stride(self, peer: Any) -> int:
+    def _stride(self, peer: Peer) -> int:
         return _STRIDE_ONE // max(1, self._weight[peer])
 
-    def _push(self, peer: Any) -> None:
+    def _push(self, peer: Peer) -> None:
         weight = self._weight[peer]
         if weight <= 0:
             self._live.pop(peer, None)  # no weight, no new connections
@@ -61,7 +64,7 @@ class Balancer:
             self._heap = [i for i in heap if self._live.get(i[3]) is i]
             heapq.heapify(self._heap)
 
-    def add(self, peer: Any) -> None:
+    def add(self, peer: Peer) -> None:
         if peer in self._weight:
             return
         self._weight[peer] = scaled_weight(peer)
@@ -69,18 +72,18 @@ class Balancer:
         self._pass[peer] = self._vtime + self._stride(peer) // 2
         self._push(peer)
 
-    def remove(self, peer: Any) -> None:
+    def remove(self, peer: Peer) -> None:
         if self._weight.pop(peer, None) is None:
             return
         self._pass.pop(peer, None)
         self._live.pop(peer, None)
 
-    def reweight(self, peer: Any) -> None:
+    def reweight(self, peer: Peer) -> None:
         if peer in self._weight:
             self._weight[peer] = scaled_weight(peer)
             self._push(peer)
 
-    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Any]:
+    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Peer]:
         exclude = context.exclude
         heap, live = self._heap, self._live
         while heap and live.get(heap[0][3]) is not heap[0]:
@@ -104,10 +107,10 @@ class Balancer:
         self._push(peer)
         return peer
 
-    def load_added(self, peer: Any) -> None:
+    def load_added(self, peer: Peer) -> None:
         if peer in self._live:
             self._push(peer)
 
-    def load_removed(self, peer: Any) -> None:
+    def load_removed(self, peer: Peer) -> None:
         if peer in self._live:
             self._push(peer)

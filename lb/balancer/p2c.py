@@ -9,12 +9,13 @@ one least-loaded peer (Mitzenmacher; Envoy's and nginx's ``random two``).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from zope.interface import implementer
 
 from lb.balancer import random as weighted_random
 from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
+from lb.peer import Peer
 
 
 @implementer(IBalancer)
@@ -22,7 +23,7 @@ class Balancer(weighted_random.Balancer):
     """Weighted power of two choices on active connections (``balance: p2c``): the weighted
     random draw, twice."""
 
-    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Any]:
+    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Peer]:
         exclude = context.exclude
         first = self._set.draw(self._rng, exclude)
         if first is None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import random as _random
 from bisect import bisect_right
 from itertools import accumulate
-from typing import AbstractSet, Any, Dict, List, Optional
+from typing import AbstractSet, Dict, List, Optional
 
 from zope.interface import implementer
 
 from lb.balancer.roundrobin import scaled_weight
 from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
+from lb.peer import Peer
 
 # Importing this module binds ``lb.balancer.random`` to it, shadowing the standard
 # library's ``random`` that lb/balancer/__init__.py imported under the same name; keep
@@ -31,27 +32,27 @@ class WeightedSet:
     """Peers with integer weights, for weighted draws in O(log n) (shared with p2c)."""
 
     def __init__(self) -> None:
-        self._weights: Dict[Any, int] = {}  # insertion order is draw order: seeded = repeatable
-        self._peers: List[Any] = []
+        self._weights: Dict[Peer, int] = {}  # insertion order is draw order: seeded = repeatable
+        self._peers: List[Peer] = []
         self._cumulative: List[int] = []
-        self._index: Dict[Any, int] = {}
+        self._index: Dict[Peer, int] = {}
         self._dirty = False
 
     def __len__(self) -> int:
         return len(self._weights)
 
-    def __contains__(self, peer: Any) -> bool:
+    def __contains__(self, peer: Peer) -> bool:
         return peer in self._weights
 
-    def weight(self, peer: Any) -> int:
+    def weight(self, peer: Peer) -> int:
         return self._weights.get(peer, 0)
 
-    def set(self, peer: Any, weight: int) -> None:
+    def set(self, peer: Peer, weight: int) -> None:
         if self._weights.get(peer) != weight:
             self._weights[peer] = weight
             self._dirty = True
 
-    def discard(self, peer: Any) -> None:
+    def discard(self, peer: Peer) -> None:
         if self._weights.pop(peer, None) is not None:
             self._dirty = True
 
@@ -62,7 +63,7 @@ class WeightedSet:
         self._dirty = False
 
     def draw(self, rng: _random.Random,
-             exclude: AbstractSet[Any] = frozenset()) -> Optional[Any]:
+             exclude: AbstractSet[Peer] = frozenset()) -> Optional[Peer]:
         """A peer drawn by weight among those not in ``exclude``; None if none is left."""
         if self._dirty:
             self._build()
@@ -102,23 +103,23 @@ class Balancer:
     def __len__(self) -> int:
         return len(self._set)
 
-    def add(self, peer: Any) -> None:
+    def add(self, peer: Peer) -> None:
         if peer not in self._set:
             self._set.set(peer, scaled_weight(peer))
 
-    def remove(self, peer: Any) -> None:
+    def remove(self, peer: Peer) -> None:
         self._set.discard(peer)
 
-    def reweight(self, peer: Any) -> None:
+    def reweight(self, peer: Peer) -> None:
         if peer in self._set:
             self._set.set(peer, scaled_weight(peer))
 
-    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Any]:
+    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Peer]:
         exclude = context.exclude
         return self._set.draw(self._rng, exclude)
 
-    def load_added(self, peer: Any) -> None:
+    def load_added(self, peer: Peer) -> None:
         pass
 
-    def load_removed(self, peer: Any) -> None:
+    def load_removed(self, peer: Peer) -> None:
         pass

@@ -16,11 +16,13 @@ the winner pays is the sum of the weights that took part.
 from __future__ import annotations
 
 import heapq
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
+import random as _random
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from zope.interface import implementer
 
 from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
+from lb.peer import Peer
 
 _SCALE = 1000  # effective weights are floats (slow start); integers keep the sums exact
 
@@ -36,7 +38,7 @@ def heap_in_order(heap: Sequence[T]) -> Iterator[T]:
     if not heap:
         return
     size = len(heap)
-    frontier: List[tuple] = [(heap[0], 0)]
+    frontier: List[Tuple[T, int]] = [(heap[0], 0)]
     while frontier:
         item, i = heapq.heappop(frontier)
         yield item
@@ -47,7 +49,7 @@ def heap_in_order(heap: Sequence[T]) -> Iterator[T]:
                 heapq.heappush(frontier, (heap[left + 1], left + 1))
 
 
-def scaled_weight(peer: Any) -> int:
+def scaled_weight(peer: Peer) -> int:
     """A peer's effective weight as an integer in thousandths (0 for no weight)."""
     return max(0, int(round(peer.effective_weight * _SCALE)))
 
@@ -55,7 +57,7 @@ def scaled_weight(peer: Any) -> int:
 class _Entry:
     __slots__ = ("neg_key", "order", "peer", "alive", "weight")
 
-    def __init__(self, neg_key: int, order: int, peer: Any, weight: int) -> None:
+    def __init__(self, neg_key: int, order: int, peer: Peer, weight: int) -> None:
         self.neg_key = neg_key
         self.order = order
         self.peer = peer
@@ -91,10 +93,11 @@ class _Group:
 class Balancer:
     """nginx's smooth weighted round-robin (``balance: roundrobin``)."""
 
-    def __init__(self, rng: Any = None, hash_balance_factor: Optional[float] = None) -> None:
+    def __init__(self, rng: Optional[_random.Random] = None,
+                 hash_balance_factor: Optional[float] = None) -> None:
         self._groups: Dict[int, _Group] = {}
-        self._entries: Dict[Any, _Entry] = {}
-        self._order: Dict[Any, int] = {}  # first-seen order, nginx's tie-break
+        self._entries: Dict[Peer, _Entry] = {}
+        self._order: Dict[Peer, int] = {}  # first-seen order, nginx's tie-break
         self._next_order = 0
         self._picks = 0  # T
         self._total = 0
@@ -102,7 +105,7 @@ class Balancer:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _insert(self, peer: Any, current: int) -> None:
+    def _insert(self, peer: Peer, current: int) -> None:
         weight = scaled_weight(peer)
         order = self._order.get(peer)
         if order is None:
@@ -117,7 +120,7 @@ class Balancer:
         self._entries[peer] = entry
         self._total += weight
 
-    def _discard(self, peer: Any) -> Optional[int]:
+    def _discard(self, peer: Peer) -> Optional[int]:
         entry = self._entries.pop(peer, None)
         if entry is None:
             return None
@@ -132,21 +135,21 @@ class Balancer:
             heapq.heapify(group.heap)
         return -entry.neg_key + entry.weight * self._picks  # its current
 
-    def add(self, peer: Any) -> None:
+    def add(self, peer: Peer) -> None:
         if peer not in self._entries:
             self._insert(peer, 0)
 
-    def remove(self, peer: Any) -> None:
+    def remove(self, peer: Peer) -> None:
         self._discard(peer)
         self._order.pop(peer, None)
 
-    def reweight(self, peer: Any) -> None:
+    def reweight(self, peer: Peer) -> None:
         entry = self._entries.get(peer)
         if entry is not None and entry.weight != scaled_weight(peer):
             current = self._discard(peer)
             self._insert(peer, current or 0)
 
-    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Any]:
+    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Peer]:
         exclude = context.exclude
         if not self._entries:
             return None
@@ -186,8 +189,8 @@ class Balancer:
             self._insert(entry.peer, (grown or 0) - entry.weight)
         return peer
 
-    def load_added(self, peer: Any) -> None:
+    def load_added(self, peer: Peer) -> None:
         pass
 
-    def load_removed(self, peer: Any) -> None:
+    def load_removed(self, peer: Peer) -> None:
         pass

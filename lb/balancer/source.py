@@ -29,11 +29,12 @@ import struct
 from array import array
 from bisect import bisect_left, insort
 from hashlib import blake2b
-from typing import Any, Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set
 
 from zope.interface import implementer
 
 from lb.interfaces import NO_CONTEXT, IBalancer, PickContext
+from lb.peer import Peer
 
 _INDEX_BITS = 20  # up to 2**20 peers; a point keeps the upper 44 bits of its hash
 _INDEX_MASK = (1 << _INDEX_BITS) - 1
@@ -63,7 +64,7 @@ def peer_points(key: str, start: int, stop: int) -> List[int]:
 class _Member:
     __slots__ = ("key", "peer", "index", "points", "count", "target", "live")
 
-    def __init__(self, peer: Any, index: int) -> None:
+    def __init__(self, peer: Peer, index: int) -> None:
         self.key: str = peer.key
         self.peer = peer
         self.index = index
@@ -111,7 +112,7 @@ class Balancer:
             return 0
         return max(1, int(round(weight * self._per_weight)))
 
-    def add(self, peer: Any) -> None:
+    def add(self, peer: Peer) -> None:
         member = self._members.get(peer.key)
         if member is not None and member.live:
             return
@@ -130,7 +131,7 @@ class Balancer:
         self._active += peer.load
         self._set_weight(member, peer.effective_weight)
 
-    def remove(self, peer: Any) -> None:
+    def remove(self, peer: Peer) -> None:
         member = self._members.get(peer.key)
         if member is None or not member.live or member.peer is not peer:
             return
@@ -139,7 +140,7 @@ class Balancer:
         self._active -= peer.load
         self._set_weight(member, 0.0)
 
-    def reweight(self, peer: Any) -> None:
+    def reweight(self, peer: Peer) -> None:
         member = self._members.get(peer.key)
         if member is not None and member.live and member.peer is peer:
             self._set_weight(member, peer.effective_weight)
@@ -155,12 +156,12 @@ class Balancer:
         if member.target != member.count or not member.live:
             self._dirty.add(member)
 
-    def load_added(self, peer: Any) -> None:
+    def load_added(self, peer: Peer) -> None:
         member = self._members.get(peer.key)
         if member is not None and member.live and member.peer is peer:
             self._active += 1
 
-    def load_removed(self, peer: Any) -> None:
+    def load_removed(self, peer: Peer) -> None:
         member = self._members.get(peer.key)
         if member is not None and member.live and member.peer is peer:
             self._active = max(0, self._active - 1)
@@ -246,11 +247,12 @@ class Balancer:
     # --- picking -------------------------------------------------------------------------------
 
     def _cap(self, member: _Member) -> int:
+        assert self._factor is not None, "called only when bounded"
         weight = self._weights.get(member.key, 0.0)
-        cap = self._factor * (self._active + 1) * weight / self._total_weight  # type: ignore
+        cap = self._factor * (self._active + 1) * weight / self._total_weight
         return math.ceil(cap - 1e-9)  # 1.1 × 400 × 0.75 is 330, not 330.00000000000006
 
-    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Any]:
+    def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Peer]:
         exclude = context.exclude
         client = context.hash_key or context.client
         if self._dirty:
@@ -272,7 +274,7 @@ class Balancer:
         i = bisect_left(ring, position & _HASH_MASK)
         by_index = self._by_index
         bounded = self._factor is not None and self._total_weight > 0
-        first: Optional[Any] = None
+        first: Optional[Peer] = None
         seen: Set[int] = set()
         for step in range(size):
             member = by_index[ring[(i + step) % size] & _INDEX_MASK]

@@ -2,12 +2,12 @@
 
 One monitor per pool, on an injected clock. A peer's next probe starts ``interval`` after
 its last one ended (HAProxy's ``inter``, Envoy's ``interval``): one peer never has two probes
-in flight, and a ``timeout`` longer than the interval is fine. Each peer has its own phase: on start (or a reload, which
-builds a new monitor) the peers' phases are spread evenly over one interval, so a pool of
-many peers is never probed in bursts. A peer without a verdict yet (``unknown``) is probed
-at once and settles into its phase after that. At most ``concurrency`` probes run at a
-time, the rest wait in line; each probe is cancelled when it reaches ``timeout``;
-``stopService`` cancels every timer and probe.
+in flight, and a ``timeout`` longer than the interval is fine. Each peer has its own phase:
+on start (or a reload, which builds a new monitor) the peers' phases are spread evenly over
+one interval, so a pool of many peers is never probed in bursts. A peer without a verdict
+yet (``unknown``) is probed at once and settles into its phase after that. At most
+``concurrency`` probes run at a time, the rest wait in line; each probe is cancelled when it
+reaches ``timeout``; ``stopService`` cancels every timer and probe.
 
 Health state lives on the peers, not here: a new monitor picks up where the old one left
 off, and a peer that is re-announced keeps its counters. The monitor follows the pool's
@@ -21,7 +21,7 @@ that are not up with a TCP probe at the default interval.
 from __future__ import annotations
 
 from collections import Counter, deque
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from treq.client import HTTPClient
 from twisted.application.service import Service
@@ -33,13 +33,19 @@ from twisted.web.client import Agent
 from zope.interface import implementer
 
 from lb.config import HealthConfig
-from lb.health.probes import (HTTPProbe, Probe, ProbeResult, QuietHTTPConnectionPool,
-                              TCPProbe, unexpected)
-from lb.interfaces import IPoolPart
-from lb.peer import Peer
 from lb.health.passive import THRESHOLDS_WITHOUT_CHECKS
-from lb.pool import Pool
+from lb.health.probes import (
+    HTTPProbe,
+    Probe,
+    ProbeResult,
+    QuietHTTPConnectionPool,
+    TCPProbe,
+    unexpected,
+)
+from lb.interfaces import IPoolPart
 from lb.net import endpoint_for, format_seconds
+from lb.peer import Peer
+from lb.pool import Pool
 from lb.stats import HealthCheckStats
 
 PASS = "pass"
@@ -56,7 +62,7 @@ class _Slot:
         self.peer = peer
         self.timer: Optional[IDelayedCall] = None
         self.queued = False
-        self.in_flight: Optional[defer.Deferred] = None
+        self.in_flight: Optional[defer.Deferred[ProbeResult]] = None
         self.anchor = 0.0  # an early first probe counts as run here, for the next one's time
         self.dropped = False
 
@@ -89,7 +95,7 @@ class HealthMonitor(Service):
         self._stopping = False
         self._starting_next = False
         self._added = 0
-        self.checks: Counter = Counter()  # (peer key, "pass" | "fail") → probes run
+        self.checks: Counter[Tuple[str, str]] = Counter()  # (peer key, pass|fail) → probes run
 
     # --- what tests and the admin server (through stats) may read -------------------------
 
@@ -123,7 +129,7 @@ class HealthMonitor(Service):
     # --- service ---------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self._stopping = False
         self.pool.subscribe(self._peer_event)
         peers = [peer for peer in self.pool.peers.values() if self._wants(peer)]
@@ -150,7 +156,7 @@ class HealthMonitor(Service):
             except Exception:
                 self.log.failure("pool {pool}: health monitor cleanup failed",
                                  pool=self.pool.name)
-        return super().stopService()
+        return Service.stopService(self)
 
     # --- which peers -----------------------------------------------------------------------
 
@@ -286,7 +292,8 @@ def monitor_for(pool: Pool, health: Optional[HealthConfig], *, reactor: Any,
     if health is not None and health.type == "http":
         client = http
         if client is None:
-            connections = QuietHTTPConnectionPool(reactor, persistent=False)
+            connections = QuietHTTPConnectionPool(  # type: ignore[no-untyped-call]
+                reactor, persistent=False)
             client = HTTPClient(Agent(reactor, pool=connections,
                                       connectTimeout=settings.timeout))
             on_stop = connections.closeCachedConnections

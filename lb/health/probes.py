@@ -14,13 +14,13 @@ injected endpoint factory.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, NamedTuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, cast
 
 from hyperlink import EncodedURL
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint, ITransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived
@@ -84,7 +84,7 @@ def describe_http_error(failure: Failure, timeout: float, phase: str) -> str:
 
 def _parse_error(failure: Failure) -> str:
     value = failure.value
-    args = getattr(value, "args", ())
+    args: Sequence[object] = getattr(value, "args", ())
     what = str(args[0]) if args else "parse error"
     if len(args) > 1:
         data = args[1]
@@ -94,6 +94,12 @@ def _parse_error(failure: Failure) -> str:
     return what
 
 
+def _producer(transport: Optional[ITransport]) -> IPushProducer:
+    """A response body's transport, which IResponse.deliverBody says provides IPushProducer
+    (Twisted types a protocol's transport as an optional ITransport)."""
+    return cast(IPushProducer, transport)
+
+
 class _CappedBody(Protocol):
     """Reads a response body up to ``cap`` bytes and throws it away; fires ``done`` with
     None when the body ended, or with a detail string when it could not be read."""
@@ -101,14 +107,14 @@ class _CappedBody(Protocol):
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.size = 0
-        self.done: Deferred = Deferred(self._cancel)
+        self.done: Deferred[Optional[str]] = Deferred(self._cancel)
 
-    def _cancel(self, d: Deferred) -> None:
+    def _cancel(self, d: Deferred[Optional[str]]) -> None:
         self._stop()
 
     def _stop(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            _producer(self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         self.size += len(data)
@@ -116,7 +122,7 @@ class _CappedBody(Protocol):
             self.done.callback(f"response body larger than {self.cap // 1024} KiB")
             self._stop()
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         if reason.check(ResponseDone, http.PotentialDataLoss):
@@ -129,7 +135,7 @@ class _Discard(Protocol):
     """Takes a body nobody needs: stop the transfer at once."""
 
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        _producer(self.transport).stopProducing()
 
 
 class _IPLiteralURL(EncodedURL):
@@ -208,6 +214,8 @@ class HTTPProbe:
 class _Connected(Protocol):
     """Just connects: the probe closes it as soon as it is up."""
 
+    transport: ITransport  # connected: the endpoint makes it with its transport
+
 
 class _ConnectOnly(Factory):
     protocol = _Connected
@@ -235,6 +243,7 @@ class TCPProbe:
                 return ProbeResult(False,
                                    f"connect timeout after {format_seconds(self.timeout)}")
             return ProbeResult(False, describe_connect_failure(failure, self.timeout))
+        assert isinstance(protocol, _Connected), "what _ConnectOnly builds"
         protocol.transport.loseConnection()
         return ProbeResult(True, "connected")
 

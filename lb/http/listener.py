@@ -50,9 +50,9 @@ class HTTPCounters:
     touches prometheus_client)."""
 
     def __init__(self) -> None:
-        self.requests: Counter = Counter()  # (pool, code) → answers sent
-        self.errors: Counter = Counter()  # reason → answers lb made itself
-        self.retries: Counter = Counter()  # (pool, condition) → retries
+        self.requests: Counter[Tuple[str, int]] = Counter()  # (pool, code) → answers sent
+        self.errors: Counter[str] = Counter()  # reason → answers lb made itself
+        self.retries: Counter[Tuple[str, str]] = Counter()  # (pool, condition) → retries
         self.durations: Dict[str, Histogram] = {}  # pool → request durations
 
 
@@ -100,7 +100,7 @@ class HTTPListener(Listener):
         request_id = self.config.http.request_id
         self.id_lower = request_id.lower().encode() if request_id else None
 
-    def reconfigure(self, config: ListenerConfig, pool: Optional[Pool]) -> None:  # type: ignore[override]
+    def reconfigure(self, config: ListenerConfig, pool: Optional[Pool]) -> None:
         super().reconfigure(config, pool)  # type: ignore[arg-type]
         self._settings()
 

@@ -21,10 +21,15 @@ import os
 import select
 import socket
 from collections import deque
-from typing import Any, Deque, List, Optional, Protocol, Tuple
+from typing import Any, Deque, FrozenSet, List, Optional, Protocol, Tuple
 
-from httptools import (HttpParserCallbackError, HttpParserError, HttpParserUpgrade,
-                       HttpRequestParser, HttpResponseParser)
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+    HttpResponseParser,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -71,6 +76,8 @@ class HTTPHost(Protocol):
     def upstreams(self, pool: Pool) -> UpstreamPool: ...
 
     def counted(self, exchange: "Exchange") -> None: ...
+
+    def counted_retry(self, exchange: "Exchange", condition: str) -> None: ...
 
     def session_ended(self, session: Any, reason: str) -> None: ...
 
@@ -513,7 +520,7 @@ class Exchange:
         self.left = 0  # body bytes still to come (_LENGTH)
         self.chunks: Optional[ChunkScanner] = None
         self.retries = 0
-        self.tried: frozenset = frozenset()
+        self.tried: FrozenSet[Peer] = frozenset()
         self.fresh_retry = False
         self.close_client = False
         self.chunked_out = False

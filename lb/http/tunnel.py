@@ -80,4 +80,4 @@ class Tunnel:
             self.pair.abort()
 
     def buffered(self) -> int:
-        return self.pair.buffered()
+        return int(self.pair.buffered())

@@ -68,23 +68,25 @@ class UpstreamConnection:
 
     # --- the exchange's side ---------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
-        """Write now what the peer takes, keep the rest (flow control: see ``blocked``)."""
+    def send(self, data: bytes) -> bool:
+        """Write now what the peer takes, keep the rest (flow control: see ``blocked``);
+        False when the connection is gone."""
         if self.closed:
-            return
+            return False
         if self.pending is not None:
             self.pending = memoryview(bytes(self.pending) + data)
-            return
+            return True
         try:
             sent = self.sock.send(data)
         except BlockingIOError:
             sent = 0
         except OSError:
             self._lost(reset=True)
-            return
+            return False
         if sent < len(data):
             self.pending = memoryview(data)[sent:]
             self._update()
+        return True
 
     @property
     def blocked(self) -> bool:
@@ -217,8 +219,7 @@ class UpstreamPool:
             conn = idle.pop()
             if conn.closed:
                 continue
-            conn.send(first)
-            if conn.closed:  # the peer had just closed it: try the next one
+            if not conn.send(first):  # the peer had just closed it: try the next one
                 continue
             self.active[key] = self.active.get(key, 0) + 1
             connected(conn, b"")

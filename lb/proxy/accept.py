@@ -47,8 +47,9 @@ class RawClient:
         """What the client sent along with its connect (one non-blocking read; b"" if
         nothing yet). Passed to the peer as the connect's first write, it saves a wakeup per
         connection and tells at once whether the connect worked, as HAProxy does."""
+        assert self.socket is not None, "read before the pump takes it"
         try:
-            return self.socket.recv(READ_EARLY)  # type: ignore[union-attr]
+            return self.socket.recv(READ_EARLY)
         except BlockingIOError:
             return b""
 
@@ -117,7 +118,7 @@ class RawPort:
             try:
                 # _accept() gives the bare descriptor: socket.accept() would also turn the
                 # family and type into enums on every call
-                fd, sockaddr = listening._accept()  # type: ignore[attr-defined]
+                fd, sockaddr = listening._accept()  # type: ignore[attr-defined]  # not in typeshed
             except BlockingIOError:
                 return
             except OSError as e:

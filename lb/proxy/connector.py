@@ -11,7 +11,7 @@ over has been released in the pool.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Protocol, Sequence
+from typing import Any, Callable, FrozenSet, List, Optional, Protocol, Sequence
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectingCancelledError
@@ -55,7 +55,7 @@ class Attempt:
         self.first = first
         self.connected = connected
         self.failed = failed
-        self.tried: frozenset = frozenset(context.exclude)  # peers tried for this client
+        self.tried: FrozenSet[Peer] = frozenset(context.exclude)  # peers tried for it
         self.failures: List[str] = []
         self.peer: Optional[Peer] = None
         self.dialing: Optional[Cancellable] = None

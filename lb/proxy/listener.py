@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Set
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -25,8 +26,7 @@ from lb.proxy.carriers.transports import TransportClient
 from lb.proxy.connector import Dial
 from lb.proxy.connlog import ConnectionLog
 from lb.proxy.session import Session
-from lb.stats import HTTPStats
-from lb.stats import ListenerStats
+from lb.stats import HTTPStats, ListenerStats
 
 BACKLOG = 1024
 IDLE_SWEEP = 1.0  # at most this long between idle checks (less for short idle timeouts)
@@ -50,10 +50,10 @@ class Listener(Factory):
         self.connection_log = connection_log or ConnectionLog(reactor)
         self.sessions: Set[Session] = set()
         self.total = 0
-        self.refused: Counter = Counter()  # reason → count
-        self.ended: Counter = Counter()  # how connections ended → count
+        self.refused: Counter[str] = Counter()  # reason → count
+        self.ended: Counter[str] = Counter()  # how connections ended → count
         self.per_peer: Dict[str, List[int]] = {}  # peer key → [total, active]
-        self._idle_waiters: List[defer.Deferred] = []
+        self._idle_waiters: List[defer.Deferred[None]] = []
         self._idle_sweep: Optional[LoopingCall] = None
 
     @property
@@ -116,8 +116,10 @@ class Listener(Factory):
 
     def _allowed(self, addr: Any) -> bool:
         host = getattr(addr, "host", None)
+        if not isinstance(host, str):
+            return False
         try:
-            ip = ipaddress.ip_address(host)  # type: ignore[arg-type]
+            ip = ipaddress.ip_address(host)
         except ValueError:
             return False
         if ip.version == 6 and ip.ipv4_mapped is not None:
@@ -158,13 +160,13 @@ class Listener(Factory):
     def dial_for(self, front: Any) -> Dial:
         """How a session connects to peers: the pump's own connect for an IP peer when the
         client is a socket the pump can own, else a Twisted endpoint."""
-        pump, reactor = self.pump, self.reactor
-        direct = pump is not None and front.socket is not None
+        pump = self.pump if front.socket is not None else None  # direct: the pump's connect
+        reactor = self.reactor
 
         def dial(address: Address, timeout: float, first: bytes, connected: Any,
                  failed: Any) -> Any:
-            if direct and address.is_ip:
-                return pump.connect(address.host, address.port,  # type: ignore[union-attr]
+            if pump is not None and address.is_ip:
+                return pump.connect(address.host, address.port,
                                     timeout, address.is_ipv6, first, connected, failed)
             return transports.connect(reactor, address, timeout, first, connected, failed)
         return dial
@@ -245,11 +247,11 @@ class Listener(Factory):
         for key in [k for k, c in self.per_peer.items() if k not in live_keys and c[1] <= 0]:
             del self.per_peer[key]
 
-    def wait_idle(self) -> defer.Deferred:
+    def wait_idle(self) -> defer.Deferred[None]:
         """Fires once no connection is open."""
         if not self.sessions:
             return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._idle_waiters.append(d)
         return d
 
@@ -280,7 +282,7 @@ class ListenerService(Service):
 
     def startService(self) -> None:
         self.listen()
-        super().startService()
+        Service.startService(self)
         self.log.info("listener {name} on {bind} -> pool {pool}",
                       name=self.listener.config.name, bind=self.address(),
                       pool=self.listener.pool.name)
@@ -299,6 +301,7 @@ class ListenerService(Service):
         if self.port is None:
             return str(self.listener.config.bind)
         host = self.port.getHost()
+        assert isinstance(host, (IPv4Address, IPv6Address)), "a TCP port"
         return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
 
     def stats(self) -> ListenerStats:
@@ -328,20 +331,23 @@ class ListenerService(Service):
                       if key in live or active > 0},
             http=listener.http_stats())
 
-    def stop_accepting(self) -> defer.Deferred:
+    def stop_accepting(self) -> defer.Deferred[None]:
         port, self.port = self.port, None
         if port is None:
             return defer.succeed(None)
-        return defer.maybeDeferred(port.stopListening)
+        # maybeDeferred waits for the Deferred stopListening may return; its types do not
+        # say so (they make it a Deferred of that Deferred or None)
+        stopped = defer.maybeDeferred(port.stopListening)
+        return stopped  # type: ignore[return-value]
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
-        super().stopService()
+        Service.stopService(self)
         yield self.stop_accepting()
         yield self.drain(self.shutdown_timeout)
         self.listener.stop_idle_sweep()
 
-    def drain(self, timeout: float) -> defer.Deferred:
+    def drain(self, timeout: float) -> defer.Deferred[None]:
         """Wait for open connections to finish; cut what is left after ``timeout``."""
         listener = self.listener
         listener.drain_sessions()

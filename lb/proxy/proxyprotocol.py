@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Optional, Tuple
+from typing import Optional, Protocol, Tuple, Union
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
@@ -28,7 +28,7 @@ class HeaderReader:
 
     def __init__(self) -> None:
         self._buffer = b""
-        self._parser: Optional[object] = None
+        self._parser: Optional[Union[V1Parser, V2Parser]] = None
         self._seen = 0
 
     def feed(self, data: bytes) -> Tuple[Optional[ProxyInfo], bytes]:
@@ -49,7 +49,7 @@ class HeaderReader:
                 raise InvalidProxyHeader()
             data, self._buffer = buf, b""
         self._seen += len(data)
-        info, rest = self._parser.feed(data)  # type: ignore[attr-defined]
+        info, rest = self._parser.feed(data)
         if info is None:
             if self._seen > MAX_HEADER:
                 raise InvalidProxyHeader()
@@ -57,14 +57,25 @@ class HeaderReader:
         return info, rest or b""
 
 
-def _ip(address: object) -> Tuple[str, int]:
-    host = getattr(address, "host")
+class HostPort(Protocol):
+    """An IP address and port: Twisted's ``IPv4Address``/``IPv6Address`` (a host given as
+    bytes is ASCII text)."""
+
+    @property
+    def host(self) -> Union[str, bytes]: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+def _ip(address: HostPort) -> Tuple[str, int]:
+    host = address.host
     if isinstance(host, bytes):
         host = host.decode("ascii")
-    return host, int(getattr(address, "port"))
+    return host, int(address.port)
 
 
-def build_header(version: str, source: object, destination: object) -> bytes:
+def build_header(version: str, source: HostPort, destination: HostPort) -> bytes:
     """A PROXY header carrying the client's address (``source``) and the address it
     reached (``destination``); a mixed v4/v6 pair maps v4 into v6."""
     src_host, src_port = _ip(source)
@@ -76,8 +87,8 @@ def build_header(version: str, source: object, destination: object) -> bytes:
         else:
             dst = ipaddress.IPv6Address(f"::ffff:{dst}")
     if version == "v1":
-        family = "TCP4" if src.version == 4 else "TCP6"
-        return f"PROXY {family} {src} {dst} {src_port} {dst_port}\r\n".encode("ascii")
+        protocol = "TCP4" if src.version == 4 else "TCP6"
+        return f"PROXY {protocol} {src} {dst} {src_port} {dst_port}\r\n".encode("ascii")
     if src.version == 4:
         body = src.packed + dst.packed + struct.pack("!HH", src_port, dst_port)
         family = 0x11  # AF_INET, STREAM
@@ -87,9 +98,11 @@ def build_header(version: str, source: object, destination: object) -> bytes:
     return V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
 
 
-def address_of(info: ProxyInfo) -> Optional[object]:
+def address_of(info: ProxyInfo) -> Optional[Union[IPv4Address, IPv6Address]]:
     """The client address a PROXY header announces (None for LOCAL/UNKNOWN)."""
-    source = info.source
+    # object, not Optional[IAddress]: with an interface type, mypy-zope takes the isinstance
+    # as always true and the None branch as unreachable (Shoobx/mypy-zope#91)
+    source: object = info.source
     if isinstance(source, (IPv4Address, IPv6Address)):
         return source
     return None

@@ -14,7 +14,7 @@ the pump, be closed or be reset. After the join its *carrier* owns both sides.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Dict, Optional, Protocol, Sequence
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -22,8 +22,8 @@ from zope.interface import implementer
 from lb.interfaces import IClosable, PickContext
 from lb.net import host_port
 from lb.peer import Peer
-from lb.proxy import proxyprotocol
 from lb.pool import Pool
+from lb.proxy import proxyprotocol
 from lb.proxy.connector import Attempt, Dial
 
 ERROR = "error"  # lb failed handling this client (logged with its traceback)
@@ -118,12 +118,14 @@ class Session:
     # --- what the carrier reports (see lb.proxy.carriers) ---------------------------------
 
     def moved_in(self, n: int) -> None:
+        assert self.peer is not None, "connected"
         self.bytes_in += n
-        self.peer.bytes_in += n  # type: ignore[union-attr]
+        self.peer.bytes_in += n
 
     def moved_out(self, n: int) -> None:
+        assert self.peer is not None, "connected"
         self.bytes_out += n
-        self.peer.bytes_out += n  # type: ignore[union-attr]
+        self.peer.bytes_out += n
 
     def fin_received(self) -> None:
         self.half_closed = True
@@ -188,7 +190,7 @@ class Session:
             self.pool.connection_ended(self.peer, self)
         self.listener.session_ended(self, self.end_reason or "closed")
 
-    def describe(self, reason: str) -> dict:
+    def describe(self, reason: str) -> Dict[str, Any]:
         return {
             "client": host_port(self.client),
             "listener": self.listener.config.name,

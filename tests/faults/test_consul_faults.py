@@ -261,7 +261,8 @@ def test_poisoned_consul_answers_never_cost_a_request(cluster: Cluster,
                              ("slow", 1), ("hung", 1)):
             t0 = time.monotonic()
             fake.set(mode)
-            wait_for(lambda: fake.finished[mode] >= needed, timeout=PHASE_TIMEOUT,
+            wait_for(lambda mode=mode, needed=needed: fake.finished[mode] >= needed,
+                     timeout=PHASE_TIMEOUT,
                      what=f"lb to get {needed} {mode} answer(s)")
             assert consul_peers(cluster) == good, f"the pool changed during {mode}"
             phases.append((mode, fake.finished[mode], time.monotonic() - t0,

@@ -60,7 +60,7 @@ def test_ten_sighups_under_load_fail_nothing_and_keep_long_connections(
                 cluster.write_config(admin + config(port, [a, b], weight=1 + i % 3,
                                                     extra_listener=extra if i % 2 else 0))
                 cluster.lb.signal(signal.SIGHUP)
-                wait_for(lambda: cluster.lb.log().count("reloaded") == i + 1, timeout=10,
+                wait_for(lambda i=i: cluster.lb.log().count("reloaded") == i + 1, timeout=10,
                          what=f"reload {i + 1}")
                 assert accepts(extra) == bool(i % 2)
                 for sock in held:  # long-lived connections keep working across reloads

@@ -116,8 +116,20 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import (Any, AsyncIterator, Awaitable, Callable, Deque, Dict, List, Optional,
-                    Sequence, Set, Tuple, Union)
+from typing import (
+    Any,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Deque,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 from urllib.parse import parse_qsl, urlsplit
 
 HOST = "127.0.0.1"
@@ -279,7 +291,7 @@ class Request:
         try:
             return int(self.query.get(name, default))
         except ValueError:
-            raise BadRequest(400, f"{name} must be an integer")
+            raise BadRequest(400, f"{name} must be an integer") from None
 
 
 def parse_head(head: bytes, seq: int) -> Request:
@@ -287,7 +299,7 @@ def parse_head(head: bytes, seq: int) -> Request:
     try:
         text = head.decode("latin-1")
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
-        raise BadRequest(400, "undecodable head")
+        raise BadRequest(400, "undecodable head") from None
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[0] or not parts[1]:
@@ -610,7 +622,7 @@ class Connection(asyncio.Protocol):
                 keep = await handler(self, req)
             except BadRequest as exc:
                 await self.refuse(exc)
-                raise _Done()
+                raise _Done() from None
             if keep and not req.body_done:
                 await self.consume(req)  # the handler did not want it: drop it
             return keep

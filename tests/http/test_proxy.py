@@ -12,9 +12,18 @@ from typing import Any, Callable
 import pytest
 
 from tests.http.backend import Backend, size_body, size_digest
-from tests.http.clients import (ConnectionEnded, RawClient, curl_expect_upload,
-                                curl_head, curl_keepalive, curl_upload_chunked,
-                                http_client_request, keepalive, pipeline, ws_connect)
+from tests.http.clients import (
+    ConnectionEnded,
+    RawClient,
+    curl_expect_upload,
+    curl_head,
+    curl_keepalive,
+    curl_upload_chunked,
+    http_client_request,
+    keepalive,
+    pipeline,
+    ws_connect,
+)
 from tests.http.conftest import LB
 from tests.processes import wait_for
 

@@ -10,16 +10,31 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Protocol,
-                    Sequence, Tuple)
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+)
 from urllib.parse import urlsplit
 
 import treq
 from treq.client import HTTPClient
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
-from twisted.web.client import _HTTP11ClientFactory
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    ResponseFailed,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
+)
 
 import lb
 from lb.config import Address, ConsulConfig
@@ -168,10 +183,10 @@ class _QuietHTTPFactory(_HTTP11ClientFactory):
 def own_http_client(reactor: IReactorTime) -> Tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client for a watcher that was given none, and its connection pool (to close
     on stop): persistent connections, and no log line per connection."""
-    pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+    pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 2
     pool._factory = _QuietHTTPFactory
-    agent = Agent(reactor, pool=pool)  # type: ignore[no-untyped-call]
+    agent = Agent(reactor, pool=pool)
     return HTTPClient(agent), pool
 
 

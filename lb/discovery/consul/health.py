@@ -17,8 +17,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
 from lb.config import MAX_WEIGHT, Address, ConsulConfig, PoolConsulConfig, parse_address
-from lb.discovery.consul.api import (ConsulHTTPError, InvalidAnswer, Parsed, decode_json,
-                                     merge_specs, nothing_usable)
+from lb.discovery.consul.api import (
+    ConsulHTTPError,
+    InvalidAnswer,
+    Parsed,
+    decode_json,
+    merge_specs,
+    nothing_usable,
+)
 from lb.peer import DRAIN, READY, PeerSpec
 
 NODE_MAINTENANCE = "_node_maintenance"

@@ -30,8 +30,14 @@ from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote
 
 from lb.config import MAX_WEIGHT, ConsulConfig, parse_address
-from lb.discovery.consul.api import (ConsulHTTPError, InvalidAnswer, Parsed, decode_json,
-                                     merge_specs, nothing_usable)
+from lb.discovery.consul.api import (
+    ConsulHTTPError,
+    InvalidAnswer,
+    Parsed,
+    decode_json,
+    merge_specs,
+    nothing_usable,
+)
 from lb.peer import DRAIN, READY, PeerSpec
 
 DEFAULT_WEIGHT = 1

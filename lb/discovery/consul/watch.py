@@ -44,9 +44,18 @@ from zope.interface import implementer
 
 from lb.config import ConsulConfig, PoolConsulConfig
 from lb.discovery.consul import snapshot
-from lb.discovery.consul.api import (ConsulAnswer, ConsulClient, ConsulHTTPError,
-                                     InvalidAnswer, Query, describe_failure, merge_specs,
-                                     own_http_client, request_timeout, safe_url)
+from lb.discovery.consul.api import (
+    ConsulAnswer,
+    ConsulClient,
+    ConsulHTTPError,
+    InvalidAnswer,
+    Query,
+    describe_failure,
+    merge_specs,
+    own_http_client,
+    request_timeout,
+    safe_url,
+)
 from lb.discovery.consul.backoff import RETRY_MAX, TokenBucket, backoff_delay
 from lb.discovery.consul.health import ServiceQuery
 from lb.discovery.consul.kv import KVQuery
@@ -126,7 +135,7 @@ class ConsulWatcher(Service):
 
     def startService(self) -> None:
         """Serve the snapshot (if any) and start the loop."""
-        super().startService()  # type: ignore[no-untyped-call]
+        Service.startService(self)
         if self._http is None:
             self._http, self._own_http_pool = own_http_client(self.reactor)
         self.client = ConsulClient(self._http, self.settings)
@@ -139,7 +148,7 @@ class ConsulWatcher(Service):
     def stopService(self) -> Optional[defer.Deferred[Any]]:
         """Cancel what the loop waits for (request or pause), so nothing is left in the
         reactor; close our own HTTP connections, if we made any."""
-        super().stopService()  # type: ignore[no-untyped-call]
+        Service.stopService(self)
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
             waiting.cancel()  # the loop sees running is false and ends quietly
@@ -147,7 +156,7 @@ class ConsulWatcher(Service):
         if self._own_http_pool is not None:
             pool, self._own_http_pool, self._http = self._own_http_pool, None, None
             closing: defer.Deferred[Any]
-            closing = pool.closeCachedConnections()  # type: ignore[no-untyped-call]
+            closing = pool.closeCachedConnections()
             return closing
         return None
 
@@ -188,7 +197,7 @@ class ConsulWatcher(Service):
             except Exception:
                 if not self.running:
                     return  # stopService cancelled what we were waiting for
-                delay = self._crashed(Failure())  # type: ignore[no-untyped-call]
+                delay = self._crashed(Failure())
 
     async def _wait_for(self, d: defer.Deferred[T]) -> T:
         """Await ``d`` as the one Deferred stopService cancels."""
@@ -219,7 +228,7 @@ class ConsulWatcher(Service):
         except Exception:
             if not self.running:
                 raise
-            return self._failed(Failure(), timeout)  # type: ignore[no-untyped-call]
+            return self._failed(Failure(), timeout)
         return self._answered(answer, index)
 
     def _crashed(self, failure: Failure) -> float:

@@ -123,7 +123,8 @@ class Pump:
         """The reactor's poll found these events on the pump's descriptors."""
         now = self.reactor.seconds()
         fds = self._fds
-        self._batch = batch = []
+        batch: List[Tuple[Pair, _Flow]] = []
+        self._batch = batch
         try:
             for fd, events in ready:
                 entry = fds.get(fd)
@@ -216,7 +217,8 @@ class Pump:
         a timer for each; it stops once no connect is pending."""
         connects = self._connects
         if not connects:
-            self._connect_sweep.stop()  # type: ignore[union-attr]
+            assert self._connect_sweep is not None, "the sweep runs this"
+            self._connect_sweep.stop()
             self._connect_sweep = None
             return
         now = self.reactor.seconds()
@@ -325,9 +327,9 @@ class Pump:
     def _flush(self, pair: Pair, flow: _Flow) -> None:
         """Push what ``flow`` holds into its destination; resume reading when empty."""
         if flow.piped:
+            assert flow.pipe is not None, "bytes are piped"
             try:
-                m = os.splice(flow.pipe[0], flow.dst_fd, flow.piped,  # type: ignore[index]
-                              flags=_SPLICE_FLAGS)
+                m = os.splice(flow.pipe[0], flow.dst_fd, flow.piped, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 m = 0
             except OSError as e:
@@ -390,8 +392,8 @@ class Pump:
         if flow.blocked:
             try:
                 if flow.piped:
-                    os.splice(flow.pipe[0], flow.dst_fd, flow.piped,  # type: ignore[index]
-                              flags=_SPLICE_FLAGS)
+                    assert flow.pipe is not None, "bytes are piped"
+                    os.splice(flow.pipe[0], flow.dst_fd, flow.piped, flags=_SPLICE_FLAGS)
                 elif flow.pending is not None:
                     flow.dst.send(flow.pending)
             except OSError:
@@ -489,7 +491,7 @@ class Connect:
         except BlockingIOError:
             return  # still connecting
         except OSError as e:
-            self._give_up(_connect_error(e.errno))
+            self._give_up(_connect_error(e.errno or errno.EIO))  # send's errors have one
             return
         del self.pump._connects[self.fd]
         # still registered: adopt(peer_registered=True)

@@ -14,12 +14,18 @@ through an endpoint by ``connect``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Protocol as TypingProtocol
+from typing import Any, Callable, List, Optional, Tuple
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -49,6 +55,18 @@ class FrontHost(TypingProtocol):
     def session_for(self, front: Any, client: Any, destination: Any) -> Any: ...
 
 
+class ITCPStream(ITCPTransport, IConsumer, IPushProducer):
+    """What the carrier uses of a connected Twisted TCP transport (``tcp.Server`` and
+    ``tcp.Client`` have all of it, ``lb.testing.FakeTCPTransport`` what the tests use);
+    Twisted's types know a protocol's transport only as an optional ``ITransport``."""
+
+    def stopReading() -> None:
+        """Stop watching the socket for reading (``abstract.FileDescriptor``)."""
+
+    def stopWriting() -> None:
+        """Stop watching the socket for writing (``abstract.FileDescriptor``)."""
+
+
 def _clean(reason: Failure) -> bool:
     return reason.check(error.ConnectionDone) is not None
 
@@ -56,6 +74,8 @@ def _clean(reason: Failure) -> bool:
 @implementer(IHalfCloseableProtocol)
 class TransportClient(Protocol):
     """A client accepted as a Twisted transport (``listenTCP``)."""
+
+    transport: ITCPStream  # connected: Twisted makes the protocol with its transport
 
     def __init__(self, listener: FrontHost) -> None:
         self.listener = listener
@@ -73,24 +93,24 @@ class TransportClient(Protocol):
 
     def detach(self) -> None:
         """The pump takes the socket: Twisted stops watching it."""
-        self.transport.stopReading()  # type: ignore[attr-defined]
-        self.transport.stopWriting()  # type: ignore[attr-defined]
+        self.transport.stopReading()
+        self.transport.stopWriting()
 
     def close(self) -> None:
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.loseConnection()
 
     def abort(self) -> None:
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        self.transport.abortConnection()
 
     # Twisted's events
 
     def connectionMade(self) -> None:
         transport = self.transport
-        transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
-        self.session = self.listener.session_for(self, transport.getPeer(),  # type: ignore
-                                                 transport.getHost())  # type: ignore
+        transport.setTcpNoDelay(True)
+        self.session = self.listener.session_for(self, transport.getPeer(),
+                                                 transport.getHost())
         if self._header is None:
-            transport.pauseProducing()  # type: ignore[attr-defined]
+            transport.pauseProducing()
             self.session.start()
 
     def dataReceived(self, data: bytes) -> None:
@@ -110,7 +130,7 @@ class TransportClient(Protocol):
             info, rest = self._header.feed(data)
         except proxyprotocol.InvalidProxyHeader:
             session.end_reason = "bad_proxy_header"
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self.transport.abortConnection()
             return
         if info is None:
             return
@@ -118,7 +138,7 @@ class TransportClient(Protocol):
         session.client = proxyprotocol.address_of(info) or session.client
         if info.destination is not None:
             session.destination = info.destination
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.transport.pauseProducing()
         session.start(rest)
 
     def take_pending(self) -> bytes:
@@ -133,13 +153,13 @@ class TransportClient(Protocol):
             return
         self.eof = True
         if self.session is not None and self.session.attempt is None:
-            self.transport.loseConnection()  # EOF inside a PROXY header  # type: ignore
+            self.transport.loseConnection()  # EOF inside a PROXY header
 
     def writeConnectionLost(self) -> None:
         if self.join is not None:
             self.join.client_write_closed()
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.join is not None:
             self.join.client_lost(reason)
         elif self.session is not None:
@@ -151,20 +171,24 @@ class PeerProtocol(Protocol):
     """The peer's side; every event goes to its join."""
 
     join: Optional["TransportJoin"] = None
+    transport: ITCPStream  # connected: the endpoint makes the protocol with its transport
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        self.transport.setTcpNoDelay(True)
 
     def dataReceived(self, data: bytes) -> None:
-        self.join.from_peer(data)  # type: ignore[union-attr]
+        assert self.join is not None, "joined as it connected"
+        self.join.from_peer(data)
 
     def readConnectionLost(self) -> None:
-        self.join.peer_eof()  # type: ignore[union-attr]
+        assert self.join is not None, "joined as it connected"
+        self.join.peer_eof()
 
     def writeConnectionLost(self) -> None:
-        self.join.peer_write_closed()  # type: ignore[union-attr]
+        assert self.join is not None, "joined as it connected"
+        self.join.peer_write_closed()
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.join is not None:
             self.join.peer_lost(reason)
 
@@ -183,12 +207,12 @@ class _Once(Factory):
 
 def connect(reactor: Any, address: Address, timeout: float, first: bytes,
             connected: Callable[[PeerProtocol, bytes], None],
-            failed: Callable[[Failure], None]) -> Deferred:
+            failed: Callable[[Failure], None]) -> Deferred[None]:
     """Dial a peer through a Twisted endpoint (the Deferred is the cancellable handle);
     ``connected`` gets the protocol and ``first``, which the join writes."""
-    d = endpoint_for(reactor, address, timeout).connect(_Once(PeerProtocol()))
-    d.addCallbacks(lambda protocol: connected(protocol, first), failed)
-    return d
+    protocol = PeerProtocol()
+    d = endpoint_for(reactor, address, timeout).connect(_Once(protocol))
+    return d.addCallbacks(lambda _: connected(protocol, first), failed)
 
 
 class TransportJoin:
@@ -207,24 +231,24 @@ class TransportJoin:
         self.client_eof_seen = self.client_write_closed_ = False
         self.peer_eof_seen = self.peer_write_closed_ = False
         self.client_gone = self.peer_gone = False
-        self.fact: Optional[tuple] = None  # (kind, side) of the first failure
+        self.fact: Optional[Tuple[str, Optional[str]]] = None  # (kind, side): first failure
         client.join = peer.join = self
         ct, pt = client.transport, peer.transport
         if first:
-            pt.write(first)  # type: ignore[union-attr]
-        pt.registerProducer(ct, True)  # type: ignore[union-attr]
-        ct.registerProducer(pt, True)  # type: ignore[union-attr]
+            pt.write(first)
+        pt.registerProducer(ct, True)
+        ct.registerProducer(pt, True)
         if client.eof:
             self.client_eof()
         else:
-            ct.resumeProducing()  # type: ignore[union-attr]
+            ct.resumeProducing()
 
     # client → peer
 
     def from_client(self, data: bytes) -> None:
         self.session.last_active = self.clock.seconds()
         self.session.moved_in(len(data))
-        self.peer.transport.write(data)  # type: ignore[union-attr]
+        self.peer.transport.write(data)
 
     def client_eof(self) -> None:
         if self.client_eof_seen:
@@ -233,8 +257,8 @@ class TransportJoin:
         self.session.fin_received()
         if not self.peer_gone:
             pt = self.peer.transport
-            pt.unregisterProducer()  # type: ignore[union-attr]
-            pt.loseWriteConnection()  # type: ignore[union-attr]
+            pt.unregisterProducer()
+            pt.loseWriteConnection()
         self._client_done()
 
     def client_write_closed(self) -> None:
@@ -243,7 +267,7 @@ class TransportJoin:
 
     def _client_done(self) -> None:
         if self.client_eof_seen and self.client_write_closed_:
-            self.client.transport.loseConnection()  # type: ignore[union-attr]
+            self.client.transport.loseConnection()
 
     def client_lost(self, reason: Failure) -> None:
         self.client_gone = True
@@ -252,9 +276,9 @@ class TransportJoin:
             self.fact = ("reset", "client")
         if not self.peer_gone:
             if clean:
-                self.peer.transport.loseConnection()  # type: ignore[union-attr]
+                self.peer.transport.loseConnection()
             else:
-                self.peer.transport.abortConnection()  # type: ignore[union-attr]
+                self.peer.transport.abortConnection()
         self._maybe_closed()
 
     # peer → client
@@ -262,7 +286,7 @@ class TransportJoin:
     def from_peer(self, data: bytes) -> None:
         self.session.last_active = self.clock.seconds()
         self.session.moved_out(len(data))
-        self.client.transport.write(data)  # type: ignore[union-attr]
+        self.client.transport.write(data)
 
     def peer_eof(self) -> None:
         if self.peer_eof_seen:
@@ -271,8 +295,8 @@ class TransportJoin:
         self.session.fin_received()
         if not self.client_gone:
             ct = self.client.transport
-            ct.unregisterProducer()  # type: ignore[union-attr]
-            ct.loseWriteConnection()  # type: ignore[union-attr]
+            ct.unregisterProducer()
+            ct.loseWriteConnection()
         self._peer_done()
 
     def peer_write_closed(self) -> None:
@@ -281,7 +305,7 @@ class TransportJoin:
 
     def _peer_done(self) -> None:
         if self.peer_eof_seen and self.peer_write_closed_:
-            self.peer.transport.loseConnection()  # type: ignore[union-attr]
+            self.peer.transport.loseConnection()
 
     def peer_lost(self, reason: Failure) -> None:
         self.peer_gone = True
@@ -302,9 +326,9 @@ class TransportJoin:
     def abort(self) -> None:
         self.fact = ("aborted", None)
         if not self.peer_gone:
-            self.peer.transport.abortConnection()  # type: ignore[union-attr]
+            self.peer.transport.abortConnection()
         if not self.client_gone:
-            self.client.transport.abortConnection()  # type: ignore[union-attr]
+            self.client.transport.abortConnection()
 
     def buffered(self) -> int:
         return _buffered(self.client.transport) + _buffered(self.peer.transport)
@@ -314,4 +338,5 @@ def _buffered(transport: Any) -> int:
     """Bytes a Twisted transport holds for writing."""
     if transport is None or not hasattr(transport, "dataBuffer"):
         return 0
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore
+    held: int = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    return held
