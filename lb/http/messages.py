@@ -79,7 +79,7 @@ class RequestHead:
             return
         if kind == HOST:
             self.hosts += 1
-            self.host = value
+            self.host = value.strip(b" \t")
         elif kind == CONTENT_LENGTH:
             length = _content_length(value)
             if self.length is not None and self.length != length:
@@ -116,13 +116,17 @@ class RequestHead:
         # KEEP_ALIVE, TRAILER: hop-by-hop, dropped
 
     def check(self) -> None:
-        """What the parser does not refuse but lb must (RFC 9112 3.2, 6.1)."""
+        """What the parser does not refuse but lb must (RFC 9112 3.2, 6.1; RFC 9110 7.2)."""
         if self.length is not None and self.chunked:
             raise BadMessage("Content-Length with Transfer-Encoding")
+        if self.chunked and self.version != b"1.1":
+            raise BadMessage("Transfer-Encoding in an HTTP/1.0 request")
         if self.version == b"1.1" and self.hosts != 1:
             raise BadMessage("no Host header" if not self.hosts else "more than one Host")
         if self.hosts > 1:
             raise BadMessage("more than one Host")
+        if self.host is not None and not _HOST.fullmatch(self.host):
+            raise BadMessage("invalid Host header")
         if self.tokens:
             # headers the Connection header names are hop-by-hop too
             self.headers = [h for h in self.headers if h[0].lower() not in self.tokens]
@@ -293,11 +297,16 @@ class ChunkScanner:
 
 
 def _content_length(value: bytes) -> int:
-    """A Content-Length value: digits only (no sign, no list, no spaces inside)."""
+    """A Content-Length value: ASCII digits only (no sign, no list, no spaces inside, not
+    beyond 18 digits once leading zeros are gone)."""
     value = value.strip()
-    if not value.isdigit() or len(value) > 18:
+    if not value.isdigit() or len(value.lstrip(b"0")) > 18:
         raise BadMessage("invalid Content-Length")
     return int(value)
+
+
+# RFC 9110 7.2: uri-host [":" port]; uri-host an IP-literal in brackets or a reg-name
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:[0-9]{0,5})?")
 
 
 def is_token(value: bytes) -> bool:

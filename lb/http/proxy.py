@@ -172,14 +172,21 @@ class HTTPSession:
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as e:
+            # the parser stops after an Upgrade request: what follows is the tunnel's (or,
+            # if the peer refuses, HTTP again, read by a new parser)
             exchange = self.queue[-1] if self.queue else self.current
             if exchange is not None:
                 exchange.early = data[e.args[0]:]
             self.reading = False
-            self.closing = True  # the parser stops here: a tunnel, or the end
             self._update()
         except (HttpParserCallbackError, HttpParserError) as e:
             cause = e.__context__
+            if self.closing and self.head is None and not isinstance(cause, _TooLarge):
+                # bytes after a request that asked to close: never a request of their own
+                self.reading = False
+                self._update()
+                self._next()
+                return
             if isinstance(cause, _TooLarge):
                 self._refuse(cause.answer)
             else:
@@ -195,6 +202,8 @@ class HTTPSession:
     # --- parser callbacks (llhttp, through httptools) ------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.closing:
+            raise _Closing()  # a request after one that asked to close is not read
         self.head = RequestHead()
         self.head_started = self.listener.clock.seconds()
         self.in_url = self.in_head = True
@@ -277,6 +286,12 @@ class HTTPSession:
         self.listener.counted(exchange)
         if exchange.tunnel is not None:
             return
+        early = b""
+        if exchange.head.upgrade is not None:
+            # the peer refused the upgrade: the connection stays HTTP (RFC 9110 7.8), read
+            # from where the Upgrade request ended by a parser of its own
+            self.parser = HttpRequestParser(self)
+            early, exchange.early = exchange.early, b""
         if self.closing or exchange.close_client:
             self.closing = True
             if self.out is None:
@@ -288,6 +303,8 @@ class HTTPSession:
         self.reading = True
         if not self.mask & _IN:
             self._update()
+        if early:
+            self._feed(early)
 
     def write(self, data: bytes) -> None:
         """Send to the client now what it takes; keep the rest and read the peer no more
@@ -450,6 +467,11 @@ class HTTPSession:
         self.listener.session_ended(self, self.end_reason)
 
 
+class _Closing(Exception):
+    """Raised by the parser's callback for bytes after a request that closes the
+    connection."""
+
+
 class _TooLarge(Exception):
     def __init__(self, answer: Answer) -> None:
         super().__init__(answer.body.decode().strip())
@@ -474,6 +496,9 @@ def _check_target(head: RequestHead) -> None:
         authority, slash, path = rest.partition(b"/")
         if not authority or b"@" in authority:
             raise BadMessage("invalid absolute-form target")
+        if head.host is not None and head.host.lower() != authority.lower():
+            # lb routes by Host: a target naming another host is ambiguous, refused
+            raise BadMessage("absolute-form target and Host disagree")
         head.host = authority
         head.target = slash + path if slash else b"/"
         return

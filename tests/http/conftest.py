@@ -96,15 +96,27 @@ def backends() -> Iterator[Callable[..., Backend]]:
         backend.stop()
 
 
-@pytest.fixture
-def http_lb(lb_process: Callable[..., LB]) -> Callable[[int], int]:
-    """For the smuggling corpus: an http listener in front of one peer; returns its port."""
+@pytest.fixture(scope="module")
+def http_lb(tmp_path_factory: Any) -> Iterator[Callable[[int], int]]:
+    """For the smuggling corpus: an http listener in front of one peer (lb as a process,
+    default http settings); returns its port. Module-scoped: the corpus runs many cases."""
+    started: List[LB] = []
+
     def start(peer_port: int) -> int:
-        lb = lb_process(f"""\
+        lb = LB(tmp_path_factory.mktemp("lb-corpus"))
+        started.append(lb)
+        lb.start(f"""\
             listeners:
-              www: {{{{bind: "127.0.0.1:{{www}}", mode: http, pool: web}}}}
+              www:
+                bind: "127.0.0.1:{{www}}"
+                mode: http
+                pool: web
             pools:
-              web: {{{{peers: ["127.0.0.1:{peer_port}"], retries: 0}}}}
+              web:
+                peers: ["127.0.0.1:{peer_port}"]
+                retries: 0
             """, www=0)
         return lb.port("www")
-    return start
+    yield start
+    for lb in started:
+        lb.stop()

@@ -13,8 +13,18 @@ import pytest
 from tests.http import record
 from tests.http.corpus import CASES, Case, by_id
 from tests.http.peer import RecordingPeer, Traffic
-from tests.http.run_corpus import (ClientResult, Response, describe, judge, llhttp_verdict, main,
-                                   parse_responses, run_case, run_corpus, summarize)
+from tests.http.run_corpus import (
+    ClientResult,
+    Response,
+    describe,
+    judge,
+    llhttp_verdict,
+    main,
+    parse_responses,
+    run_case,
+    run_corpus,
+    summarize,
+)
 
 pytestmark = pytest.mark.integration
 

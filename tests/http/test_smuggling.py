@@ -6,13 +6,10 @@ The corpus runs twice against one lb: each case in one write, then trickled in 5
 (1 KiB for the large ones), which puts CR and LF, names and colons, chunk sizes and their
 CRLF in different reads.
 
-Wiring: a fixture ``http_lb``, module- or session-scoped, that returns a callable
-``http_lb(peer_port) -> proxy_port``: it starts (or reuses) an lb with one ``mode: http``
-listener on 127.0.0.1 whose default ``pool`` has the single static peer
-``127.0.0.1:<peer_port>``, with default ``http`` settings (``max_header_size`` 16 KiB, as
-``corpus.HEADER_LIMIT`` assumes), and returns the listener's port; it stops what it started
-when its scope ends. lb may run in this process on the reactor or as a child process: the
-corpus runs in a thread (``deferToThread``), so the reactor keeps turning either way.
+The fixture ``http_lb`` (tests/http/conftest.py) runs lb as a process with one ``mode: http``
+listener whose default pool is the recording peer, with default ``http`` settings
+(``max_header_size`` 16 KiB, as ``corpus.HEADER_LIMIT`` assumes). The corpus runs in a thread
+(``deferToThread``), so the reactor keeps turning.
 """
 
 from __future__ import annotations
@@ -20,15 +17,12 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Iterator
 
 import pytest
+import pytest_twisted
+from twisted.internet import threads
 
-pytest.importorskip("lb.http")
-
-import pytest_twisted  # noqa: E402
-from twisted.internet import threads  # noqa: E402
-
-from tests.http.corpus import CASES, Case  # noqa: E402
-from tests.http.peer import RecordingPeer  # noqa: E402
-from tests.http.run_corpus import CaseResult, describe, run_corpus  # noqa: E402
+from tests.http.corpus import CASES, Case
+from tests.http.peer import RecordingPeer
+from tests.http.run_corpus import CaseResult, describe, run_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
