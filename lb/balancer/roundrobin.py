@@ -151,8 +151,14 @@ class Balancer:
 
     def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Peer]:
         exclude = context.exclude
-        if not self._entries:
+        entries = self._entries
+        if not entries:
             return None
+        if len(entries) == 1 and not exclude:
+            # one peer: it is every pick (its `current` would grow by its weight and pay
+            # it back, so the state need not move)
+            for only in entries.values():
+                return only.peer if only.weight else None
         skipped: List[_Entry] = []
         if exclude:
             skipped = [e for e in map(self._entries.get, exclude) if e is not None]

@@ -17,7 +17,6 @@ from lb.config import ListenerConfig
 from lb.http.answers import ERROR_REASONS
 from lb.http.proxy import Exchange, HTTPSession
 from lb.http.upstream import UpstreamPool
-from lb.net import host_port
 from lb.pool import Pool
 from lb.proxy.carriers.pump import Pump
 from lb.proxy.connlog import ConnectionLog
@@ -94,11 +93,13 @@ class HTTPListener(Listener):
         self.upstream_pools = upstream_pools
         self.counters = HTTPCounters()
         self.id_lower: Optional[bytes] = None
+        self.id_header = b""
         self._settings()
 
     def _settings(self) -> None:
         request_id = self.config.http.request_id
         self.id_lower = request_id.lower().encode() if request_id else None
+        self.id_header = request_id.encode() if request_id else b""
 
     def reconfigure(self, config: ListenerConfig, pool: Optional[Pool]) -> None:
         super().reconfigure(config, pool)  # type: ignore[arg-type]
@@ -141,7 +142,7 @@ class HTTPListener(Listener):
         counters.requests[(pool, code)] += 1
         if exchange.error:
             counters.errors[exchange.error] += 1
-        now = self.clock.seconds()
+        now = exchange.session.now
         total = now - exchange.started
         histogram = counters.durations.get(pool)
         if histogram is None:
@@ -192,10 +193,6 @@ class HTTPListener(Listener):
                 d.callback(None)
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f}"
-
-
 def access_line(exchange: Exchange, listener: str, now: float) -> str:
     """``client listener request-id "METHOD target HTTP/v" status in= out= pool= peer=
     wait= connect= first= total= retries=`` (timings in ms: waiting for a peer, connecting,
@@ -204,17 +201,17 @@ def access_line(exchange: Exchange, listener: str, now: float) -> str:
     started = exchange.started
     picked = exchange.picked or now
     connected = exchange.connected_at or picked
-    sent = exchange.sent_at or connected
     first = exchange.first_at
-    peer = exchange.peer_key or "-"
     target = head.target.decode("latin-1")
     if len(target) > 500:
         target = target[:500] + "..."
-    request_id = exchange.request_id.decode("latin-1") if exchange.request_id else "-"
-    return (f"{host_port(exchange.session.client)} {listener} {request_id} "
-            f"\"{head.method.decode('latin-1')} {target} HTTP/{head.version.decode()}\" "
-            f"{exchange.status} in={exchange.bytes_in} out={exchange.bytes_out} "
-            f"pool={exchange.route or '-'} peer={peer} wait={_ms(picked - started)} "
-            f"connect={_ms(connected - picked)} "
-            f"first={_ms(first - sent) if first else '-'} total={_ms(now - started)} "
-            f"retries={exchange.retries}")
+    return '%s %s %s "%s %s HTTP/%s" %d in=%d out=%d pool=%s peer=%s wait=%.1f ' \
+        'connect=%.1f first=%s total=%.1f retries=%d' % (
+            exchange.session.client_text, listener,
+            exchange.request_id.decode("latin-1") if exchange.request_id else "-",
+            head.method.decode("latin-1"), target, head.version.decode(), exchange.status,
+            exchange.bytes_in, exchange.bytes_out, exchange.route or "-",
+            exchange.peer_key or "-", (picked - started) * 1000,
+            (connected - picked) * 1000,
+            "%.1f" % ((first - (exchange.sent_at or connected)) * 1000) if first else "-",
+            (now - started) * 1000, exchange.retries)

@@ -131,16 +131,15 @@ class RequestHead:
             # headers the Connection header names are hop-by-hop too
             self.headers = [h for h in self.headers if h[0].lower() not in self.tokens]
 
-    def serialize(self, extra: List[Header], upgrading: bool) -> bytes:
+    def serialize(self, extra: bytes, upgrading: bool) -> bytes:
         """The head sent to the peer: HTTP/1.1, the client's end-to-end headers, lb's
-        forwarding headers (``extra``) and lb's own framing."""
+        forwarding header lines (``extra``) and lb's own framing."""
         parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
         if self.host is not None:
             parts += [b"Host: ", self.host, b"\r\n"]
         for name, value in self.headers:
             parts += [name, b": ", value, b"\r\n"]
-        for name, value in extra:
-            parts += [name, b": ", value, b"\r\n"]
+        parts.append(extra)
         if self.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif self.length is not None:

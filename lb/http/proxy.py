@@ -38,7 +38,7 @@ from lb.http.answers import Answer
 from lb.http.messages import BadMessage, ChunkScanner, RequestHead, ResponseHead
 from lb.http.tunnel import Tunnel
 from lb.http.upstream import UpstreamConnection, UpstreamPool
-from lb.interfaces import IClosable, PickContext
+from lb.interfaces import NO_CONTEXT, IClosable, PickContext
 from lb.net import host_port
 from lb.peer import Peer
 from lb.pool import Pool
@@ -70,6 +70,7 @@ class HTTPHost(Protocol):
     config: Any  # the ListenerConfig (name, http settings, accept_proxy)
     access_log: Any
     id_lower: Optional[bytes]  # the request-id header's name, lower case (None: off)
+    id_header: bytes  # ... as written
 
     def route(self, head: RequestHead) -> Tuple[Optional[Pool], str]: ...
 
@@ -90,15 +91,22 @@ class HTTPSession:
                  "current", "queue", "out", "reading", "closing", "closed", "mask",
                  "last_active", "head_started", "head_bytes", "in_url", "in_head",
                  "header_reader",
-                 "started", "requests", "tunnel", "half_closed", "end_reason", "__weakref__")
+                 "started", "requests", "tunnel", "half_closed", "end_reason", "clock",
+                 "client_ip", "client_text", "pick_context", "now", "forwarded",
+                 "__weakref__")
 
     def __init__(self, listener: HTTPHost, sock: socket.socket, client: Any, destination: Any,
                  now: float) -> None:
         self.listener = listener
+        self.clock = listener.clock
         self.sock = sock
         self.fd = sock.fileno()
-        self.client = client
         self.destination = destination
+        self.client = client  # see _client_known: a PROXY header may change it
+        self.client_ip: Optional[str] = None
+        self.client_text = ""
+        self.pick_context = NO_CONTEXT
+        self._client_known()
         self.parser = HttpRequestParser(self)
         self.head: Optional[RequestHead] = None  # being read
         self.current: Optional[Exchange] = None  # being answered
@@ -108,7 +116,7 @@ class HTTPSession:
         self.closing = False  # close once the current answer is sent
         self.closed = False
         self.mask = _IN
-        self.started = self.last_active = now
+        self.started = self.last_active = self.now = now  # now: the event being handled
         self.head_started = 0.0  # when the request head being read began (408)
         self.head_bytes = 0
         self.in_url = False
@@ -148,7 +156,7 @@ class HTTPSession:
         if not data:
             self._client_eof()
             return
-        self.last_active = self.listener.clock.seconds()
+        self.last_active = self.now = self.clock.seconds()
         if self.header_reader is not None:
             try:
                 info, data = self.header_reader.feed(data)
@@ -160,11 +168,29 @@ class HTTPSession:
                 return
             self.header_reader = None
             self.client = proxyprotocol.address_of(info) or self.client
+            self._client_known()
             if info.destination is not None:
                 self.destination = info.destination
             if not data:
                 return
         self._feed(data)
+
+    def _client_known(self) -> None:
+        """What every request of this client uses: its address as text, as a pick context
+        for the balancer, and (when it is not a trusted proxy) the X-Forwarded headers lb
+        sets on each of its requests, but for X-Forwarded-Host."""
+        self.client_ip = getattr(self.client, "host", None)
+        self.client_text = host_port(self.client)
+        self.pick_context = PickContext(self.client_ip)
+        http = self.listener.config.http
+        self.forwarded = b""
+        if http.forwarded != "off" and not (
+                http.forwarded == "append" and _trusted(self.client_ip or "",
+                                                        http.trusted_proxies)):
+            port = getattr(self.destination, "port", "")
+            self.forwarded = (b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n"
+                              b"X-Forwarded-Port: %b\r\n" % (
+                                  (self.client_ip or "").encode(), str(port).encode()))
 
     def _feed(self, data: bytes) -> None:
         if self.in_head or self.head is None:
@@ -205,7 +231,7 @@ class HTTPSession:
         if self.closing:
             raise _Closing()  # a request after one that asked to close is not read
         self.head = RequestHead()
-        self.head_started = self.listener.clock.seconds()
+        self.head_started = self.now
         self.in_url = self.in_head = True
 
     def on_url(self, url: bytes) -> None:
@@ -250,7 +276,7 @@ class HTTPSession:
         self.head_bytes = 0
         self.in_head = False
         self.requests += 1
-        exchange = Exchange(self, head, self.listener.clock.seconds())
+        exchange = Exchange(self, head, self.now)
         self.queue.append(exchange)
         if not head.keep_alive:
             self.closing = True
@@ -382,7 +408,7 @@ class HTTPSession:
         """A request lb will not pass on (malformed, too large, too slow): answer it and
         close; nothing of it has reached a peer."""
         head = self.head or RequestHead()
-        exchange = Exchange(self, head, self.listener.clock.seconds())
+        exchange = Exchange(self, head, self.clock.seconds())
         self.head = None
         self.queue.clear()
         if self.current is not None:  # a pipelined request is bad: the answer in flight ends
@@ -413,6 +439,7 @@ class HTTPSession:
         if self.tunnel is not None:
             self.tunnel.expire(now)
             return
+        self.now = now
         http = self.listener.config.http
         if self.current is not None:
             self.current.expire(now)
@@ -595,43 +622,60 @@ class Exchange:
             first += b"".join(payload)
         self.unsent = []
         self.unsent_size = 0
+        self.picked = session.now
+        context = session.pick_context if not self.tried else PickContext(
+            session.client_ip, None, self.tried)
+        peer = None
+        if not fresh:
+            peer = pool.pick(context)
+            if peer is not None:
+                conn = upstreams.take(peer.key, first)
+                if conn is not None:  # the common case: a kept-alive connection
+                    pool.connection_started(peer, self)
+                    self._connected(peer, conn, b"")
+                    return
         dial = upstreams.dial if not fresh else _fresh(upstreams)
-        client = getattr(session.client, "host", None)
-        context = PickContext(client, None, self.tried)
-        self.picked = session.listener.clock.seconds()
         self.attempt = Attempt(pool, self, dial, context, first, self._connected,
-                               self._failed)
+                               self._failed, picked=peer)
         self.attempt.start()
 
-    def _forwarding(self) -> List[Tuple[bytes, bytes]]:
+    def _forwarding(self) -> bytes:
         """X-Forwarded-* and the request id, per the listener's ``forwarded`` setting."""
         session = self.session
         http = session.listener.config.http
         head = self.head
-        out: List[Tuple[bytes, bytes]] = []
+        if session.forwarded and not head.xff and not head.forwarded:
+            # the common case: headers fixed per client connection, and this request's Host
+            out = [session.forwarded]
+            if head.host is not None:
+                out += [b"X-Forwarded-Host: ", head.host, b"\r\n"]
+            if self.request_id is not None:
+                out += [session.listener.id_header, b": ", self.request_id, b"\r\n"]
+            return b"".join(out)
+        pairs: List[Tuple[bytes, bytes]] = []
         if http.forwarded != "off":
             client = getattr(session.client, "host", "") or ""
             client_b = client.encode()
             trusted = http.forwarded == "append" and _trusted(client, http.trusted_proxies)
             if trusted and head.xff:
-                out.append((b"X-Forwarded-For", head.xff + b", " + client_b))
+                pairs.append((b"X-Forwarded-For", head.xff + b", " + client_b))
             else:
-                out.append((b"X-Forwarded-For", client_b))
+                pairs.append((b"X-Forwarded-For", client_b))
             if trusted and head.forwarded:
-                out += head.forwarded
+                pairs += head.forwarded
             else:
                 port = getattr(session.destination, "port", "")
-                out.append((b"X-Forwarded-Proto", b"http"))
+                pairs.append((b"X-Forwarded-Proto", b"http"))
                 if head.host is not None:
-                    out.append((b"X-Forwarded-Host", head.host))
-                out.append((b"X-Forwarded-Port", str(port).encode()))
+                    pairs.append((b"X-Forwarded-Host", head.host))
+                pairs.append((b"X-Forwarded-Port", str(port).encode()))
         else:
             if head.xff is not None:
-                out.append((b"X-Forwarded-For", head.xff))
-            out += head.forwarded
+                pairs.append((b"X-Forwarded-For", head.xff))
+            pairs += head.forwarded
         if self.request_id is not None:
-            out.append((http.request_id.encode(), self.request_id))
-        return out
+            pairs.append((session.listener.id_header, self.request_id))
+        return b"".join(b"%b: %b\r\n" % pair for pair in pairs)
 
     def _connected(self, peer: Peer, conn: UpstreamConnection, unsent: bytes) -> None:
         self.attempt = None
@@ -639,7 +683,7 @@ class Exchange:
         self.peer_key = peer.key
         self.conn = conn
         conn.user = self
-        now = self.session.listener.clock.seconds()
+        now = self.session.now
         self.connected_at = now
         self.response = None
         self.body_mode = _HEAD
@@ -702,7 +746,7 @@ class Exchange:
             trailers = b"".join(b"%b: %b\r\n" % t for t in self.head.trailers or ())
             self._body_bytes(b"0\r\n" + trailers + b"\r\n")
         if self.conn is not None and not self.conn.blocked:
-            self.sent_at = self.session.listener.clock.seconds()
+            self.sent_at = self.session.now
         if self.answered and self.session.current is self:
             self._finish()
 
@@ -710,7 +754,7 @@ class Exchange:
         """The peer took what was waiting: read the client again."""
         if self.body_done:
             if not self.sent_at:
-                self.sent_at = self.session.listener.clock.seconds()
+                self.sent_at = self.session.now
         else:
             self.session.resume_reading()
 
@@ -719,8 +763,10 @@ class Exchange:
     def upstream_data(self, data: bytes) -> None:
         """Bytes of the answer: the head is read whole, then the body passed on as it comes
         (never decoded), its end found by its framing."""
+        session = self.session
+        session.now = now = session.clock.seconds()
         if not self.first_at:
-            self.first_at = self.session.listener.clock.seconds()
+            self.first_at = now
         self.resp_bytes += len(data)
         mode = self.body_mode
         try:

@@ -210,18 +210,24 @@ class UpstreamPool:
 
     # --- the connector's dial -----------------------------------------------------------------
 
+    def take(self, key: str, first: bytes) -> Optional[UpstreamConnection]:
+        """An idle connection to the peer ``key`` with ``first`` written on it (the last
+        used first: its socket is warm), or None."""
+        idle = self.idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.closed or not conn.send(first):  # the peer had just closed it
+                continue
+            self.active[key] = self.active.get(key, 0) + 1
+            return conn
+        return None
+
     def dial(self, address: Address, timeout: float, first: bytes,
              connected: Callable[[Any, bytes], None], failed: Callable[[Any], None]) -> Any:
         """An idle connection to ``address`` with ``first`` written on it, or a new one."""
         key = str(address)
-        idle = self.idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if conn.closed:
-                continue
-            if not conn.send(first):  # the peer had just closed it: try the next one
-                continue
-            self.active[key] = self.active.get(key, 0) + 1
+        conn = self.take(key, first)
+        if conn is not None:
             connected(conn, b"")
             return _Ready()
 

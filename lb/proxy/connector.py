@@ -43,11 +43,13 @@ class Attempt:
 
     log = Logger()
     __slots__ = ("pool", "owner", "dial", "context", "first", "connected", "failed", "tried",
-                 "failures", "peer", "dialing", "cancelled")
+                 "failures", "peer", "dialing", "cancelled", "_picked")
 
     def __init__(self, pool: Pool, owner: Any, dial: Dial, context: PickContext,
                  first: bytes, connected: Callable[[Peer, Any, bytes], None],
-                 failed: Callable[[str, Sequence[str]], None]) -> None:
+                 failed: Callable[[str, Sequence[str]], None],
+                 picked: Optional[Peer] = None) -> None:
+        """``picked``: a peer the caller already picked for the first try."""
         self.pool = pool
         self.owner = owner  # registered with the peer while picked (maint may abort it)
         self.dial = dial
@@ -60,6 +62,7 @@ class Attempt:
         self.peer: Optional[Peer] = None
         self.dialing: Optional[Cancellable] = None
         self.cancelled = False
+        self._picked = picked
 
     def start(self) -> None:
         self._next()
@@ -78,7 +81,10 @@ class Attempt:
 
     def _next(self) -> None:
         context = self.context
-        peer = self.pool.pick(context._replace(exclude=self.tried) if self.tried else context)
+        peer, self._picked = self._picked, None
+        if peer is None:
+            peer = self.pool.pick(context._replace(exclude=self.tried) if self.tried
+                                  else context)
         if peer is None:
             self.failed(CONNECT_FAILED if self.tried else NO_PEER, self.failures)
             return
