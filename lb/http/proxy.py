@@ -43,7 +43,10 @@ from lb.net import host_port
 from lb.peer import Peer
 from lb.pool import Pool
 from lb.proxy import proxyprotocol
+from lb.proxy.carriers.pump import PIPE_SIZE
 from lb.proxy.connector import Attempt
+
+_SPLICE_FLAGS = (os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE) if hasattr(os, "splice") else 0
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -51,6 +54,7 @@ _ERR = select.EPOLLERR | select.EPOLLHUP
 CHUNK = 65536
 KEEP_BODY = 65536  # request bodies up to this are kept, so the request can be retried
 PAUSE_AT = 262144  # bytes waiting for the client (or the peer) before the other side pauses
+SPLICE_AT = 65536  # body bytes still to come from which the rest goes through splice(2)
 MAX_ANSWER_HEAD = 65536  # a peer's answer head beyond this is a bad answer (502)
 # what the peer's bytes are, in Exchange.body_mode
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE = range(5)
@@ -132,8 +136,11 @@ class HTTPSession:
     # --- the pump's side ---------------------------------------------------------------------
 
     def on_event(self, fd: int, events: int) -> None:
-        if events & _OUT and self.out is not None:
-            self._flush()
+        if events & _OUT:
+            if self.out is not None:
+                self._flush()
+            elif self.current is not None and self.current.piped:
+                self.current.flush_pipe()
         if events & (_IN | _ERR) and not self.closed:
             if self.reading:
                 self._read()
@@ -381,7 +388,9 @@ class HTTPSession:
     def _update(self) -> None:
         if self.closed:
             return
-        mask = (_IN if self.reading else 0) | (_OUT if self.out is not None else 0)
+        current = self.current
+        writing = self.out is not None or (current is not None and current.piped)
+        mask = (_IN if self.reading else 0) | (_OUT if writing else 0)
         if mask != self.mask:
             self.mask = mask
             self.listener.pump.interest(self.fd, mask)
@@ -544,7 +553,7 @@ class Exchange:
                  "left", "chunks", "retries", "tried", "fresh_retry", "close_client",
                  "chunked_out", "answered", "head_sent", "out", "finished", "early", "tunnel",
                  "route", "request_id", "no_body", "error", "upstreams", "resp_bytes",
-                 "peer_key", "__weakref__")
+                 "peer_key", "splicing", "pipe", "piped", "__weakref__")
 
     def __init__(self, session: HTTPSession, head: RequestHead, now: float) -> None:
         self.session = session
@@ -587,6 +596,9 @@ class Exchange:
         self.error = ""  # lb_http_errors_total's reason, when lb answered itself
         self.resp_bytes = 0
         self.peer_key = ""  # the last peer that served it (for the access log)
+        self.splicing = False  # the rest of a long body goes through splice(2)
+        self.pipe: Optional[Tuple[int, int]] = None
+        self.piped = 0  # bytes in the pipe the client has not taken
 
     # --- the request ---------------------------------------------------------------------------
 
@@ -871,6 +883,9 @@ class Exchange:
             self.out.append(data)
             if self.left:
                 self._send_out()
+                if (self.left >= SPLICE_AT and self.session.out is None
+                        and self.session.listener.pump.splice):
+                    self._start_splice()
             else:
                 self._answer_done(reusable=True)
             return
@@ -878,6 +893,72 @@ class Exchange:
         self.bytes_out += left
         self.out.append(data[:left])
         self._answer_done(reusable=False)
+
+    # --- a long body through the kernel: socket → pipe → socket, never into Python ---------
+
+    def _start_splice(self) -> None:
+        self.splicing = True
+        self.pipe = self.session.listener.pump.take_pipe()
+
+    def _end_splice(self) -> None:
+        pipe, self.pipe = self.pipe, None
+        self.splicing = False
+        if pipe is not None:
+            self.session.listener.pump.give_pipe(pipe, empty=not self.piped)
+        self.piped = 0
+
+    def splice_body(self) -> None:
+        """The peer's socket is readable: move what it has to the client."""
+        conn = self.conn
+        pipe = self.pipe
+        assert conn is not None and pipe is not None
+        if self.piped:  # the client has not taken the last part: wait for it
+            conn.pause()
+            return
+        try:
+            n = os.splice(conn.fd, pipe[1], min(self.left, PIPE_SIZE), flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError:
+            conn.lost(reset=True)
+            return
+        if not n:
+            conn.lost(reset=False)  # closed in the middle of the body
+            return
+        self.session.now = self.session.clock.seconds()
+        self.left -= n
+        self.bytes_out += n
+        self.resp_bytes += n
+        self.piped = n
+        self.flush_pipe()
+
+    def flush_pipe(self) -> None:
+        """Move what the pipe holds to the client (also when the client is writable)."""
+        session = self.session
+        pipe = self.pipe
+        assert pipe is not None
+        try:
+            sent = os.splice(pipe[0], session.fd, self.piped, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            session.end_reason = "client_reset"
+            session.abort()
+            return
+        self.piped -= sent
+        conn = self.conn
+        if self.piped:
+            if conn is not None:
+                conn.pause()
+            session._update()  # woken when the client can take more
+            return
+        session._update()
+        if self.left:
+            if conn is not None:
+                conn.resume()
+            return
+        self._end_splice()
+        self._answer_done(reusable=True)
 
     def _chunked_body(self, data: bytes) -> None:
         used, done = self.chunks.feed(data)  # type: ignore[union-attr]
@@ -930,6 +1011,8 @@ class Exchange:
 
     def upstream_closed(self, reset: bool) -> None:
         """The peer closed or reset the connection before the answer was complete."""
+        if self.splicing:
+            self._end_splice()
         conn, self.conn = self.conn, None
         if conn is not None and self.upstreams is not None:
             self.upstreams.lost(conn)
@@ -1049,6 +1132,8 @@ class Exchange:
 
     def abort(self, reason: str = "") -> None:
         """Cut (maint, shutdown timeout, the client left): the peer connection is closed."""
+        if self.splicing:
+            self._end_splice()
         if self.attempt is not None:
             self.attempt.cancel()
             self.attempt = None

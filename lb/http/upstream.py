@@ -37,6 +37,10 @@ SWEEP = 1.0  # at most this long between checks of idle connections' age
 class UpstreamUser(Protocol):
     """What serves requests on an upstream connection (an exchange)."""
 
+    splicing: bool
+
+    def splice_body(self) -> None: ...
+
     def upstream_data(self, data: bytes) -> None: ...
 
     def upstream_closed(self, reset: bool) -> None: ...
@@ -116,7 +120,11 @@ class UpstreamConnection:
         if events & _OUT and self.pending is not None:
             self._flush()
         if events & (_IN | _ERR) and not self.closed and (self.reading or self.user is None):
-            self._read()
+            user = self.user
+            if user is not None and user.splicing:
+                user.splice_body()  # the body goes socket → pipe → socket in the kernel
+            else:
+                self._read()
 
     def on_bug(self) -> None:
         self.close(reset=True)
@@ -158,6 +166,10 @@ class UpstreamConnection:
             self.pool.discard(self)
             return
         user.upstream_data(data)
+
+    def lost(self, reset: bool) -> None:
+        """The exchange found the connection closed (while splicing)."""
+        self._lost(reset)
 
     def _lost(self, reset: bool) -> None:
         user, self.user = self.user, None

@@ -438,21 +438,28 @@ class Pump:
             pass
         return r, w
 
+    def take_pipe(self) -> Tuple[int, int]:
+        """A pipe for splicing (pooled: making one costs three system calls)."""
+        return self._pipes.pop() if self._pipes else self._new_pipe()
+
+    def give_pipe(self, pipe: Tuple[int, int], empty: bool) -> None:
+        """Back to the pool when it holds nothing; closed otherwise (or when the pool is
+        full)."""
+        if empty and len(self._pipes) < MAX_POOLED_PIPES:
+            self._pipes.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
     def _release_pipe(self, flow: _Flow, drop: bool = False) -> None:
         pipe = flow.pipe
         if pipe is None:
             return
         flow.pipe = None
-        if flow.piped and drop:
+        empty = not flow.piped
+        if not empty and drop:
             flow.piped = 0
-            os.close(pipe[0])
-            os.close(pipe[1])
-            return
-        if len(self._pipes) < MAX_POOLED_PIPES and not flow.piped:
-            self._pipes.append(pipe)
-        else:
-            os.close(pipe[0])
-            os.close(pipe[1])
+        self.give_pipe(pipe, empty)
 
 
 class Connect:
