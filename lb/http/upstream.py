@@ -338,8 +338,10 @@ class UpstreamPool:
             self.unwanted.discard(peer.key)
 
     def counts(self) -> Dict[str, Dict[str, int]]:
-        """Per peer: connections serving a request (``active``) and ``idle`` ones."""
-        out: Dict[str, Dict[str, int]] = {}
+        """Per peer: connections serving a request (``active``) and ``idle`` ones. Every peer
+        of the pool is listed, at zero when it has none, so a series does not vanish when a
+        peer closes its last idle connection."""
+        out: Dict[str, Dict[str, int]] = {key: {"active": 0, "idle": 0} for key in self.pool.peers}
         for key, n in self.active.items():
             out.setdefault(key, {"active": 0, "idle": 0})["active"] = n
         for key, conns in self.idle.items():
