@@ -232,6 +232,11 @@ class Pool:
     def pick(self, context: PickContext = NO_CONTEXT) -> Optional[Peer]:
         return self.balancer.pick(context)
 
+    def eligible(self, peer: Peer) -> bool:
+        """Whether ``peer`` may take new traffic now (what the balancer picks from): a
+        sticky client goes back to its peer only then."""
+        return peer in self._in_balancer and peer.effective_weight > 0
+
     def load_added(self, peer: Peer) -> None:
         """A connection or request to ``peer`` started (counted from pick time, so a burst
         spreads by least load)."""

@@ -115,6 +115,28 @@ class RequestHead:
                 self.te_trailers = True
         # KEEP_ALIVE, TRAILER: hop-by-hop, dropped
 
+    def get(self, lname: bytes) -> Optional[bytes]:
+        """The first value of header ``lname`` (lower case) as the client sent it, for routes
+        and hash keys; hop-by-hop and framing headers are lb's, not matched (None)."""
+        kind = KINDS.get(lname)
+        if kind is None:
+            for name, value in self.headers:
+                if len(name) == len(lname) and name.lower() == lname:
+                    return value
+            return None
+        if kind == HOST:
+            return self.host
+        if kind == XFF:
+            return self.xff
+        if kind == XF_OTHER:
+            for name, value in self.forwarded:
+                if name.lower() == lname:
+                    return value
+            return None
+        if kind == UPGRADE:
+            return self.upgrade
+        return None
+
     def check(self) -> None:
         """What the parser does not refuse but lb must (RFC 9112 3.2, 6.1; RFC 9110 7.2)."""
         if self.length is not None and self.chunked:

@@ -36,6 +36,7 @@ from zope.interface import implementer
 from lb.http import answers
 from lb.http.answers import Answer
 from lb.http.messages import BadMessage, ChunkScanner, RequestHead, ResponseHead
+from lb.http.sticky import StickyPeers, find_cookie, hash_key
 from lb.http.tunnel import Tunnel
 from lb.http.upstream import UpstreamConnection, UpstreamPool
 from lb.interfaces import NO_CONTEXT, IClosable, PickContext
@@ -553,7 +554,8 @@ class Exchange:
                  "left", "chunks", "retries", "tried", "fresh_retry", "close_client",
                  "chunked_out", "answered", "head_sent", "out", "finished", "early", "tunnel",
                  "route", "request_id", "no_body", "error", "upstreams", "resp_bytes",
-                 "peer_key", "splicing", "pipe", "piped", "__weakref__")
+                 "peer_key", "splicing", "pipe", "piped", "hash_key", "sticky",
+                 "sticky_peer", "cookie", "__weakref__")
 
     def __init__(self, session: HTTPSession, head: RequestHead, now: float) -> None:
         self.session = session
@@ -599,6 +601,10 @@ class Exchange:
         self.splicing = False  # the rest of a long body goes through splice(2)
         self.pipe: Optional[Tuple[int, int]] = None
         self.piped = 0  # bytes in the pipe the client has not taken
+        self.hash_key: Optional[str] = None  # what balance: source hashes, if not the IP
+        self.sticky: Optional[StickyPeers] = None  # the pool's sticky cookie, if it has one
+        self.sticky_peer: Optional[Peer] = None  # the peer the client's cookie names
+        self.cookie: Optional[bytes] = None  # the sticky cookie's value the client sent
 
     # --- the request ---------------------------------------------------------------------------
 
@@ -616,9 +622,16 @@ class Exchange:
             return
         self.pool = pool
         self.route = route
-        self.upstreams = listener.upstreams(pool)
+        upstreams = self.upstreams = listener.upstreams(pool)
         if listener.config.http.request_id is not None and self.request_id is None:
             self.request_id = _new_request_id()
+        config = pool.config
+        if config.sticky_cookie is not None:
+            self.sticky = upstreams.sticky_peers()
+            self.cookie = find_cookie(self.head, config.sticky_cookie.name.encode("latin-1"))
+            self.sticky_peer = self.sticky.peer_for(self.cookie)
+        if config.balance == "source" and config.hash_key.kind != "client_ip":
+            self.hash_key = hash_key(config.hash_key, self.head)
         self._connect(fresh=False)
 
     def _connect(self, fresh: bool) -> None:
@@ -635,11 +648,16 @@ class Exchange:
         self.unsent = []
         self.unsent_size = 0
         self.picked = session.now
-        context = session.pick_context if not self.tried else PickContext(
-            session.client_ip, None, self.tried)
-        peer = None
+        if self.tried or self.hash_key is not None:
+            context = PickContext(session.client_ip, self.hash_key, self.tried)
+        else:
+            context = session.pick_context
+        peer = self.sticky_peer
+        if peer is not None and peer in self.tried:
+            peer = None
         if not fresh:
-            peer = pool.pick(context)
+            if peer is None:
+                peer = pool.pick(context)
             if peer is not None:
                 conn = upstreams.take(peer.key, first)
                 if conn is not None:  # the common case: a kept-alive connection
@@ -857,6 +875,9 @@ class Exchange:
                 close = True
         self.close_client = close
         self.body_mode = mode
+        sticky = self.sticky
+        if sticky is not None:
+            extra += sticky.set_cookie(self.peer, self.cookie)
         self.out.append(response.serialize(extra, close, head.version == b"1.0"))
         self.head_sent = True
         if mode == _DONE:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Set
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from lb.http.sticky import StickyPeers
 from lb.net import Address
 from lb.peer import Peer
 from lb.pool import Pool
@@ -218,7 +219,15 @@ class UpstreamPool:
         self.active: Dict[str, int] = {}  # peer key → connections serving a request
         self.unwanted: Set[str] = set()  # peers leaving, draining or in maintenance
         self._sweep: Optional[LoopingCall] = None
+        self.closed = False  # the pool is gone: connections coming back are closed
+        self._sticky: Optional[StickyPeers] = None
         pool.subscribe(self._peer_event)
+
+    def sticky_peers(self) -> StickyPeers:
+        """The pool's sticky-cookie values (made when a request first needs them)."""
+        if self._sticky is None:
+            self._sticky = StickyPeers(self.pool)
+        return self._sticky
 
     # --- the connector's dial -----------------------------------------------------------------
 
@@ -267,7 +276,7 @@ class UpstreamPool:
         """An exchange is done with ``conn``: keep it idle when it may serve again."""
         conn.user = None
         self._done(conn.peer_key)
-        if (not reusable or conn.closed or conn.pending is not None
+        if (not reusable or self.closed or conn.closed or conn.pending is not None
                 or self.pool.config.keepalive <= 0 or conn.peer_key in self.unwanted):
             conn.close()
             return
@@ -349,7 +358,10 @@ class UpstreamPool:
         return out
 
     def close_all(self) -> None:
+        self.closed = True
         self.pool.unsubscribe(self._peer_event)
+        if self._sticky is not None:
+            self._sticky.close()
         for conns in list(self.idle.values()):
             for conn in list(conns):
                 conn.close()
