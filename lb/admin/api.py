@@ -58,7 +58,8 @@ class ApiError(Exception):
 
 
 def peer_json(peer: PeerStats) -> JSONBody:
-    """One peer as SPEC shows it, plus ``operator_state``, ``removing`` and failures."""
+    """One peer as SPEC shows it, plus ``operator_state``, ``removing``, failures and
+    outlier ejections."""
     last = peer.last_check
     return {
         "address": peer.address,
@@ -73,6 +74,8 @@ def peer_json(peer: PeerStats) -> JSONBody:
         "bytes_in": peer.bytes_in,
         "bytes_out": peer.bytes_out,
         "connect_failures": peer.connect_failures,
+        "ejected": peer.ejected,  # HTTP mode: taken out by outlier detection
+        "ejections": peer.ejections,
         "last_check": None if last is None else {
             "ok": last.ok, "detail": last.detail, "at": last.at},
     }

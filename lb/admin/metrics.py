@@ -234,8 +234,9 @@ def _http_families() -> Tuple[Any, ...]:
             "lb_http_request_duration_seconds", "HTTP requests from their head received to "
             "their answer's last byte sent.", labels=["listener", "pool"]),
         CounterMetricFamily(
-            "lb_http_retries_total", "HTTP requests sent again to another peer (or, after a "
-            "reused connection failed, on a fresh one), by condition.",
+            "lb_http_retries_total", "HTTP requests sent again: to another peer after a "
+            "failed connect or on a retry_on condition (reason = the condition), or on a fresh "
+            "connection after a reused one closed unanswered (reason reused-connection).",
             labels=["pool", "reason"]),
         CounterMetricFamily(
             "lb_http_errors_total", "Answers lb made itself, by reason.",

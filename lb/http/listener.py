@@ -202,14 +202,14 @@ def access_line(exchange: Exchange, listener: str, now: float) -> str:
     picked = exchange.picked or now
     connected = exchange.connected_at or picked
     first = exchange.first_at
-    target = head.target.decode("latin-1")
+    target = head.target.decode("latin-1") or "-"  # a refused request may have none
     if len(target) > 500:
         target = target[:500] + "..."
     return '%s %s %s "%s %s HTTP/%s" %d in=%d out=%d pool=%s peer=%s wait=%.1f ' \
         'connect=%.1f first=%s total=%.1f retries=%d' % (
             exchange.session.client_text, listener,
             exchange.request_id.decode("latin-1") if exchange.request_id else "-",
-            head.method.decode("latin-1"), target, head.version.decode(), exchange.status,
+            head.method.decode("latin-1") or "-", target, head.version.decode(), exchange.status,
             exchange.bytes_in, exchange.bytes_out, exchange.route or "-",
             exchange.peer_key or "-", (picked - started) * 1000,
             (connected - picked) * 1000,

@@ -65,6 +65,7 @@ _ID_PREFIX = os.urandom(6).hex()
 CONNECT_FAILURE = "connect-failure"
 EMPTY_RESPONSE = "empty-response"
 RESET = "reset"
+REUSED = "reused-connection"  # lb_http_retries_total: the keep-alive race, on a fresh one
 
 
 class HTTPHost(Protocol):
@@ -317,6 +318,7 @@ class HTTPSession:
         if self.current is not exchange:
             return
         self.current = None
+        self.last_active = self.now  # client_keepalive_timeout runs from here
         self.listener.counted(exchange)
         if exchange.tunnel is not None:
             return
@@ -418,7 +420,8 @@ class HTTPSession:
         """A request lb will not pass on (malformed, too large, too slow): answer it and
         close; nothing of it has reached a peer."""
         head = self.head or RequestHead()
-        exchange = Exchange(self, head, self.clock.seconds())
+        exchange = Exchange(self, head, self.head_started if self.head is not None
+                            else self.now)
         self.head = None
         self.queue.clear()
         if self.current is not None:  # a pipelined request is bad: the answer in flight ends
@@ -461,7 +464,10 @@ class HTTPSession:
             self.close()
 
     def drain(self) -> None:
-        """Shutdown: an idle connection closes now; one being answered closes after it."""
+        """Shutdown: an idle connection closes now; one being answered closes after it; a
+        tunnel runs on until the listener's ``shutdown_timeout`` (like a TCP connection)."""
+        if self.tunnel is not None:
+            return
         self.closing = True
         if self.current is None and not self.queue and self.out is None:
             self.close()
@@ -612,6 +618,8 @@ class Exchange:
         """Route, pick and connect (the session calls this when it is this request's turn)."""
         session = self.session
         listener = session.listener
+        if listener.id_lower is not None and self.request_id is None:
+            self.request_id = _new_request_id()
         try:
             pool, route = listener.route(self.head)
         except Exception:
@@ -623,8 +631,6 @@ class Exchange:
         self.pool = pool
         self.route = route
         upstreams = self.upstreams = listener.upstreams(pool)
-        if listener.config.http.request_id is not None and self.request_id is None:
-            self.request_id = _new_request_id()
         config = pool.config
         if config.sticky_cookie is not None:
             self.sticky = upstreams.sticky_peers()
@@ -659,7 +665,7 @@ class Exchange:
             if peer is None:
                 peer = pool.pick(context)
             if peer is not None:
-                conn = upstreams.take(peer.key, first)
+                conn = upstreams.take(peer.key, first, check=not self.head.idempotent)
                 if conn is not None:  # the common case: a kept-alive connection
                     pool.connection_started(peer, self)
                     self._connected(peer, conn, b"")
@@ -708,7 +714,9 @@ class Exchange:
         return b"".join(b"%b: %b\r\n" % pair for pair in pairs)
 
     def _connected(self, peer: Peer, conn: UpstreamConnection, unsent: bytes) -> None:
-        self.attempt = None
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None and attempt.failures:  # connected after failed connects
+            self._connect_retries(len(attempt.failures))
         self.peer = peer
         self.peer_key = peer.key
         self.conn = conn
@@ -731,8 +739,15 @@ class Exchange:
         else:
             self.session.resume_reading()
 
+    def _connect_retries(self, n: int) -> None:
+        self.retries += n
+        for _ in range(n):
+            self.session.listener.counted_retry(self, CONNECT_FAILURE)
+
     def _failed(self, reason: str, failures: Any) -> None:
         self.attempt = None
+        if len(failures) > 1:  # the connects after the first failed one were retries
+            self._connect_retries(len(failures) - 1)
         pool = self.pool
         assert pool is not None
         if reason == "no_peer" and not self.tried:
@@ -1045,9 +1060,14 @@ class Exchange:
             self._answered_by_close()
             return
         if self.resp_bytes == 0 and conn is not None and conn.reused and not self.fresh_retry \
-                and self.body is not None:
-            # the keep-alive race: the peer closed a connection we just reused
+                and self.body is not None and self.head.idempotent:
+            # The keep-alive race: the peer closed a connection we just reused, most likely
+            # before reading the request. Sent again on a fresh one, but only when repeating
+            # it is harmless: a POST might have been acted on (nginx and HAProxy do not
+            # repeat it either); for those, take() checked the connection was still open.
             self.fresh_retry = True
+            self.retries += 1
+            self.session.listener.counted_retry(self, REUSED)
             self._release_peer()
             self._connect(fresh=True)
             return

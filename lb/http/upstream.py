@@ -93,6 +93,18 @@ class UpstreamConnection:
             self._update()
         return True
 
+    def open(self) -> bool:
+        """The peer has neither closed this idle connection nor sent anything on it (either
+        makes it unusable: it is closed)."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            pass
+        self.close()
+        return False
+
     @property
     def blocked(self) -> bool:
         """The peer is not taking request bytes: stop reading the client."""
@@ -231,14 +243,16 @@ class UpstreamPool:
 
     # --- the connector's dial -----------------------------------------------------------------
 
-    def take(self, key: str, first: bytes) -> Optional[UpstreamConnection]:
+    def take(self, key: str, first: bytes, check: bool = False) -> Optional[UpstreamConnection]:
         """An idle connection to the peer ``key`` with ``first`` written on it (the last
-        used first: its socket is warm), or None."""
+        used first: its socket is warm), or None. ``check``: for a request that is not sent
+        twice (a POST), first make sure the peer has not closed the connection already (a
+        FIN not yet seen by the event loop); one peek, no byte consumed."""
         idle = self.idle.get(key)
         while idle:
             conn = idle.pop()
-            if conn.closed or not conn.send(first):  # the peer had just closed it
-                continue
+            if conn.closed or (check and not conn.open()) or not conn.send(first):
+                continue  # the peer had just closed it
             self.active[key] = self.active.get(key, 0) + 1
             return conn
         return None

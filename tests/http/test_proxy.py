@@ -223,6 +223,36 @@ def test_keep_alive_race_is_never_seen_by_the_client(lb_process: Start,
     assert peer.stats()["idle_closes"] >= 1
 
 
+def test_a_reused_connection_closed_without_an_answer_repeats_only_idempotent_requests(
+        lb_process: Start, backends: Callable[..., Backend]) -> None:
+    """A peer that closes a reused connection without answering (it may have acted on the
+    request): a GET is sent once more on a fresh connection, counted as a
+    ``reused-connection`` retry; a POST is never sent twice (502, the peer saw it once).
+    A POST on a connection the peer closed while idle still goes through: lb checks the
+    connection is open before reusing it for a request it will not repeat."""
+    peer = backends("p", idle_close_ms=300)
+    lb = simple(lb_process, peer, pool="    retries: 0")
+    port = lb.port("www")
+    with RawClient(port=port) as client:
+        assert client.request("GET", "/").status == 200  # lb now holds an idle connection
+        r = client.request("POST", "/close-before", body=b"pay once")
+        assert r.status == 502
+    assert peer.stats()["by_path"].get("/close-before") == 1
+    with RawClient(port=port) as client:
+        assert client.request("GET", "/").status == 200
+        assert client.request("GET", "/close-before").status == 502
+    assert peer.stats()["by_path"].get("/close-before") == 3  # the GET was sent twice
+    assert 'lb_http_retries_total{pool="web",reason="reused-connection"} 1.0' in \
+        lb.admin("/metrics")
+    for _ in range(3):  # the peer closes lb's idle connection; the next POST still works
+        assert keepalive(port, ["/"])[0].status == 200
+        wait_for(lambda: peer.stats()["idle_closes"] >= 1, timeout=5, what="an idle close")
+        with RawClient(port=port) as client:
+            r = client.request("POST", "/upload", body=b"x" * 100)
+            assert r.status == 200 and r.json()["length"] == 100
+        peer.reset_stats()
+
+
 def test_answers_lb_makes(lb_process: Start, backends: Callable[..., Backend]) -> None:
     """503 with no usable peer (naming the pool and how many are up), 502 when the peer
     closes without answering, 504 past response_timeout, 431 for headers over
@@ -311,6 +341,10 @@ def test_a_refused_connect_is_retried_on_another_peer(
     assert all(r.status == 200 and r.header("X-Backend") == "good" for r in answers)
     peer = lb.admin(f"/api/pools/web/peers/127.0.0.1:{dead}")
     assert peer["connect_failures"] >= 1
+    # the retry is counted, in the metric and in the request's access line
+    assert 'lb_http_retries_total{pool="web",reason="connect-failure"}' in lb.admin("/metrics")
+    wait_for(lambda: any(line.endswith(" retries=1") for line in lb.access_lines()),
+             what="an access line with retries=1")
 
 
 def test_clients_curl_and_http_client(lb_process: Start,
@@ -357,7 +391,17 @@ def test_bad_requests_get_400_and_reach_no_peer(lb_process: Start,
             r = client.read_response(timeout=5)
             assert r.status == 400, raw
             assert client.peer_closed()
+    with RawClient(port=lb.port("www")) as client:
+        client.send(b"\x16\x03\x01 not http\r\n\r\n")
+        assert client.read_response(timeout=5).status == 400
     assert peer.stats()["requests"] == 0
+    # each has its access line, timed from its head's start (never negative), "-" for what
+    # the client never sent
+    wait_for(lambda: len(lb.access_lines()) == 5, what="five access lines")
+    lines = [line.split("] ", 1)[1] for line in lb.access_lines()]
+    assert all(" 400 in=0 out=" in line and " wait=-" not in line
+               and " total=-" not in line for line in lines), lines
+    assert '"- - HTTP/1.1" 400' in lines[-1], lines[-1]
 
 
 def test_slow_reader_of_a_big_answer_keeps_lb_memory_bounded(
@@ -452,7 +496,8 @@ def test_outlier_detection_ejects_a_peer_serving_5xx(lb_process: Start,
             r = client.request("GET", "/status?code=500")
             seen.append(r.header("X-Backend"))
     peer = lb.admin(f"/api/pools/web/peers/{bad.address}")
-    assert peer["admin_state"] == "ready"
+    assert peer["admin_state"] == "ready"  # ejection is not an admin state...
+    assert (peer["ejected"], peer["ejections"]) == (True, 1)  # ...the API shows it apart
     assert seen.count("bad") == 3, seen  # ejected after its third 500
     metrics = lb.admin("/metrics")
     assert f'lb_outlier_ejections_total{{peer="{bad.address}",pool="web"}} 1.0' in metrics
@@ -503,6 +548,46 @@ def test_sigterm_answers_requests_in_flight_with_connection_close(
     finally:
         idle.close()
         busy.close()
+
+
+def test_sigterm_gives_a_websocket_tunnel_shutdown_timeout(
+        lb_process: Start, backends: Callable[..., Backend]) -> None:
+    """SIGTERM: an upgraded connection is not cut at once; it keeps working (like a TCP
+    connection) until shutdown_timeout, then it is closed and lb exits."""
+    import signal
+    peer = backends("p")
+    lb = simple(lb_process, peer, listener="shutdown_timeout: 2s")
+    with ws_connect(f"ws://127.0.0.1:{lb.port('www')}/ws") as ws:
+        ws.send("before")
+        assert ws.recv(timeout=5) == "before"
+        assert lb.proc is not None
+        lb.proc.signal(signal.SIGTERM)
+        wait_for(lambda: not accepts_now(lb.port("www")), timeout=5,
+                 what="the listener closing")
+        ws.send("during")  # the tunnel still carries messages after the listener closed
+        assert ws.recv(timeout=5) == "during"
+        assert lb.proc.wait(15) is not None  # cut at shutdown_timeout, then lb exits
+
+
+def test_client_keepalive_timeout_runs_from_the_end_of_the_answer(
+        lb_process: Start, backends: Callable[..., Backend]) -> None:
+    """client_keepalive_timeout is the idle time allowed between two requests: an answer
+    that took longer than it does not make the connection count as idle."""
+    peer = backends("p")
+    lb = simple(lb_process, peer, listener="    http: {{client_keepalive_timeout: 1s}}")
+    with RawClient(port=lb.port("www")) as client:
+        assert client.request("GET", "/slow?ms=1500").status == 200
+        time.sleep(0.4)  # the client's own pause between requests, shorter than the timeout
+        assert client.request("GET", "/").status == 200
+        assert client.peer_closed(timeout=5)  # and then idle past it: closed
+
+
+def accepts_now(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def test_draining_a_peer_lets_requests_finish_and_closes_its_idle_connections(
