@@ -177,9 +177,9 @@ class HTTPSession:
                 return
             self.header_reader = None
             self.client = proxyprotocol.address_of(info) or self.client
-            self._client_known()
             if info.destination is not None:
                 self.destination = info.destination
+            self._client_known()
             if not data:
                 return
         self._feed(data)
@@ -287,8 +287,8 @@ class HTTPSession:
         self.requests += 1
         exchange = Exchange(self, head, self.now)
         self.queue.append(exchange)
-        if not head.keep_alive:
-            self.closing = True
+        if not head.keep_alive or self.listener.config.http.client_keepalive_timeout <= 0:
+            self.closing = True  # answered with Connection: close, nothing after it read
 
     def on_body(self, data: bytes) -> None:
         exchange = self.queue[-1] if self.queue else self.current
@@ -721,6 +721,8 @@ class Exchange:
         self.peer_key = peer.key
         self.conn = conn
         conn.user = self
+        if attempt is not None:  # a new connection: the connect took its time
+            self.session.now = self.session.clock.seconds()
         now = self.session.now
         self.connected_at = now
         self.response = None

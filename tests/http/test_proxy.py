@@ -623,3 +623,17 @@ def test_accept_proxy_on_an_http_listener(lb_process: Start,
         r = client.request("GET", "/echo")
     headers = {k.lower(): v for k, v in r.json()["headers"]}
     assert headers["x-forwarded-for"] == "198.51.100.7"
+    assert headers["x-forwarded-port"] == "80"  # the port the client connected to
+
+
+def test_client_keepalive_timeout_zero_closes_after_each_answer(
+        lb_process: Start, backends: Callable[..., Backend]) -> None:
+    """client_keepalive_timeout: 0 answers every request with Connection: close and closes
+    the connection after it (a pipelined request behind it is not read)."""
+    peer = backends("p")
+    lb = simple(lb_process, peer, listener="    http: {{client_keepalive_timeout: 0s}}")
+    with RawClient(port=lb.port("www")) as client:
+        r = client.request("GET", "/")
+        assert r.status == 200 and r.header("Connection") == "close"
+        assert client.peer_closed(timeout=5)
+
