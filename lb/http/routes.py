@@ -3,8 +3,8 @@
 The rules are SPEC's "Routing": routes are tried in order (the config's, then Consul's) and
 the first whose matchers all match wins; ``host`` matches the Host header without its port,
 exactly or as ``*.suffix``; ``path_prefix`` matches whole segments; ``headers`` match exact
-values. Written as a loop over the routes that is the whole story, and ``tests`` keep such a
-loop as the reference this module must agree with.
+values. A loop over the routes would say it all, and the tests keep such a loop as the
+reference this table must agree with.
 
 Why not that loop: a listener in front of a Consul catalog can carry thousands of routes
 (one per service and path), and every request pays for the lookup on lb's one data-path
@@ -16,7 +16,8 @@ the most. So the table indexes what the rules can answer without trying a route:
   suffixes, label by label from the right, in a dict of wildcard suffixes -- only as many
   labels as the longest wildcard has, so a hostile Host of thousands of labels costs no
   more than a real one. Routes without a host sit in one more bucket, tried for every
-  request.
+  request. A listener sees few distinct Hosts, so the tries a Host leads to are remembered
+  for the next request that sends it (a bounded memo: made-up Hosts only cost the walk).
 - **Then the path, by segment trie.** Each host bucket holds a trie keyed by path segment;
   a route sits at the node its prefix ends at (``/v1`` and ``/v1/`` at the same node:
   they match the same whole segments; ``/`` at the root). Walking the request's segments
@@ -26,14 +27,15 @@ the most. So the table indexes what the rules can answer without trying a route:
 - **Order decides, not specificity.** Every route keeps its index in the match order; the
   nodes visited hold candidates that match host and path, and the winner is the lowest index
   among those whose headers match (headers are tried last and only on candidates: they are
-  rare, and checking one calls back into the request). A node's routes are kept sorted so
-  each node stops at its first header match or as soon as it cannot beat the best so far.
+  rare, and checking one calls back into the request). A node's routes are kept sorted, and
+  end at the first without headers (it always matches there, so none after it can win), so
+  each node stops at its first match or as soon as it cannot beat the best so far.
 
 The path is matched as sent, percent-encoding and all (``/%761/`` is not ``/v1/``), as
 HAProxy's ``path_beg`` does: decoding would make ``%2F`` a segment boundary and let two
-spellings of one path route differently from how the peer reads them. The table is
-immutable: a config reload or a Consul change builds a new one and swaps it in whole, so
-a request never sees half an update.
+spellings of one path route differently from how the peer reads them. A table's routes
+never change: a config reload or a Consul change builds a new table and swaps it in whole,
+so a request never sees half an update.
 """
 
 from __future__ import annotations
@@ -172,16 +174,24 @@ def host_key(value: Optional[str]) -> Optional[str]:
     return name[:-1] if name.endswith(".") else name
 
 
-_Entry = Tuple[int, Route]  # (index in match order, route)
+# (index in match order, its headers, the route)
+_Entry = Tuple[int, Tuple[Tuple[str, str], ...], Route]
+
+# Host header → its tries, remembered for the Hosts a listener sees (a few, usually); bounded
+# in count and length so that clients sending made-up Hosts cost only the walk they skip.
+_CACHED_HOSTS = 4096
+_CACHED_HOST_LENGTH = 255
 
 
 class _Node:
-    """A trie node: the routes whose prefix ends here, by index, and the next segments."""
+    """A trie node: the routes whose prefix ends here, by index (up to the first without
+    headers: it matches whenever this node is reached, so none after it can win), and the
+    next segments."""
 
-    __slots__ = ("routes", "children")
+    __slots__ = ("entries", "children")
 
     def __init__(self) -> None:
-        self.routes: List[_Entry] = []
+        self.entries: List[_Entry] = []
         self.children: Dict[str, _Node] = {}
 
 
@@ -194,9 +204,17 @@ def _segments(prefix: Optional[str]) -> List[str]:
     return trimmed.split("/")[1:] if trimmed else []
 
 
+def _child(nodes: Dict[str, _Node], key: str) -> _Node:
+    node = nodes.get(key)
+    if node is None:
+        node = nodes[key] = _Node()
+    return node
+
+
 class RouteTable:
     """The routes of one http listener in match order, indexed by host and path segments
-    (see the module's docstring). Immutable; ``match`` is all the data path calls."""
+    (see the module's docstring). Its routes never change; ``match`` is all the data path
+    calls."""
 
     def __init__(self, config_routes: Sequence[RouteConfig], consul_routes: Sequence[Route],
                  default_pool: Optional[str]) -> None:
@@ -209,6 +227,7 @@ class RouteTable:
         self._any: Optional[_Node] = None  # routes without a host
         self._wild_dots = 0  # dots in the longest wildcard suffix: how far a Host is walked
         self._depth = 0  # segments in the deepest prefix: how far a path is split
+        self._by_host: Dict[Optional[str], Tuple[_Node, ...]] = {}  # see _CACHED_HOSTS
         for index, route in enumerate(self._routes):
             host = route.host
             if host is None:
@@ -216,16 +235,18 @@ class RouteTable:
                     self._any = _Node()
                 root = self._any
             elif host.startswith("*."):
-                root = self._wild.setdefault(host[2:], _Node())
+                root = _child(self._wild, host[2:])
                 self._wild_dots = max(self._wild_dots, host.count(".") - 1)
             else:
-                root = self._exact.setdefault(host, _Node())
+                root = _child(self._exact, host)
             node = root
             segments = _segments(route.path_prefix)
             for segment in segments:
-                node = node.children.setdefault(segment, _Node())
-            node.routes.append((index, route))  # in index order: routes are added in order
+                node = _child(node.children, segment)
             self._depth = max(self._depth, len(segments))
+            entries = node.entries  # in index order: routes are added in order
+            if not entries or entries[-1][1]:  # else one without headers is there already
+                entries.append((index, route.headers, route))
 
     def match(self, host: Optional[str], path: str, header: HeaderLookup) -> Optional[Route]:
         """The route a request takes: the first in match order whose matchers all match,
@@ -235,6 +256,43 @@ class RouteTable:
         dot; None when absent); ``path`` the request target as sent (origin-form with its
         query, or ``*``), matched without decoding percent-escapes; ``header(name)`` a
         header's value by lower-case name, or None (called only for routes with headers)."""
+        roots = self._by_host.get(host)
+        if roots is None:
+            roots = self._roots(host)
+            if host is None or len(host) <= _CACHED_HOST_LENGTH:
+                if len(self._by_host) >= _CACHED_HOSTS:
+                    self._by_host.clear()
+                self._by_host[host] = roots
+        if not roots:
+            return self.default
+        query = path.find("?")
+        if query >= 0:
+            path = path[:query]
+        # origin-form splits to ["", seg1, seg2, ...]; "*" (OPTIONS) has no segment, so only
+        # routes at a root ("/" or no prefix) match it
+        segments = path.split("/", self._depth + 1) if path.startswith("/") else [""]
+        depth = min(len(segments) - 1, self._depth)
+        best: Optional[Route] = None
+        best_index = len(self._routes)
+        for root in roots:
+            node: Optional[_Node] = root
+            i = 0
+            while node is not None:
+                for index, headers, route in node.entries:
+                    if index >= best_index:
+                        break
+                    if not headers or all(header(name) == value for name, value in headers):
+                        best, best_index = route, index
+                        break
+                if i == depth:
+                    break
+                i += 1
+                node = node.children.get(segments[i])
+        return best if best is not None else self.default
+
+    def _roots(self, host: Optional[str]) -> Tuple[_Node, ...]:
+        """The tries a Host leads to: its exact host's, the wildcards' it matches, and the
+        routes' without a host."""
         roots: List[_Node] = []
         key = host_key(host)
         if key is not None:
@@ -245,32 +303,7 @@ class RouteTable:
                 self._wild_roots(key, roots)
         if self._any is not None:
             roots.append(self._any)
-        if not roots:
-            return self.default
-        query = path.find("?")
-        if query >= 0:
-            path = path[:query]
-        # origin-form splits to ["", seg1, seg2, ...]; "*" (OPTIONS) matches only "/"
-        segments = path.split("/", self._depth + 1)[1:] if path.startswith("/") else []
-        depth = min(len(segments), self._depth)
-        best: Optional[Route] = None
-        best_index = len(self._routes)
-        for root in roots:
-            node: Optional[_Node] = root
-            i = 0
-            while node is not None:
-                for index, route in node.routes:
-                    if index >= best_index:
-                        break
-                    if not route.headers or all(header(name) == value
-                                                for name, value in route.headers):
-                        best, best_index = route, index
-                        break
-                if i == depth:
-                    break
-                node = node.children.get(segments[i])
-                i += 1
-        return best if best is not None else self.default
+        return tuple(roots)
 
     def _wild_roots(self, key: str, roots: List[_Node]) -> None:
         """Add the tries of the wildcards that ``key`` matches: a suffix after a dot with at

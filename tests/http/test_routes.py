@@ -188,6 +188,24 @@ def test_a_long_host_is_walked_only_as_far_as_the_longest_wildcard() -> None:
     assert t.match("a.b.c.d.example.org", "/", headers_of(NO_HEADERS)) is None
 
 
+def test_made_up_hosts_neither_grow_memory_nor_change_answers() -> None:
+    """The table remembers the tries of the Hosts it has seen, at most 4,096 of them and
+    none longer than 255 characters: a client sending a new Host with every request (or
+    16 KiB ones) cannot grow it, and answers stay the same before and after it forgets."""
+    t = table(RouteConfig(host="*.example.com", path_prefix="/a", pool="wild"),
+              RouteConfig(path_prefix="/b", pool="any"), default="web")
+    h = headers_of(NO_HEADERS)
+    for i in range(10_000):
+        host = f"h{i}.example.com" if i % 2 else f"h{i}.example.org:80"
+        assert pool_of(t.match(host, "/a/x", h)) == ("wild" if i % 2 else "web")
+        assert pool_of(t.match(host, "/b", h)) == "any"
+        assert len(t._by_host) <= 4096
+    long_host = "x" * 16_000 + ".example.com"
+    assert pool_of(t.match(long_host, "/a", h)) == "wild"
+    assert long_host not in t._by_host
+    assert pool_of(t.match("h1.example.com", "/a", h)) == "wild"
+
+
 # --- path --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("prefix,target,matches", [
