@@ -79,7 +79,7 @@ A_co = TypeVar("A_co", covariant=True)  # what a query's parse() makes of an ans
 
 class Query(Protocol[A_co]):
     """What a watcher needs from a query: ``health.ServiceQuery`` and ``kv.KVQuery`` parse
-    answers into peers (``Parsed``)."""
+    answers into peers (``Parsed``), ``routes.CatalogRoutesQuery`` into routes."""
 
     describe: str  # for logs: "service 'web'"
     service: Optional[str]  # the Consul service watched, or None
