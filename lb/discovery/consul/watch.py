@@ -1,8 +1,9 @@
 """The Consul watch: one blocking-query loop, applied to a pool's peers or to a route list.
 
 ``BlockingWatch`` is the loop, written once. ``ConsulWatcher`` applies its answers to a pool
-(``Pool.apply("consul", ...)``: a service's instances or a KV folder): it says only what an
-answer is applied to, how it changes, and how it looks on disk.
+(``Pool.apply("consul", ...)``: a service's instances or a KV folder); ``RoutesWatcher``
+hands the routes that catalog tags announce to a callback. Each says only what an answer is
+applied to, how it changes, and how it looks on disk.
 
 The watch follows Consul's rules for blocking queries: the first request (and every request
 after an error) is a plain read; each answer's ``X-Consul-Index`` is sent back with ``wait``
@@ -30,7 +31,8 @@ exception met while handling an answer (a parser's or an applier's) is logged an
 as an error, and the loop goes on after the usual backoff, so no bug in one answer stops
 discovery for good.
 
-How answers map to peers: ``health`` (services) and ``kv`` (nginx-upsync folders).
+How answers map to peers: ``health`` (services) and ``kv`` (nginx-upsync folders); to
+routes: ``routes``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
 from lb.config import ConsulConfig, PoolConsulConfig
+from lb.discovery.consul import routes as consul_routes
 from lb.discovery.consul import snapshot
 from lb.discovery.consul.api import (
     ConsulAnswer,
@@ -78,6 +81,7 @@ from lb.discovery.consul.api import (
 from lb.discovery.consul.backoff import RETRY_MAX, TokenBucket, backoff_delay
 from lb.discovery.consul.health import ServiceQuery
 from lb.discovery.consul.kv import KVQuery
+from lb.discovery.consul.routes import ConsulRoute, ParsedRoutes, RouteConflict
 from lb.interfaces import IPoolPart
 from lb.peer import DRAIN, PeerSpec
 from lb.pool import Pool
@@ -95,10 +99,14 @@ ERROR = "error"            # no HTTP answer: connection refused or reset, DNS, T
 RESULTS = (OK, UNCHANGED, TIMEOUT, HTTP_ERROR, INVALID, ERROR)
 
 SETTLE = 0.5            # after Consul's index went back, how long answers remove nothing
+MAX_CHANGES_LOGGED = 10  # routes named in one change line; the rest are counted
 
 T = TypeVar("T")
 A = TypeVar("A")  # what the query parses an answer into (Parsed, ParsedRoutes)
 V = TypeVar("V", bound=Sequence[Any])  # what an answer sets: a peer list, a route tuple
+
+Routes = Tuple[ConsulRoute, ...]
+OnRoutes = Callable[[Sequence[ConsulRoute], str], None]
 
 
 def _timed_out(result: Any, timeout: float) -> Any:
@@ -467,7 +475,12 @@ class BlockingWatch(Service, Generic[A, V]):
             self.log.error("{owner}: Consul snapshot not used: {error}", owner=self.owner,
                            error=e)
             return
-        self._deliver(value, "consul snapshot, until Consul answers")
+        try:
+            self._deliver(value, "consul snapshot, until Consul answers")
+        except Exception:
+            self.log.failure("{owner}: applying the Consul snapshot {path} failed; not "
+                             "used", owner=self.owner, path=path)
+            return
         self.current = value
         self._saved = value
         index = document.get("index")
@@ -560,6 +573,86 @@ class ConsulWatcher(BlockingWatch[Parsed, List[PeerSpec]]):
 
     def _decode(self, document: Dict[str, Any]) -> List[PeerSpec]:
         return merge_specs(snapshot.decode_peers(document.get("peers")))
+
+
+# --- routes from catalog tags ----------------------------------------------------------------
+
+
+class RoutesWatcher(BlockingWatch[ParsedRoutes, Routes]):
+    """Keeps a route list equal to what Consul's catalog tags announce (see ``routes``) and
+    hands every change to ``on_routes(routes, reason)``: the whole list in match order,
+    the first time with Consul's first answer (or the snapshot, at start).
+
+    ``routes`` is the last good list; ``skipped`` and ``conflicts`` are the last answer's
+    (each also logged once). ``name`` (kept as ``watch_name``: ``Service.name`` is what a
+    parent service names its children by) names the watch in logs and its snapshot,
+    ``<state_dir>/<name>.routes.json``. An exception raised by ``on_routes`` is logged
+    with its traceback and counted as an error; the watch reads again after the backoff
+    and offers the same routes again."""
+
+    noun = "route"
+
+    def __init__(self, name: str, query: Query[ParsedRoutes],
+                 settings: Callable[[], ConsulConfig], on_routes: OnRoutes, *,
+                 reactor: IReactorTime, http: Any = None,
+                 state_dir: Optional[Callable[[], Optional[str]]] = None,
+                 jitter: Callable[[], float] = random.random) -> None:
+        super().__init__(query, settings, reactor=reactor, http=http, state_dir=state_dir,
+                         jitter=jitter)
+        self.watch_name = name  # not Service.name: a parent may name its children
+        self.on_routes = on_routes
+        self.skipped: Tuple[str, ...] = ()
+        self.conflicts: Tuple[RouteConflict, ...] = ()
+
+    @property
+    def routes(self) -> Optional[Routes]:
+        """The last good route list (None before any answer or snapshot)."""
+        return self.current
+
+    @property
+    def owner(self) -> str:
+        return f"routes {self.watch_name}"
+
+    def _read(self, parsed: ParsedRoutes) -> Tuple[Routes, List[str]]:
+        self.skipped, self.conflicts = parsed.skipped, parsed.conflicts
+        return parsed.routes, ([f"ignored {why}" for why in parsed.skipped]
+                               + [conflict.describe() for conflict in parsed.conflicts])
+
+    def _empty(self) -> Routes:
+        return ()
+
+    def _keeping(self, old: Routes, new: Routes) -> Routes:
+        return consul_routes.keeping(old, new)
+
+    def _deliver(self, value: Routes, reason: str) -> None:
+        self.on_routes(value, reason)
+
+    def _change(self, old: Optional[Routes], new: Routes) -> str:
+        before, after = set(old or ()), set(new)
+        added = [r for r in new if r not in before]
+        removed = [r for r in old or () if r not in after]
+        return "; ".join(f"{what} {_some(routes)}" for what, routes in
+                         (("added", added), ("removed", removed)) if routes) or "same routes"
+
+    def _snapshot_path(self) -> Optional[str]:
+        state_dir = self._state_dir()
+        return (snapshot.path_for(state_dir, self.watch_name, snapshot.ROUTES_SUFFIX)
+                if state_dir else None)
+
+    def _document(self, value: Routes, index: Optional[int]) -> Dict[str, Any]:
+        return snapshot.make_routes_document(
+            self.watch_name, self.query.identity(self.settings()), index, value,
+            saved_at=time.time())
+
+    def _decode(self, document: Dict[str, Any]) -> Routes:
+        return snapshot.decode_routes(document.get("routes"))
+
+
+def _some(routes: Sequence[ConsulRoute]) -> str:
+    """Routes for a log line: the first MAX_CHANGES_LOGGED, then how many more."""
+    shown = ", ".join(r.describe() for r in routes[:MAX_CHANGES_LOGGED])
+    more = len(routes) - MAX_CHANGES_LOGGED
+    return f"{shown} and {more} more" if more > 0 else shown
 
 
 # --- composition -----------------------------------------------------------------------------
