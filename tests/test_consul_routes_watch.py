@@ -495,6 +495,24 @@ def test_a_corrupt_or_foreign_snapshot_is_logged_and_not_used(tmp_path: Any, con
     h.watcher.stopService()
 
 
+def test_a_bug_in_on_routes_at_start_does_not_stop_the_start(tmp_path: Any,
+                                                              logs: List[str]) -> None:
+    """on_routes raising while the snapshot is handed on at start is logged; the watch
+    starts without the snapshot's routes and Consul's first answer is handed on."""
+    first = Harness(tmp_path)
+    first.start()
+    first.answer(TWO, index=3)
+    first.watcher.stopService()
+    second = Harness(tmp_path)
+    second.fail_next = 1
+    second.start()
+    assert second.calls == [] and second.watcher.routes is None
+    assert any("applying the Consul snapshot" in line for line in logs)
+    second.answer(TWO, index=4)
+    assert second.calls == [(first.routes(), WHAT)]
+    second.watcher.stopService()
+
+
 def test_release_removes_the_routes_and_forgets_the_snapshot(h: Harness) -> None:
     """When a reload drops consul_routes, release() hands on no routes and deletes the
     snapshot, so it is never served later."""
