@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from lb.config import parse_address
-from lb.discovery.consul import snapshot
+from lb.discovery.consul import ConsulRoute, snapshot
 from lb.discovery.consul.snapshot import SnapshotError
 from lb.peer import DRAIN, PeerSpec
 
@@ -83,3 +83,42 @@ def test_remove_is_idempotent(tmp_path: Any) -> None:
     snapshot.remove(path)
     snapshot.remove(path)
     assert not os.path.exists(path)
+
+
+# --- a routes watch's routes -----------------------------------------------------------------
+
+
+def test_routes_file_sits_beside_the_pools_files(tmp_path: Any) -> None:
+    """A routes watch's file is ``<name>.routes.json``: the name percent-encoded like a
+    pool's, and never the file of a pool of the same name."""
+    assert snapshot.path_for("/s", "www", snapshot.ROUTES_SUFFIX) == "/s/www.routes.json"
+    assert snapshot.path_for("/s", "../x", snapshot.ROUTES_SUFFIX) == "/s/..%2Fx.routes.json"
+    assert snapshot.path_for("/s", "www") != snapshot.path_for("/s", "www",
+                                                               snapshot.ROUTES_SUFFIX)
+
+
+def test_routes_round_trip(tmp_path: Any) -> None:
+    """Saved routes load back equal and in match order."""
+    routes = (ConsulRoute("shop", "*.example.com", "/static", "/static"),
+              ConsulRoute("www", "example.com", "/", None), ConsulRoute("api", None, "/api"))
+    path = snapshot.path_for(str(tmp_path), "www", snapshot.ROUTES_SUFFIX)
+    snapshot.save(path, snapshot.make_routes_document("www", {"tag_prefix": "urlprefix-"}, 5,
+                                                      routes, saved_at=0.0))
+    loaded = snapshot.load(path)
+    assert loaded is not None and loaded["index"] == 5
+    assert snapshot.decode_routes(loaded["routes"]) == (routes[1], routes[0], routes[2])
+
+
+@pytest.mark.parametrize("routes", [
+    "x", [1], [{"path_prefix": "/"}], [{"service": "web"}],
+    [{"service": "web", "path_prefix": "api"}],
+    [{"service": "web", "path_prefix": "/", "host": "bad..host"}],
+    [{"service": "web", "path_prefix": "/", "host": "h.example:80"}],
+    [{"service": "web", "path_prefix": "/a", "strip": "/b"}],
+    [{"service": "web", "path_prefix": "/", "strip": 1}],
+    [{"service": "", "path_prefix": "/"}], [{"service": 7, "path_prefix": "/"}]])
+def test_bad_routes_are_refused(routes: Any) -> None:
+    """A routes snapshot is only trusted if every entry passes the rules a tag's route
+    passes (a hand-edited file cannot route around them)."""
+    with pytest.raises(SnapshotError):
+        snapshot.decode_routes(routes)

@@ -21,6 +21,7 @@ from typing import (
     Protocol,
     Sequence,
     Tuple,
+    TypeVar,
 )
 from urllib.parse import urlsplit
 
@@ -73,8 +74,12 @@ class Parsed:
     skipped: List[str] = field(default_factory=list)
 
 
-class Query(Protocol):
-    """What a watcher needs from a query (``health.ServiceQuery``, ``kv.KVQuery``)."""
+A_co = TypeVar("A_co", covariant=True)  # what a query's parse() makes of an answer
+
+
+class Query(Protocol[A_co]):
+    """What a watcher needs from a query: ``health.ServiceQuery`` and ``kv.KVQuery`` parse
+    answers into peers (``Parsed``), ``routes.CatalogRoutesQuery`` into routes."""
 
     describe: str  # for logs: "service 'web'"
     service: Optional[str]  # the Consul service watched, or None
@@ -85,8 +90,11 @@ class Query(Protocol):
     def identity(self, settings: ConsulConfig) -> Dict[str, Any]:
         """What makes two answers comparable (a snapshot is only used for the same)."""
 
-    def parse(self, status: int, body: bytes) -> Parsed:
-        """The peers an answer asks for; ConsulHTTPError / InvalidAnswer when unusable."""
+    def parse(self, status: int, body: bytes) -> A_co:
+        """What an answer asks for; ConsulHTTPError / InvalidAnswer when unusable."""
+
+
+PeersQuery = Query[Parsed]  # a pool's query: its answers are peers
 
 
 # --- answers ---------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""A pool's last good Consul answer on disk, so the balancer can serve with Consul down.
+"""A watch's last good Consul answer on disk, so the balancer can serve with Consul down.
 
-One JSON file per pool under ``state_dir``, replaced atomically (write a temporary file in
+One JSON file per pool (its peers) and per routes watch (its route list) under
+``state_dir``, replaced atomically (write a temporary file in
 the same folder, fsync it, ``os.replace`` it over the old one, fsync the folder): a crash or
 a full disk leaves either the old file or the new one, never half of one. The file records
 which query produced it (service, tags, datacenter or KV prefix), so a snapshot taken for a
@@ -11,24 +12,27 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 from urllib.parse import quote
 
 from lb.config import MAX_WEIGHT, parse_address
+from lb.discovery.consul.routes import ConsulRoute, make_route, resolve
+from lb.net import short_repr
 from lb.peer import DRAIN, MAINT, READY, PeerSpec
 
 FORMAT_VERSION = 1
-SUFFIX = ".consul.json"
+SUFFIX = ".consul.json"  # a pool's peers
+ROUTES_SUFFIX = ".routes.json"  # a routes watch's routes
 
 
 class SnapshotError(Exception):
     """A snapshot file exists but cannot be used (unreadable, not ours, corrupt)."""
 
 
-def path_for(state_dir: str, pool_name: str) -> str:
-    """``<state_dir>/<pool>.consul.json``; the pool name is percent-encoded so any YAML key
-    makes one safe file name."""
-    return os.path.join(state_dir, quote(pool_name, safe="") + SUFFIX)
+def path_for(state_dir: str, pool_name: str, suffix: str = SUFFIX) -> str:
+    """``<state_dir>/<pool>.consul.json`` (or another suffix); the name is percent-encoded
+    so any YAML key makes one safe file name."""
+    return os.path.join(state_dir, quote(pool_name, safe="") + suffix)
 
 
 def make_document(pool_name: str, query: Mapping[str, Any], index: Optional[int],
@@ -37,6 +41,43 @@ def make_document(pool_name: str, query: Mapping[str, Any], index: Optional[int]
     answer (the index tells a later start whether Consul lost its state meanwhile)."""
     return {"version": FORMAT_VERSION, "pool": pool_name, "query": dict(query),
             "index": index, "saved_at": saved_at, "peers": encode_peers(specs)}
+
+
+def make_routes_document(name: str, query: Mapping[str, Any], index: Optional[int],
+                         routes: Iterable[ConsulRoute], saved_at: float) -> Dict[str, Any]:
+    """What ``save`` writes for a routes watch: its routes (in match order), and the query
+    and Consul index they answer."""
+    return {"version": FORMAT_VERSION, "routes_watch": name, "query": dict(query),
+            "index": index, "saved_at": saved_at, "routes": encode_routes(routes)}
+
+
+def encode_routes(routes: Iterable[ConsulRoute]) -> List[Dict[str, Any]]:
+    """Routes as JSON-ready objects, in the order given."""
+    return [{"service": r.service, "host": r.host, "path_prefix": r.path_prefix,
+             "strip": r.strip} for r in routes]
+
+
+def decode_routes(items: Any) -> Tuple[ConsulRoute, ...]:
+    """Routes as saved by ``encode_routes``, checked by the rules a tag's route passes and
+    put in match order (one per host and path); SnapshotError on anything else."""
+    if not isinstance(items, list):
+        raise SnapshotError("'routes' is not a list")
+    routes = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise SnapshotError(f"route entry {short_repr(item)} is not an object")
+        try:
+            service, host = item["service"], item.get("host")
+            path_prefix, strip = item["path_prefix"], item.get("strip")
+            if not all(isinstance(v, str) for v in (service, path_prefix)) or not all(
+                    v is None or isinstance(v, str) for v in (host, strip)):
+                raise ValueError("a field is not text")
+            route = make_route(service, host, path_prefix, strip)
+        except (KeyError, ValueError) as e:
+            raise SnapshotError(f"bad route entry {short_repr(item)}: {e}") from None
+        routes.append(route)
+    used, _conflicts = resolve(routes)
+    return used
 
 
 def encode_peers(specs: Iterable[PeerSpec]) -> List[Dict[str, Any]]:
