@@ -6,9 +6,9 @@ Everything gets the reactor from here; only ``lb.tap`` imports the global one.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -17,9 +17,18 @@ from zope.interface import implementer
 from lb import config as lbconfig
 from lb.admin.server import AdminService
 from lb.admin.view import IAdminView
-from lb.config import Config, ConsulConfig, ListenerConfig, PoolConfig
+from lb.config import (
+    CONSUL_POOL_PREFIX,
+    Config,
+    ConsulConfig,
+    ConsulRoutesConfig,
+    ListenerConfig,
+    PoolConfig,
+)
 from lb.discovery import static
+from lb.discovery.consul import CatalogRoutesQuery, ConsulRoute, RoutesWatcher
 from lb.http.listener import ACCESS_NAMESPACE, HTTPListener, UpstreamPools
+from lb.http.routes import Route, RouteTable
 from lb.interfaces import IPoolPart
 from lb.pool import Pool
 from lb.proxy.carriers.pump import Pump
@@ -100,6 +109,9 @@ class LBService(MultiService):
                                                     else pool_parts)
         self.pools: Dict[str, PoolService] = {}
         self.listeners: Dict[str, ListenerService] = {}
+        # per http listener with consul_routes: its watch, and the routes it last handed in
+        self.route_watchers: Dict[str, RoutesWatcher] = {}
+        self.consul_routes: Dict[str, Tuple[ConsulRoute, ...]] = {}
         self.stopping = False  # shutdown has begun (/healthz answers 503 from then on)
         # lb's reactor runs the fast data path (its one pump); any other reactor does not
         self.pump: Optional[Pump] = reactor.pump if isinstance(reactor, Reactor) else None
@@ -112,6 +124,8 @@ class LBService(MultiService):
             self._add_listener(ListenerService(
                 self._listener(listener_config, self._pool_of(listener_config)),
                 config.shutdown_timeout))
+            self._watch_routes(listener_config)
+        self._set_route_tables(log=False)
         self.admin_view = AdminView(self)
         # added last so it stops first, after the listeners have drained
         self.admin = AdminService(self.admin_view, reactor, config.admin)
@@ -146,7 +160,7 @@ class LBService(MultiService):
                 raise ReloadError(f"listener {config.name}: mode http needs lb's own reactor "
                                   "(twistd was started with another --reactor)")
             return HTTPListener(config, pool, self.reactor, self.pump, self.connection_log,
-                                self.access_log, self.upstream_pools)
+                                self.access_log, self.upstream_pools, self._pool_named)
         # pool is None only while a reload builds a new listener; it is set before use
         return Listener(config, pool, self.reactor, self.pump,  # type: ignore[arg-type]
                         self.connection_log)
@@ -164,6 +178,112 @@ class LBService(MultiService):
 
     def pool(self, name: str) -> Pool:
         return self.pools[name].pool
+
+    def _pool_named(self, name: str) -> Optional[Pool]:
+        service = self.pools.get(name)
+        return service.pool if service is not None else None
+
+    def _remove_pool(self, name: str, why: str) -> None:
+        """The pool stops: no new request or connection reaches it (routes and listeners no
+        longer name it); those in flight finish; its idle peer connections close."""
+        gone = self.pools.pop(name)
+        if name.startswith(CONSUL_POOL_PREFIX):
+            gone.set_part("consul", None)  # its peers drain and its snapshot goes
+        self.removeService(gone)  # type: ignore[no-untyped-call]
+        if self.upstream_pools is not None:
+            self.upstream_pools.drop(name)
+        self.log.info("pool {pool} removed {why} ({n} peer(s) let go)", pool=name, why=why,
+                      n=len(gone.pool.peers))
+
+    def _reconfigure_pool(self, service: PoolService, pc: PoolConfig) -> None:
+        before = service.pool.config
+        service.pool.reconfigure(pc)
+        static.apply(service.pool, pc)  # also brings back static peers deleted by API
+        changed = [kind for kind in self.pool_parts
+                   if _part_config(kind, before) != _part_config(kind, pc)]
+        if changed:
+            self._build_parts(service, pc, only=changed)
+
+    # --- routes -----------------------------------------------------------------------------
+
+    def _consul_routes_config(self) -> Optional[ConsulRoutesConfig]:
+        """consul_routes as every http listener has it (the config checks they agree on
+        pool_defaults), or None when no listener routes from Consul."""
+        for lc in self.config.listeners.values():
+            if lc.consul_routes is not None:
+                return lc.consul_routes
+        return None
+
+    def _watch_routes(self, lc: ListenerConfig) -> None:
+        self._set_route_watch(lc.name, lc.consul_routes if lc.mode == "http" else None)
+
+    def _set_route_watch(self, name: str, wanted: Optional[ConsulRoutesConfig]) -> None:
+        """Start, replace or stop a listener's watch of the routes Consul tags announce."""
+        current = self.route_watchers.get(name)
+        if current is not None and wanted is not None and \
+                current.query.tag_prefix == wanted.tag_prefix:  # type: ignore[attr-defined]
+            return
+        if current is not None:
+            del self.route_watchers[name]
+            self.removeService(current)  # type: ignore[no-untyped-call]
+            if wanted is None:
+                current.release()  # its routes go, its snapshot too
+            self.consul_routes.pop(name, None)
+        if wanted is None:
+            return
+        watcher = RoutesWatcher(
+            name, CatalogRoutesQuery(wanted.tag_prefix),
+            lambda: self.config.consul or ConsulConfig(),
+            lambda routes, reason: self._routes_from_consul(name, routes),
+            reactor=self.reactor, http=self.http_client,
+            state_dir=lambda: self.config.state_dir)
+        watcher.setName(f"routes:{name}")  # type: ignore[no-untyped-call]
+        self.route_watchers[name] = watcher
+        watcher.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def _routes_from_consul(self, listener: str, routes: Sequence[ConsulRoute]) -> None:
+        """A listener's Consul routes changed (the watch logged how): pools for services
+        that now announce routes are made first, the tables swapped, then pools no route
+        names any more are removed (their requests in flight finish)."""
+        if listener not in self.route_watchers:
+            return  # a watch stopped by a reload, releasing what it had
+        self.consul_routes[listener] = tuple(routes)
+        self._sync_consul_pools()
+
+    def _sync_consul_pools(self) -> None:
+        template = self._consul_routes_config()
+        wanted: Dict[str, str] = {}
+        for name, routes in self.consul_routes.items():
+            if name in self.route_watchers:
+                wanted.update((route.pool, route.service) for route in routes)
+        if template is not None:
+            for pool_name, service in sorted(wanted.items()):
+                if pool_name not in self.pools:
+                    self._add_pool(template.pool_for(service))
+                    self.log.info("pool {pool} created: service {service} announces routes "
+                                  "in Consul", pool=pool_name, service=service)
+        self._set_route_tables(log=True)
+        for pool_name in list(self.pools):
+            if pool_name.startswith(CONSUL_POOL_PREFIX) and (
+                    pool_name not in wanted or template is None):
+                self._remove_pool(pool_name, "(no route in Consul names it any more)")
+
+    def _set_route_tables(self, log: bool) -> None:
+        """Every http listener's table: its config routes, then its Consul routes, then its
+        default pool. ``log``: one line per route that changed (the Consul watch logs the
+        changes it brings in itself)."""
+        for name, service in self.listeners.items():
+            listener = service.listener
+            if not isinstance(listener, HTTPListener):
+                continue
+            lc = listener.config
+            consul = tuple(Route(host=r.host, path_prefix=r.path_prefix, pool=r.pool,
+                                 strip=r.strip, source=r.pool)
+                           for r in self.consul_routes.get(name, ()))
+            table = RouteTable(lc.routes, consul, lc.pool or None)
+            if log:
+                _log_config_route_changes(self.log, name, listener.table, table)
+            listener.set_routes(table)
 
     # --- reload -----------------------------------------------------------------------------
 
@@ -208,27 +328,23 @@ class LBService(MultiService):
                 service.stop_accepting()
             raise
 
-        # pools first: listeners point at them
+        # pools first: listeners point at them (Consul routes' pools follow pool_defaults)
         for name in list(self.pools):
-            if name not in new.pools:
-                gone = self.pools.pop(name)
-                self.removeService(gone)  # type: ignore[no-untyped-call]
-                if self.upstream_pools is not None:
-                    self.upstream_pools.drop(name)
-                self.log.info("pool {pool} removed by the reload ({n} peer(s) let go)",
-                              pool=name, n=len(gone.pool.peers))
+            if name not in new.pools and not name.startswith(CONSUL_POOL_PREFIX):
+                self._remove_pool(name, "by the reload")
         for name, pc in new.pools.items():
             pool_service = self.pools.get(name)
             if pool_service is None:
                 self._add_pool(pc)
                 continue
-            before = pool_service.pool.config
-            pool_service.pool.reconfigure(pc)
-            static.apply(pool_service.pool, pc)  # also brings back static peers deleted by API
-            changed = [kind for kind in self.pool_parts
-                       if _part_config(kind, before) != _part_config(kind, pc)]
-            if changed:
-                self._build_parts(pool_service, pc, only=changed)
+            self._reconfigure_pool(pool_service, pc)
+        template = next((lc.consul_routes for lc in new.listeners.values()
+                         if lc.consul_routes is not None), None)
+        if template is not None:
+            for name, pool_service in self.pools.items():
+                if name.startswith(CONSUL_POOL_PREFIX):
+                    self._reconfigure_pool(pool_service, template.pool_for(
+                        name[len(CONSUL_POOL_PREFIX):]))
 
         # Removed or re-bound listeners stop accepting; their open connections get
         # shutdown_timeout, like an old HAProxy process after a reload.
@@ -251,6 +367,12 @@ class LBService(MultiService):
             service.listener.reconfigure(lc, self._pool_of(lc))  # type: ignore[arg-type]
             service.shutdown_timeout = new.shutdown_timeout
         self.config = new
+        for name in list(self.route_watchers):
+            if name not in new.listeners:
+                self._set_route_watch(name, None)
+        for lc in new.listeners.values():
+            self._watch_routes(lc)
+        self._sync_consul_pools()
         self.admin.reconfigure(new.admin)
 
     # --- start and stop ---------------------------------------------------------------------
@@ -269,6 +391,13 @@ class LBService(MultiService):
                 self.log.error("{problem}", problem=listen_failure(what, bind, e))
                 raise SystemExit(1) from None
         MultiService.privilegedStartService(self)
+
+    def startService(self) -> None:
+        """Start the children there are now: a pool made while they start (a routes watch
+        serving its snapshot creates pools) is started by being added, and only then."""
+        Service.startService(self)
+        for service in list(self):
+            service.startService()
 
 
     @defer.inlineCallbacks
@@ -317,11 +446,44 @@ class AdminView:
         return stats
 
     def listeners(self) -> Sequence[ListenerStats]:
-        return [service.stats() for service in list(self._root.listeners.values())]
+        out = []
+        for name, service in list(self._root.listeners.items()):
+            stats = service.stats()
+            watcher = self._root.route_watchers.get(name)
+            if watcher is not None and stats.http is not None:
+                stats = replace(stats, http=replace(stats.http, consul_routes=watcher.stats()))
+            out.append(stats)
+        return out
 
     def pool_to_change(self, name: str) -> Optional[Pool]:
         service = self._root.pools.get(name)
         return None if service is None else service.pool
+
+
+def _log_config_route_changes(log: Logger, listener: str, old: RouteTable,
+                              new: RouteTable) -> None:
+    """One line per config route (or default pool) a reload added or removed."""
+    def mine(table: RouteTable) -> List[Route]:
+        routes = [r for r in table.routes() if not r.source.startswith(CONSUL_POOL_PREFIX)]
+        return routes + ([table.default] if table.default is not None else [])
+    before, after = mine(old), mine(new)
+    for what, routes, other in (("removed", before, after), ("added", after, before)):
+        for route in routes:
+            if route not in other:
+                log.info("listener {listener}: route {what}: {route}", listener=listener,
+                         what=what, route=describe_route(route))
+
+
+def describe_route(route: Route) -> str:
+    """``api.example.com/v1/ [X-Canary=1] -> api (strip /v1/)`` for logs."""
+    where = f"{route.host or '*'}{route.path_prefix or '/'}"
+    if route.source == "default":
+        where = "(default)"
+    headers = "".join(f" [{name}={value}]" for name, value in route.headers)
+    to = route.pool if route.pool is not None else ", ".join(
+        f"{w.pool}×{w.weight}" for w in route.split)
+    strip = f" (strip {route.strip})" if route.strip is not None else ""
+    return f"{where}{headers} -> {to}{strip}"
 
 
 def _same_socket(old: ListenerConfig, new: ListenerConfig) -> bool:

@@ -104,13 +104,28 @@ class HistogramStats:
 
 
 @dataclass(frozen=True)
+class RouteStats:
+    """One route of an http listener, as ``GET /api/routes`` shows it."""
+
+    host: Optional[str]
+    path_prefix: Optional[str]
+    headers: Tuple[Tuple[str, str], ...]  # (lower-case name, exact value)
+    pool: Optional[str]  # or split
+    split: Tuple[Tuple[str, int], ...]  # (pool, weight)
+    strip_prefix: Optional[str]  # the prefix removed before the request goes on
+    source: str  # "config", "consul:<service>", or "default" (the listener's pool)
+
+
+@dataclass(frozen=True)
 class HTTPStats:
-    """An http listener's requests."""
+    """An http listener's requests and routes."""
 
     requests: Mapping[Tuple[str, int], int]  # (pool, status sent) -> requests
     errors: Mapping[str, int]  # answers lb made itself, by reason (every reason shown)
     retries: Mapping[Tuple[str, str], int]  # (pool, condition) -> retries
     durations: Mapping[str, HistogramStats]  # pool -> request head received to last byte
+    routes: Tuple[RouteStats, ...] = ()  # in match order, the default last
+    consul_routes: Optional[ConsulStats] = None  # the watch of routes from Consul tags
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ Routes (the contract is SPEC's "Admin API" table; the listener routes are extra)
     PUT    /api/pools/{pool}/peers/{address}     {"admin_state": ..., "weight": ...} -> 200
     DELETE /api/pools/{pool}/peers/{address}     drain, then remove                 -> 202
     GET    /api/listeners
+    GET    /api/routes                           every http listener's routes, in match order
 
 Plain twisted.web rather than Klein: nine routes on three path shapes fit one leaf resource
 with a small dispatcher, every error (including 404/405 for unknown routes) leaves as the
@@ -34,7 +35,7 @@ from lb.config import MAX_WEIGHT
 from lb.net import parse_address
 from lb.peer import ADMIN_STATES
 from lb.pool import Pool, PoolError
-from lb.stats import ListenerStats, PeerStats, PoolStats
+from lb.stats import ListenerStats, PeerStats, PoolStats, RouteStats
 
 MAX_BODY = 64 * 1024  # request bodies above this are refused with 413
 MUTATING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
@@ -79,6 +80,21 @@ def peer_json(peer: PeerStats) -> JSONBody:
         "last_check": None if last is None else {
             "ok": last.ok, "detail": last.detail, "at": last.at},
     }
+
+
+def route_json(listener: str, route: RouteStats) -> JSONBody:
+    """SPEC's ROUTE: ``pool`` or ``split``; ``strip_prefix`` is the prefix removed (null:
+    none); ``source`` is ``config``, ``consul:<service>``, or ``default`` for the
+    listener's own pool, tried when no route matched."""
+    out: JSONBody = {"listener": listener, "host": route.host,
+                     "path_prefix": route.path_prefix, "headers": dict(route.headers)}
+    if route.pool is not None:
+        out["pool"] = route.pool
+    else:
+        out["split"] = [{"pool": pool, "weight": weight} for pool, weight in route.split]
+    out["strip_prefix"] = route.strip_prefix
+    out["source"] = route.source
+    return out
 
 
 def pool_json(pool: PoolStats) -> JSONBody:
@@ -304,6 +320,8 @@ class ApiResource(Resource):
             return "index", ("GET", "HEAD")
         if segments == ["listeners"]:
             return "listeners", ("GET", "HEAD")
+        if segments == ["routes"]:
+            return "routes", ("GET", "HEAD")
         if shape[:1] == ("pools",) and n == 1:
             return "pools", ("GET", "HEAD")
         if shape[:1] == ("pools",) and n == 2:
@@ -343,12 +361,19 @@ class ApiResource(Resource):
 
     def _index_get(self, request: Request) -> Tuple[int, Any, Dict[str, str]]:
         return 200, {"pools": "/api/pools", "listeners": "/api/listeners",
+                     "routes": "/api/routes",
                      "metrics": "/metrics", "healthz": "/healthz",
                      "auth_required_for_changes": self.token() is not None}, {}
 
     def _listeners_get(self, request: Request) -> Tuple[int, Any, Dict[str, str]]:
         return 200, {"listeners": [listener_json(listener)
                                    for listener in self.view.listeners()]}, {}
+
+    def _routes_get(self, request: Request) -> Tuple[int, Any, Dict[str, str]]:
+        return 200, {"routes": [route_json(listener.name, route)
+                                for listener in self.view.listeners()
+                                if listener.http is not None
+                                for route in listener.http.routes]}, {}
 
     def _pools_get(self, request: Request) -> Tuple[int, Any, Dict[str, str]]:
         return 200, {"pools": [pool_json(pool) for pool in self.view.pools()]}, {}

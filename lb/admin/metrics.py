@@ -52,7 +52,7 @@ class LBCollector(Collector):
         listeners = self.view.listeners()
         yield from self._listener_metrics(listeners)
         yield from self._peer_metrics(pools)
-        yield from self._consul_metrics(pools)
+        yield from self._consul_metrics(pools, listeners)
         yield from self._http_metrics(listeners, pools)
         info = GaugeMetricFamily("lb_build_info", "lb's version (always 1).",
                                  labels=["version"])
@@ -202,7 +202,10 @@ class LBCollector(Collector):
 
     # per pool: Consul discovery
 
-    def _consul_metrics(self, pools: Sequence[PoolStats]) -> Iterator[Metric]:
+    def _consul_metrics(self, pools: Sequence[PoolStats],
+                        listeners: Sequence[ListenerStats]) -> Iterator[Metric]:
+        """Per pool with a Consul watch; an http listener's watch of the routes Consul tags
+        announce shows as the pool ``routes:<listener>``."""
         requests = CounterMetricFamily(
             "lb_consul_requests_total", "Consul queries by result.", labels=["pool", "result"])
         last = GaugeMetricFamily(
@@ -212,16 +215,18 @@ class LBCollector(Collector):
             "lb_consul_consecutive_failures",
             "Consul queries failed in a row for this pool (0 once one succeeds).",
             labels=["pool"])
-        for pool in pools:
-            consul = pool.consul
+        watches = [(pool.name, pool.consul) for pool in pools] + [
+            (f"routes:{listener.name}", listener.http.consul_routes) for listener in listeners
+            if listener.http is not None]
+        for name, consul in watches:
             if consul is None:
                 continue
             # every result label, zeros included (rate() needs a zero)
             for result, count in sorted(consul.requests.items()):
-                requests.add_metric([pool.name, result], count)
+                requests.add_metric([name, result], count)
             if consul.last_success is not None:
-                last.add_metric([pool.name], consul.last_success)
-            failing.add_metric([pool.name], consul.failures)
+                last.add_metric([name], consul.last_success)
+            failing.add_metric([name], consul.failures)
         yield from (requests, last, failing)
 
 

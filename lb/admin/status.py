@@ -108,7 +108,7 @@ class StatusPage(Resource):
         pools, listeners = self.view.pools(), self.view.listeners()
         subtitle = (f"{lb.__version__} · {len(pools)} pool(s), {len(listeners)} "
                     f"listener(s) · up {human_age(now - self.started)}")
-        parts = [self._summary(now), self._listeners(listeners)]
+        parts = [self._summary(now), self._listeners(listeners), self._routes(listeners, now)]
         http = _http_by_pool(listeners)
         for pool in pools:
             parts.append(self._pool(pool, now, http.get(pool.name)))
@@ -161,6 +161,52 @@ class StatusPage(Resource):
                 '<th>address</th><th>pool</th><th class="num">active / max</th>'
                 '<th class="num">total</th><th class="num">no peer</th>'
                 '<th class="num">refused</th><th>ended</th></tr></thead><tbody>'
+                + "".join(rows) + "</tbody></table>")
+
+    # routes
+
+    @staticmethod
+    def _routes(listeners: Sequence[ListenerStats], now: float) -> str:
+        """Every http listener's routes in match order, and how its Consul routes watch
+        fares; nothing when no listener is in http mode."""
+        rows: List[str] = []
+        watches: List[str] = []
+        for listener in listeners:
+            http = listener.http
+            if http is None:
+                continue
+            for route in http.routes:
+                if route.pool is not None:
+                    to = f'<a href="#pool-{_e(route.pool)}">{_e(route.pool)}</a>'
+                else:
+                    to = ", ".join(f'<a href="#pool-{_e(pool)}">{_e(pool)}</a> {weight}'
+                                   for pool, weight in route.split)
+                headers = "<br>".join(f"{_e(name)}: {_e(value)}"
+                                      for name, value in route.headers) or "—"
+                rows.append(
+                    f'<tr data-listener="{_e(listener.name)}"><td>{_e(listener.name)}</td>'
+                    f'<td class="addr">{_e(route.host or "*")}</td>'
+                    f'<td class="addr">{_e(route.path_prefix or "/")}</td>'
+                    f'<td>{headers}</td><td>{to}</td>'
+                    f'<td class="addr">{_e(route.strip_prefix or "—")}</td>'
+                    f'<td>{_e(route.source)}</td></tr>')
+            consul = http.consul_routes
+            if consul is not None:
+                state = (f"last answer {human_age(now - consul.last_success)} ago"
+                         if consul.last_success is not None else "no answer yet")
+                if consul.failures:
+                    state += (f' · <span class="h-down">{consul.failures} failure(s) in a '
+                              f'row: {_e(consul.last_error)}</span> (serving the last good '
+                              'routes)')
+                watches.append(f'<p class="meta">listener <b>{_e(listener.name)}</b>: '
+                               f'routes from Consul ({_e(consul.describe)}): {state}</p>')
+        if not rows and not watches:
+            return ""
+        if not rows:
+            rows.append('<tr><td colspan="7" class="empty">no routes</td></tr>')
+        return ('<h2>routes</h2>' + "".join(watches) + '<table id="routes"><thead><tr>'
+                '<th>listener</th><th>host</th><th>path prefix</th><th>headers</th>'
+                '<th>pool</th><th>strip</th><th>source</th></tr></thead><tbody>'
                 + "".join(rows) + "</tbody></table>")
 
     # pools

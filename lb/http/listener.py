@@ -8,20 +8,23 @@ drain on stop) that accepts raw sockets always: HTTP mode runs on lb's own epoll
 
 from __future__ import annotations
 
+import random
 import socket
 from bisect import bisect_left
 from collections import Counter
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from lb.config import ListenerConfig
 from lb.http.answers import ERROR_REASONS
+from lb.http.messages import RequestHead
 from lb.http.proxy import Exchange, HTTPSession
+from lb.http.routes import Route, RouteTable
 from lb.http.upstream import UpstreamPool
 from lb.pool import Pool
 from lb.proxy.carriers.pump import Pump
 from lb.proxy.connlog import ConnectionLog
 from lb.proxy.listener import IDLE_SWEEP, Listener
-from lb.stats import HistogramStats, HTTPStats
+from lb.stats import HistogramStats, HTTPStats, RouteStats
 
 ACCESS_NAMESPACE = "lb.access"
 # lb_http_request_duration_seconds buckets (seconds): Prometheus' defaults, plus 1 ms
@@ -87,10 +90,19 @@ class HTTPListener(Listener):
 
     def __init__(self, config: ListenerConfig, pool: Optional[Pool], reactor: Any,
                  pump: Pump, connection_log: ConnectionLog, access_log: ConnectionLog,
-                 upstream_pools: UpstreamPools) -> None:
+                 upstream_pools: UpstreamPools,
+                 pools: Callable[[str], Optional[Pool]] = lambda name: None,
+                 rng: Callable[[], float] = random.random) -> None:
+        """``pools``: the pool of a name (a route names its pool; the root owns them all);
+        ``rng``: what picks a ``split``'s pool."""
         super().__init__(config, pool, reactor, pump, connection_log)  # type: ignore[arg-type]
         self.access_log = access_log
         self.upstream_pools = upstream_pools
+        self.pool_named = pools
+        self.rng = rng
+        # only the default route until the root hands the table it builds from the config
+        # and Consul
+        self.table = RouteTable((), (), pool.name if pool is not None else None)
         self.counters = HTTPCounters()
         self.id_lower: Optional[bytes] = None
         self.id_header = b""
@@ -126,10 +138,23 @@ class HTTPListener(Listener):
 
     # --- what sessions ask ----------------------------------------------------------------
 
-    def route(self, head: Any) -> Tuple[Optional[Pool], str]:
-        """The pool a request goes to (routing tables slot in here), and its route's name."""
-        pool = self.pool
-        return (pool, pool.name) if pool is not None else (None, "")
+    def set_routes(self, table: RouteTable) -> None:
+        """Requests from now on are routed by ``table`` (built whole: a request never sees
+        half a change)."""
+        self.table = table
+
+    def route(self, head: RequestHead) -> Tuple[Optional[Route], Optional[Pool], str]:
+        """The route a request takes (None: no route, 404), the pool it picked (None: that
+        pool does not exist (any more), so it has no usable peer) and the pool's name. An
+        empty pool never sends the request on to another route."""
+        host = head.host.decode("latin-1") if head.host is not None else None
+        route = self.table.match(host, head.target.decode("latin-1"), _header_of(head))
+        if route is None:
+            return None, None, ""
+        name = route.pick_pool(self.rng)
+        pool = self.pool if self.pool is not None and self.pool.name == name else \
+            self.pool_named(name)
+        return route, pool, name
 
     def upstreams(self, pool: Pool) -> UpstreamPool:
         return self.upstream_pools.for_pool(pool)
@@ -137,7 +162,7 @@ class HTTPListener(Listener):
     def counted(self, exchange: Exchange) -> None:
         """One request ended: its counters and its access-log line."""
         counters = self.counters
-        pool = exchange.pool.name if exchange.pool is not None else ""
+        pool = exchange.route  # the pool's name ("" when no route matched)
         code = exchange.status
         counters.requests[(pool, code)] += 1
         if exchange.error:
@@ -154,10 +179,15 @@ class HTTPListener(Listener):
         counters = self.counters
         errors = dict.fromkeys(ERROR_REASONS, 0)
         errors.update(counters.errors)
+        table = self.table
+        routes = table.routes() + ((table.default,) if table.default is not None else ())
         return HTTPStats(
             requests=dict(counters.requests), errors=errors, retries=dict(counters.retries),
             durations={pool: HistogramStats(BUCKETS, tuple(h.counts), h.sum, h.count)
-                       for pool, h in counters.durations.items()})
+                       for pool, h in counters.durations.items()},
+            routes=tuple(RouteStats(r.host, r.path_prefix, r.headers, r.pool,
+                                    tuple((w.pool, w.weight) for w in r.split), r.strip,
+                                    r.source) for r in routes))
 
     def counted_retry(self, exchange: Exchange, condition: str) -> None:
         pool = exchange.pool.name if exchange.pool is not None else ""
@@ -191,6 +221,13 @@ class HTTPListener(Listener):
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
                 d.callback(None)
+
+
+def _header_of(head: RequestHead) -> Callable[[str], Optional[str]]:
+    def header(name: str) -> Optional[str]:
+        value = head.get(name.encode("latin-1"))
+        return value.decode("latin-1") if value is not None else None
+    return header
 
 
 def access_line(exchange: Exchange, listener: str, now: float) -> str:

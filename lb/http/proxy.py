@@ -78,7 +78,7 @@ class HTTPHost(Protocol):
     id_lower: Optional[bytes]  # the request-id header's name, lower case (None: off)
     id_header: bytes  # ... as written
 
-    def route(self, head: RequestHead) -> Tuple[Optional[Pool], str]: ...
+    def route(self, head: RequestHead) -> Tuple[Optional[Any], Optional[Pool], str]: ...
 
     def upstreams(self, pool: Pool) -> UpstreamPool: ...
 
@@ -621,15 +621,21 @@ class Exchange:
         if listener.id_lower is not None and self.request_id is None:
             self.request_id = _new_request_id()
         try:
-            pool, route = listener.route(self.head)
+            route, pool, name = listener.route(self.head)
         except Exception:
             self.log.failure("http: routing failed")
-            pool, route = None, ""
-        if pool is None:
+            route, pool, name = None, None, ""
+        if route is None:
             self.answer(answers.no_route(self.head.host, self.head.target))
             return
+        self.route = name
+        if pool is None:  # a pool on its way out (Consul removed its service): no peer
+            self.answer(answers.no_peer(name, 0, 0))
+            return
         self.pool = pool
-        self.route = route
+        if route.strip is not None:
+            self.head.target = route.rewrite(self.head.target.decode("latin-1")).encode(
+                "latin-1")
         upstreams = self.upstreams = listener.upstreams(pool)
         config = pool.config
         if config.sticky_cookie is not None:
