@@ -283,9 +283,12 @@ class ListenerService(Service):
     def startService(self) -> None:
         self.listen()
         Service.startService(self)
-        self.log.info("listener {name} on {bind} -> pool {pool}",
-                      name=self.listener.config.name, bind=self.address(),
-                      pool=self.listener.pool.name)
+        config = self.listener.config
+        routes = len(config.routes) + (config.consul_routes is not None)
+        self.log.info("listener {name} ({mode}) on {bind} -> {to}", name=config.name,
+                      mode=config.mode, bind=self.address(),
+                      to=(f"pool {config.pool}" if config.pool else "no default pool")
+                      + (", routes" if routes else ""))
 
     @property
     def accepting(self) -> bool:
