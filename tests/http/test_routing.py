@@ -97,7 +97,8 @@ def ask(client: RawClient, target: str, host: str = "example.com",
     return r.header("X-Backend") or "", seen
 
 
-def test_host_path_and_header_routes_first_match_wins(routed: "tuple[LB, Dict[str, Backend]]") -> None:
+def test_host_path_and_header_routes_first_match_wins(
+        routed: "tuple[LB, Dict[str, Backend]]") -> None:
     """Each request takes the first route whose host, whole-segment prefix and headers all
     match; the Host's port and case do not matter; strip_prefix removes the matched prefix
     (an emptied path becomes /, the query stays); what no route takes goes to the
