@@ -1,9 +1,11 @@
 """Demo backends for the README's run command and for process-level tests.
 
-``python -m lb.demo --ports 9001,9002 [--consul URL --register 9003,9004 --service web]``
+``python -m lb.demo --ports 9001,9002 [--consul URL --register 9003,9004 --service web]
+[--announce 9005 --announce-service api --announce-tag 'urlprefix-/api strip=/api']``
 serves small HTTP backends on 127.0.0.1 that answer ``GET /`` with their own address and
 ``GET /health`` with 200, and optionally registers some of them in a Consul agent (with an
-HTTP check) until stopped.
+HTTP check) until stopped: ``--register`` as instances of ``--service``, ``--announce`` as
+instances of ``--announce-service`` carrying a route tag for http listeners.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ class Backend(resource.Resource):
         if request.path == b"/fail":  # flips health: lets a demo show a check failing
             self.healthy = not self.healthy
             return f"healthy={self.healthy}\n".encode()
-        return f"hello from backend {self.name}\n".encode()
+        path = request.path.decode("latin-1")
+        where = "" if path == "/" else f" (path {path})"  # shows what strip= removed
+        return f"hello from backend {self.name}{where}\n".encode()
 
 
 def _ports(text: str) -> List[int]:
@@ -43,12 +47,14 @@ def _ports(text: str) -> List[int]:
 
 
 @defer.inlineCallbacks
-def _register(reactor: Any, consul: str, service: str, ports: List[int]) -> Any:
+def _register(reactor: Any, consul: str, service: str, ports: List[int],
+              tags: Optional[List[str]] = None) -> Any:
     import treq
 
     for port in ports:
         body = {
             "ID": f"{service}-{port}", "Name": service, "Address": "127.0.0.1", "Port": port,
+            "Tags": tags or [],
             "Check": {"HTTP": f"http://127.0.0.1:{port}/health", "Interval": "2s",
                       "Timeout": "1s"},
         }
@@ -79,10 +85,16 @@ def serve(reactor: Any, argv: Optional[List[str]] = None) -> defer.Deferred[None
     parser.add_argument("--register", default="", help="ports to serve AND register in Consul")
     parser.add_argument("--consul", default="http://127.0.0.1:8500")
     parser.add_argument("--service", default="web")
+    parser.add_argument("--announce", default="",
+                        help="ports to serve AND register as --announce-service with the "
+                             "route tag --announce-tag (for an http listener's consul_routes)")
+    parser.add_argument("--announce-service", default="api")
+    parser.add_argument("--announce-tag", default="urlprefix-/api strip=/api")
     args = parser.parse_args(argv)
     served = _ports(args.ports)
     registered = _ports(args.register)
-    for port in served + registered:
+    announced = _ports(args.announce)
+    for port in served + registered + announced:
         reactor.listenTCP(port, server.Site(Backend(f"127.0.0.1:{port}")),
                           interface="127.0.0.1")
         print(f"demo backend listening on 127.0.0.1:{port}", flush=True)
@@ -90,10 +102,12 @@ def serve(reactor: Any, argv: Optional[List[str]] = None) -> defer.Deferred[None
     def failed(f: Any) -> None:
         print(f"demo: {f.getErrorMessage()}", file=sys.stderr, flush=True)
 
-    if registered:
-        _register(reactor, args.consul, args.service, registered).addErrback(failed)
-        reactor.addSystemEventTrigger("before", "shutdown", _deregister, args.consul,
-                                      args.service, registered)
+    for service, ports, tags in ((args.service, registered, []),
+                                 (args.announce_service, announced, [args.announce_tag])):
+        if ports:
+            _register(reactor, args.consul, service, ports, tags).addErrback(failed)
+            reactor.addSystemEventTrigger("before", "shutdown", _deregister, args.consul,
+                                          service, ports)
     return defer.Deferred()  # never fires: the signal that stops the reactor ends the demo
 
 
