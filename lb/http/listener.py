@@ -103,6 +103,7 @@ class HTTPListener(Listener):
         # only the default route until the root hands the table it builds from the config
         # and Consul
         self.table = RouteTable((), (), pool.name if pool is not None else None)
+        self.only_default = True  # no route to match: every request takes the default
         self.counters = HTTPCounters()
         self.id_lower: Optional[bytes] = None
         self.id_header = b""
@@ -142,13 +143,17 @@ class HTTPListener(Listener):
         """Requests from now on are routed by ``table`` (built whole: a request never sees
         half a change)."""
         self.table = table
+        self.only_default = len(table) == 0
 
     def route(self, head: RequestHead) -> Tuple[Optional[Route], Optional[Pool], str]:
         """The route a request takes (None: no route, 404), the pool it picked (None: that
         pool does not exist (any more), so it has no usable peer) and the pool's name. An
         empty pool never sends the request on to another route."""
-        host = head.host.decode("latin-1") if head.host is not None else None
-        route = self.table.match(host, head.target.decode("latin-1"), _header_of(head))
+        if self.only_default:
+            route = self.table.default
+        else:
+            host = head.host.decode("latin-1") if head.host is not None else None
+            route = self.table.match(host, head.target.decode("latin-1"), _header_of(head))
         if route is None:
             return None, None, ""
         name = route.pick_pool(self.rng)
