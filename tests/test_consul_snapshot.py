@@ -116,7 +116,8 @@ def test_routes_round_trip(tmp_path: Any) -> None:
     [{"service": "web", "path_prefix": "/", "host": "h.example:80"}],
     [{"service": "web", "path_prefix": "/a", "strip": "/b"}],
     [{"service": "web", "path_prefix": "/", "strip": 1}],
-    [{"service": "", "path_prefix": "/"}], [{"service": 7, "path_prefix": "/"}]])
+    [{"service": "", "path_prefix": "/"}], [{"service": 7, "path_prefix": "/"}],
+    [{"service": "web", "path_prefix": 7}]])
 def test_bad_routes_are_refused(routes: Any) -> None:
     """A routes snapshot is only trusted if every entry passes the rules a tag's route
     passes (a hand-edited file cannot route around them)."""
