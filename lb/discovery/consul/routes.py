@@ -140,6 +140,26 @@ def check_service_name(service: Any) -> str:
     return service
 
 
+def _route_host(host: str) -> str:
+    """The config's route host rules, also for a name already in IDNA form (as a snapshot
+    stores it, or as a tag may carry it): ``lb.net.host_name`` refuses ``xn--`` labels
+    (their decoded form differs from the input), so such a host is decoded and checked
+    again, and kept when that gives it back unchanged."""
+    try:
+        return check_route_host(host)
+    except ValueError:
+        if "xn--" not in host.lower():
+            raise
+        try:
+            unicode_host = host.lower().encode("ascii").decode("idna")
+        except UnicodeError:
+            raise ValueError(f"host {short_repr(host)} is not valid IDNA") from None
+        checked = check_route_host(unicode_host)
+        if checked != host.lower():
+            raise ValueError(f"host {short_repr(host)} is not in canonical IDNA form") from None
+        return checked
+
+
 def make_route(service: str, host: Optional[str], path_prefix: str,
                strip: Optional[str] = None) -> ConsulRoute:
     """A validated route (the rules a tag's route must pass, also used on snapshots);
@@ -149,7 +169,7 @@ def make_route(service: str, host: Optional[str], path_prefix: str,
         if "$" in host:
             raise ValueError(f"host {short_repr(host)} has a '$' (Fabio expands $DC there; "
                              "lb does not)")
-        host = check_route_host(host)
+        host = _route_host(host)
     if "$" in path_prefix:
         raise ValueError(f"path {short_repr(path_prefix)} has a '$' (Fabio expands $DC "
                          "there; lb does not)")
