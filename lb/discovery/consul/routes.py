@@ -8,15 +8,17 @@ the union of its instances' tags; a service whose instances all fail keeps its r
 pool answers 503 naming it), unlike Fabio, which drops the route and lets the request fall
 through to a less specific one.
 
-A tag is used only when lb does everything it asks. The options Fabio documents are
-``strip=/path`` (supported: the matched request's path loses that leading part) and
-``proto=http`` (the default: accepted). Every other option changes what the route does,
+A tag is used only when lb does everything it asks. Of the options Fabio documents, lb
+takes ``strip=/path`` (the matched request's path loses that leading whole-segment part)
+and ``proto=http`` (Fabio's default). Every other option changes what the route does,
 so ignoring it would serve the route differently from what was announced (an ignored
 ``allow=`` would expose a service to every client): such a tag is skipped with a reason,
 as is an unknown option, a host with a port, a ``:port`` (TCP) route, a path without a
 leading ``/``, Fabio's ``$DC`` expansion, a glob in the path, and anything hostile (huge,
-control characters, empty). Hosts are lower-cased and IDNA-encoded, with ``*.suffix``
-wildcards, by the same rules as the config file's route hosts.
+control characters, empty), or a service name that cannot name a pool (empty, spaces,
+control characters, over 255 characters). Hosts are lower-cased and IDNA-encoded, with
+``*.suffix`` wildcards, by the same rules as the config file's route hosts (a host already
+in IDNA form is taken as it is when canonical).
 
 Order and conflicts: the routes come most specific first (a host before none, an exact
 host before a wildcard, a longer wildcard suffix first, a longer path first, then by host,
