@@ -98,15 +98,18 @@ def test_routes_file_sits_beside_the_pools_files(tmp_path: Any) -> None:
 
 
 def test_routes_round_trip(tmp_path: Any) -> None:
-    """Saved routes load back equal and in match order."""
+    """Saved routes load back equal and in match order, an international host (stored in
+    its IDNA form) included."""
     routes = (ConsulRoute("shop", "*.example.com", "/static", "/static"),
-              ConsulRoute("www", "example.com", "/", None), ConsulRoute("api", None, "/api"))
+              ConsulRoute("www", "example.com", "/", None), ConsulRoute("api", None, "/api"),
+              ConsulRoute("books", "xn--bcher-kva.example", "/", None))
     path = snapshot.path_for(str(tmp_path), "www", snapshot.ROUTES_SUFFIX)
     snapshot.save(path, snapshot.make_routes_document("www", {"tag_prefix": "urlprefix-"}, 5,
                                                       routes, saved_at=0.0))
     loaded = snapshot.load(path)
     assert loaded is not None and loaded["index"] == 5
-    assert snapshot.decode_routes(loaded["routes"]) == (routes[1], routes[0], routes[2])
+    assert snapshot.decode_routes(loaded["routes"]) == (routes[1], routes[3], routes[0],
+                                                        routes[2])
 
 
 @pytest.mark.parametrize("routes", [
@@ -116,7 +119,8 @@ def test_routes_round_trip(tmp_path: Any) -> None:
     [{"service": "web", "path_prefix": "/", "host": "h.example:80"}],
     [{"service": "web", "path_prefix": "/a", "strip": "/b"}],
     [{"service": "web", "path_prefix": "/", "strip": 1}],
-    [{"service": "", "path_prefix": "/"}], [{"service": 7, "path_prefix": "/"}]])
+    [{"service": "", "path_prefix": "/"}], [{"service": 7, "path_prefix": "/"}],
+    [{"service": "web", "path_prefix": 7}]])
 def test_bad_routes_are_refused(routes: Any) -> None:
     """A routes snapshot is only trusted if every entry passes the rules a tag's route
     passes (a hand-edited file cannot route around them)."""

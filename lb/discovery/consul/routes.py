@@ -8,15 +8,17 @@ the union of its instances' tags; a service whose instances all fail keeps its r
 pool answers 503 naming it), unlike Fabio, which drops the route and lets the request fall
 through to a less specific one.
 
-A tag is used only when lb does everything it asks. The options Fabio documents are
-``strip=/path`` (supported: the matched request's path loses that leading part) and
-``proto=http`` (the default: accepted). Every other option changes what the route does,
+A tag is used only when lb does everything it asks. Of the options Fabio documents, lb
+takes ``strip=/path`` (the matched request's path loses that leading whole-segment part)
+and ``proto=http`` (Fabio's default). Every other option changes what the route does,
 so ignoring it would serve the route differently from what was announced (an ignored
 ``allow=`` would expose a service to every client): such a tag is skipped with a reason,
 as is an unknown option, a host with a port, a ``:port`` (TCP) route, a path without a
 leading ``/``, Fabio's ``$DC`` expansion, a glob in the path, and anything hostile (huge,
-control characters, empty). Hosts are lower-cased and IDNA-encoded, with ``*.suffix``
-wildcards, by the same rules as the config file's route hosts.
+control characters, empty), or a service name that cannot name a pool (empty, spaces,
+control characters, over 255 characters). Hosts are lower-cased and IDNA-encoded, with
+``*.suffix`` wildcards, by the same rules as the config file's route hosts (a host already
+in IDNA form is taken as it is when canonical).
 
 Order and conflicts: the routes come most specific first (a host before none, an exact
 host before a wildcard, a longer wildcard suffix first, a longer path first, then by host,
@@ -140,6 +142,26 @@ def check_service_name(service: Any) -> str:
     return service
 
 
+def _route_host(host: str) -> str:
+    """The config's route host rules, also for a name already in IDNA form (as a snapshot
+    stores it, or as a tag may carry it): ``lb.net.host_name`` refuses ``xn--`` labels
+    (their decoded form differs from the input), so such a host is decoded and checked
+    again, and kept when that gives it back unchanged."""
+    try:
+        return check_route_host(host)
+    except ValueError:
+        if "xn--" not in host.lower():
+            raise
+        try:
+            unicode_host = host.lower().encode("ascii").decode("idna")
+        except UnicodeError:
+            raise ValueError(f"host {short_repr(host)} is not valid IDNA") from None
+        checked = check_route_host(unicode_host)
+        if checked != host.lower():
+            raise ValueError(f"host {short_repr(host)} is not in canonical IDNA form") from None
+        return checked
+
+
 def make_route(service: str, host: Optional[str], path_prefix: str,
                strip: Optional[str] = None) -> ConsulRoute:
     """A validated route (the rules a tag's route must pass, also used on snapshots);
@@ -149,7 +171,7 @@ def make_route(service: str, host: Optional[str], path_prefix: str,
         if "$" in host:
             raise ValueError(f"host {short_repr(host)} has a '$' (Fabio expands $DC there; "
                              "lb does not)")
-        host = check_route_host(host)
+        host = _route_host(host)
     if "$" in path_prefix:
         raise ValueError(f"path {short_repr(path_prefix)} has a '$' (Fabio expands $DC "
                          "there; lb does not)")
