@@ -32,6 +32,7 @@ RETRY_CONDITIONS = ("connect-failure", "empty-response", "reset", "502", "503", 
 FORWARDED_MODES = ("append", "replace", "off")
 MAX_SPLIT_WEIGHT = 1000  # relative shares; 1000 gives 0.1% steps
 CONSUL_POOL_PREFIX = "consul:"  # pools consul_routes create are named consul:<service>
+ROUTES_WATCH_PREFIX = "routes:"  # lb_consul_*{pool="routes:<listener>"}: a routes watch
 
 # Bounds on what a config file may be. Past them the file is refused with a problem line
 # naming the bound, before anything walks it (a reload runs on the reactor thread).
@@ -953,8 +954,8 @@ def _check_route(c: _Checker, path: str, raw: Any, pools: Mapping[str, Any],
     if strip_prefix and m.get("path_prefix") is None:
         c.fail(f"{path}.strip_prefix", "needs a path_prefix to strip")
     return RouteConfig(
-        host=c.get(path, m, "host", None, _route_host),
-        path_prefix=c.get(path, m, "path_prefix", None, _path_prefix),
+        host=c.get(path, m, "host", None, check_route_host),
+        path_prefix=c.get(path, m, "path_prefix", None, check_path_prefix),
         headers=_check_header_matches(c, f"{path}.headers", m.get("headers")),
         pool=c.get(path, m, "pool", None, _pool_name(pools)),
         split=_check_split(c, f"{path}.split", m.get("split"), pools),
@@ -962,7 +963,7 @@ def _check_route(c: _Checker, path: str, raw: Any, pools: Mapping[str, Any],
     )
 
 
-def _route_host(value: Any) -> str:
+def check_route_host(value: Any) -> str:
     """The Host header's name without port: ``api.example.com`` (lower-cased, IDNA as
     ASCII), ``*.example.com`` (a whole first label only), an IP, or ``[v6]``."""
     text = _str(value)
@@ -988,7 +989,7 @@ def _route_host(value: Any) -> str:
     return "*." + ascii_name if wildcard else ascii_name
 
 
-def _path_prefix(value: Any) -> str:
+def check_path_prefix(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise ValueError(f"{_show(value)} is not a path prefix starting with '/' (like "
                          "'/api/')")
@@ -1178,6 +1179,9 @@ def check(raw: Any, *, path: str = "<config>", environ: Optional[Mapping[str, st
         if name.startswith(CONSUL_POOL_PREFIX):
             c.fail(f"pools.{name}", f"names starting with '{CONSUL_POOL_PREFIX}' are kept for "
                                     "the pools consul_routes create")
+        elif name.startswith(ROUTES_WATCH_PREFIX):
+            c.fail(f"pools.{name}", f"names starting with '{ROUTES_WATCH_PREFIX}' are kept "
+                                    "for the Consul routes watches in lb_consul_* metrics")
     pools = {name: _check_pool(c, f"pools.{name}", name, value, consul is not None)
              for name, value in raw_pools.items()}
     raw_listeners = c.named("listeners", top.get("listeners"))

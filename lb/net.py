@@ -97,12 +97,16 @@ def host_name(text: str) -> str:
     a hyphen at either end of a label, or a name that is not valid IDNA."""
     if not text:
         raise ValueError("empty")
+    lowered = text.lower()
     try:
-        ascii_name = text.lower().encode("idna").decode("ascii")
+        ascii_name = lowered.encode("idna").decode("ascii")
         back = ascii_name.encode("ascii").decode("idna")
+        # an ASCII name may already be the punycode form (from a snapshot, from Consul):
+        # valid when it is what its own decoding encodes to
+        again = back.encode("idna").decode("ascii") if lowered.isascii() else ascii_name
     except UnicodeError:
         raise ValueError("not valid IDNA (an empty label or one over 63 bytes?)") from None
-    if back != text.lower():
+    if (again != ascii_name) if lowered.isascii() else (back != lowered):
         raise ValueError("not valid IDNA (it changes under IDNA mapping)")
     if len(ascii_name) > 253:
         raise ValueError("longer than 253 bytes")

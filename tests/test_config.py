@@ -125,6 +125,11 @@ def test_international_host_names_are_kept() -> None:
     """A valid IDNA name is accepted and keyed in its ASCII (punycode) form."""
     assert str(parse_address("B\u00fccher.Example:80")) == "xn--bcher-kva.example:80"
     assert str(parse_address(f"{'x' * 63}.example:80")).startswith("x" * 63)
+    # the ASCII form is accepted as it is (what a snapshot or Consul gives back)
+    assert str(parse_address("xn--bcher-kva.example:80")) == "xn--bcher-kva.example:80"
+    assert str(parse_address("XN--BCHER-KVA.example:80")) == "xn--bcher-kva.example:80"
+    with pytest.raises(ValueError):
+        parse_address("xn--zzzzzzz-.example:80")  # not punycode of anything
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -499,11 +499,16 @@ def test_listeners_with_consul_routes_share_pool_defaults() -> None:
 
 
 def test_pool_names_starting_with_consul_are_reserved() -> None:
-    """A config pool cannot take a name consul_routes' pools use."""
+    """A config pool cannot take a name consul_routes' pools use, nor the name a routes
+    watch has in the lb_consul_* metrics."""
     raw = raw_config()
     raw["pools"]["consul:web"] = {}
-    assert problems(raw) == ["pools.consul:web: names starting with 'consul:' are kept for "
-                             "the pools consul_routes create"]
+    raw["pools"]["routes:www"] = {}
+    assert problems(raw) == [
+        "pools.consul:web: names starting with 'consul:' are kept for the pools "
+        "consul_routes create",
+        "pools.routes:www: names starting with 'routes:' are kept for the Consul routes "
+        "watches in lb_consul_* metrics"]
 
 
 # --- the http section ---------------------------------------------------------------------

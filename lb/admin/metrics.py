@@ -33,6 +33,7 @@ from twisted.web.server import Request
 
 import lb
 from lb.admin.view import IAdminView
+from lb.config import ROUTES_WATCH_PREFIX
 from lb.health.risefall import UP
 from lb.peer import ADMIN_STATES
 from lb.stats import ListenerStats, PoolStats
@@ -216,7 +217,8 @@ class LBCollector(Collector):
             "Consul queries failed in a row for this pool (0 once one succeeds).",
             labels=["pool"])
         watches = [(pool.name, pool.consul) for pool in pools] + [
-            (f"routes:{listener.name}", listener.http.consul_routes) for listener in listeners
+            (ROUTES_WATCH_PREFIX + listener.name, listener.http.consul_routes)
+            for listener in listeners
             if listener.http is not None]
         for name, consul in watches:
             if consul is None:

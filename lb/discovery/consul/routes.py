@@ -33,9 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from lb.config import CONSUL_POOL_PREFIX, ConsulConfig
-from lb.config import _path_prefix as check_path_prefix
-from lb.config import _route_host as check_route_host
+from lb.config import CONSUL_POOL_PREFIX, ConsulConfig, check_path_prefix, check_route_host
 from lb.discovery.consul.api import ConsulHTTPError, InvalidAnswer, decode_json, safe_url
 from lb.net import short_repr
 
@@ -142,26 +140,6 @@ def check_service_name(service: Any) -> str:
     return service
 
 
-def _route_host(host: str) -> str:
-    """The config's route host rules, also for a name already in IDNA form (as a snapshot
-    stores it, or as a tag may carry it): ``lb.net.host_name`` refuses ``xn--`` labels
-    (their decoded form differs from the input), so such a host is decoded and checked
-    again, and kept when that gives it back unchanged."""
-    try:
-        return check_route_host(host)
-    except ValueError:
-        if "xn--" not in host.lower():
-            raise
-        try:
-            unicode_host = host.lower().encode("ascii").decode("idna")
-        except UnicodeError:
-            raise ValueError(f"host {short_repr(host)} is not valid IDNA") from None
-        checked = check_route_host(unicode_host)
-        if checked != host.lower():
-            raise ValueError(f"host {short_repr(host)} is not in canonical IDNA form") from None
-        return checked
-
-
 def make_route(service: str, host: Optional[str], path_prefix: str,
                strip: Optional[str] = None) -> ConsulRoute:
     """A validated route (the rules a tag's route must pass, also used on snapshots);
@@ -171,7 +149,7 @@ def make_route(service: str, host: Optional[str], path_prefix: str,
         if "$" in host:
             raise ValueError(f"host {short_repr(host)} has a '$' (Fabio expands $DC there; "
                              "lb does not)")
-        host = _route_host(host)
+        host = check_route_host(host)
     if "$" in path_prefix:
         raise ValueError(f"path {short_repr(path_prefix)} has a '$' (Fabio expands $DC "
                          "there; lb does not)")
