@@ -82,7 +82,8 @@ def test_a_registered_service_is_routed_within_a_second_and_follows_consul(
         tmp_path: Any) -> None:
     """Registration → the service's route and pool ``consul:api`` (from pool_defaults)
     exist and serve within 1 s, strip applied; a second instance joins the pool; a tag
-    change moves the route; deregistration removes route and pool. A client on a config
+    change moves the route; deregistration removes route and pool, and a request in flight
+    to it still gets its answer (the pool drains). A client on a config
     route sees no failure meanwhile (continuous, bounded load)."""
     a, b, web = backends("a"), backends("b"), backends("web")
     lb = start_lb(lb_process, consul_agent, str(tmp_path / "state"), listener="""\
@@ -130,14 +131,22 @@ def test_a_registered_service_is_routed_within_a_second_and_follows_consul(
                  timeout=5, what="the second instance serving")
 
         for sid, backend in (("api-1", a), ("api-2", b)):
-            register(consul_agent, sid, "api", backend, ["urlprefix-/v2"])
+            register(consul_agent, sid, "api", backend, ["urlprefix-/v2 strip=/v2"])
         wait_for(lambda: who(port, "/api/")[1] == 404 and who(port, "/v2/")[0] in "ab",
                  timeout=5, what="the route moving to /v2")
 
+        slow: List[str] = []  # a request in flight when its pool goes: it finishes
+        in_flight = threading.Thread(target=lambda: slow.append(
+            "%s %s" % who(port, "/v2/slow?ms=1500")[:2]))
+        in_flight.start()
+        wait_for(lambda: a.stats()["in_flight"] + b.stats()["in_flight"] == 1, timeout=5,
+                 what="the slow request at a peer")
         deregister(consul_agent, "api-1")
         deregister(consul_agent, "api-2")
         wait_for(lambda: who(port, "/v2/")[1] == 404 and "consul:api" not in pools(lb),
                  timeout=5, what="route and pool removed")
+        in_flight.join(10)
+        assert slow in (["a 200"], ["b 200"]), slow
     finally:
         stop.set()
         loader.join(30)
