@@ -1,10 +1,30 @@
 """Test helpers that lb's tests (and users') reuse: real-socket backends, config builders,
-bounded polling. Nothing here sleeps to wait for a condition."""
+bounded polling, fakes of the data path, and the reference-model driver that checks a
+balancer pick by pick (``BalancerDriver``). Nothing here sleeps to wait for a condition."""
 
 from __future__ import annotations
 
+import random
 import socket
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from bisect import bisect_right
+from collections import Counter, deque
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    FrozenSet,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+    overload,
+)
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITransport
@@ -13,6 +33,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from lb import config as lbconfig
+from lb.interfaces import IBalancer, PickContext
 
 
 @implementer(IHalfCloseableProtocol)
@@ -314,3 +335,508 @@ class PumpClock(task.Clock):
         if events and self.handler is not None:
             self.handler(events)
         return len(events)
+
+
+# --- balancers: a seeded random run of pool operations, every pick checked ----------------
+
+
+class ReferenceModel:
+    """What a balancer's picks must be, computed the plain way (nginx's O(n) scan, a ring
+    built from scratch): the oracle a ``BalancerDriver`` compares every pick with, by
+    identity.
+
+    The driver tells the model each change it tells the balancer, in the same order (never
+    the redundant ones a balancer must ignore), and asks it for each pick right after the
+    balancer picked for the same context. The hooks here ignore the change: a model
+    overrides those its answer depends on, and ``pick``.
+    """
+
+    def add(self, peer: Any) -> None:
+        """``peer`` came into rotation (its ``effective_weight`` is set)."""
+
+    def remove(self, peer: Any) -> None:
+        """``peer`` left rotation (its load stays: it drains)."""
+
+    def reweight(self, peer: Any) -> None:
+        """``peer.effective_weight`` changed while in rotation."""
+
+    def load_added(self, peer: Any) -> None:
+        """``peer.load`` went up by one; ``peer`` is in rotation."""
+
+    def load_removed(self, peer: Any) -> None:
+        """``peer.load`` went down by one; ``peer`` is in rotation."""
+
+    def pick(self, context: PickContext) -> Optional[Any]:
+        """The peer the balancer must have returned for ``context``; None: no peer."""
+        raise NotImplementedError
+
+
+Invariant = Callable[[Optional[Any], Sequence[Any], PickContext], bool]
+"""The other kind of oracle: true when a pick (or None) is acceptable given the peers it
+may return (in rotation, not excluded, with weight; in no particular order) and the
+context. It may raise AssertionError with its own message instead of returning False;
+its name and the first sentence of its docstring go into the failure message."""
+
+
+@dataclass(frozen=True)
+class Mix:
+    """How often each operation of a ``BalancerDriver`` run comes up: relative weights, 0
+    leaves an operation out. One that cannot happen at its step (no peer in rotation to
+    reweight, no load held) is a pick instead.
+
+    ``pick``: a pick for a PickContext; the peer picked takes load (see ``hold``).
+    ``toggle``: a peer of the pool leaves rotation if it is in it (its load stays: it
+    drains), or else comes in, half the time with a new weight; about half the pool is in.
+    ``reweight``: a peer in rotation gets a new effective weight.
+    ``close``: a held load ends (told to the balancer if its peer is still in rotation).
+    ``open``: load starts on a peer in rotation without a pick.
+    ``repeat``: an add of a peer in rotation or a remove of one out of it, which the pool
+    never does and a balancer must shrug off (the model is not told).
+    """
+
+    pick: float = 90.0
+    toggle: float = 4.0
+    reweight: float = 4.0
+    close: float = 0.0
+    open: float = 0.0
+    repeat: float = 0.0
+
+
+_CHANGES = ("toggle", "reweight", "repeat")  # what a burst is made of
+
+
+class _Bag:
+    """Peers with O(1) add, discard, membership and random choice (deterministic order)."""
+
+    __slots__ = ("items", "index")
+
+    def __init__(self) -> None:
+        self.items: List[Any] = []
+        self.index: Dict[Any, int] = {}
+
+    def add(self, peer: Any) -> None:
+        self.index[peer] = len(self.items)
+        self.items.append(peer)
+
+    def discard(self, peer: Any) -> None:
+        i = self.index.pop(peer)
+        last = self.items.pop()
+        if last is not peer:
+            self.items[i] = last
+            self.index[last] = i
+
+    def choice(self, rng: random.Random) -> Any:
+        return self.items[rng.randrange(len(self.items))]
+
+
+class _Allowed(Sequence[Any]):
+    """The peers a pick may return, listed only if an invariant looks (cheap in a big pool)."""
+
+    def __init__(self, inside: _Bag, exclude: FrozenSet[Any]) -> None:
+        self._inside = inside
+        self._exclude = exclude
+        self._peers: Optional[List[Any]] = None
+
+    def _list(self) -> List[Any]:
+        if self._peers is None:
+            exclude = self._exclude
+            self._peers = [p for p in self._inside.items
+                           if p.effective_weight > 0 and p not in exclude]
+        return self._peers
+
+    @overload
+    def __getitem__(self, i: int) -> Any: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Any]: ...
+
+    def __getitem__(self, i: Union[int, slice]) -> Any:
+        return self._list()[i]
+
+    def __len__(self) -> int:
+        return len(self._list())
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._list())
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._list()
+
+    def __repr__(self) -> str:
+        return repr(self._list())
+
+
+def _allowed(inside: _Bag, exclude: FrozenSet[Any]) -> Sequence[Any]:
+    """The peers a pick may return: listed now in a small pool, on first use in a big one."""
+    if len(inside.items) > 32:
+        return _Allowed(inside, exclude)
+    return [p for p in inside.items if p.effective_weight > 0 and p not in exclude]
+
+
+class BalancerCheckFailed(AssertionError):
+    """A check of a ``BalancerDriver`` run failed (the message says where and how)."""
+
+
+def _key(peer: Any) -> str:
+    return str(getattr(peer, "key", peer))
+
+
+def _keys(peers: Any) -> str:
+    return "{" + ", ".join(sorted(_key(p) for p in peers)) + "}"
+
+
+def _oracle_name(oracle: Any) -> str:
+    """A function's or model's name, with the first sentence of its docstring."""
+    name = getattr(oracle, "__name__", None) or type(oracle).__name__
+    doc = " ".join((getattr(oracle, "__doc__", None) or "").split("\n\n")[0].split())
+    return f"{name} ({doc.split('. ')[0].rstrip('.')})" if doc else name
+
+
+class BalancerDriver:
+    """The reference-model driver: a seeded random run of what a pool does to its balancer
+    (peers coming into rotation and leaving it, weights changing, slow-start fractions
+    included, connections or requests starting and ending, picks skipping peers already
+    tried), with every pick checked.
+
+    Every pick is held to the ``IBalancer`` contract: a peer in rotation, not excluded, with
+    weight, and None only when there is no such peer; after every step ``len(balancer)``
+    counts the peers in rotation (``len_counts_weightless``: True, those without weight
+    too; False, not them; None, either). On top of that, the oracles given:
+
+    * ``model``, a ``ReferenceModel``: the pick must be the very peer it names (smooth
+      weighted round-robin against nginx's O(n) scan);
+    * ``invariant``, a predicate over (pick, allowed peers, context) (leastconn: no allowed
+      peer has a lower load per weight).
+
+    The peers are ``FakePeer``s named ``key(i)``, ``peers`` of them, the first ``start`` in
+    rotation to begin with, with weights drawn from ``weights`` (later ones from
+    ``reweights``). Weights are 0 or at least 0.001: balancers count thousandths. A pick
+    excludes as many peers of the whole pool (in rotation or not) as a draw from
+    ``exclude`` says and names a client and hash key drawn from ``clients`` and
+    ``hash_keys``; its peer takes load, which a share ``hold`` of picks keeps until a
+    ``close`` operation, the others end at once (a short connection; ``hold`` None: picks
+    take no load, for a balancer that ignores it). A change operation comes as a burst of
+    as many changes as a draw from ``burst`` (a discovery snapshot replacing many peers at
+    once).
+
+    Everything is a function of ``seed`` (and of the balancer's own rng, if it has one). A
+    failed check raises ``BalancerCheckFailed`` (an AssertionError) naming the step, the
+    seed, the peers' state and the last ``history`` operations; an exception from the
+    balancer or an oracle is wrapped the same way. ``counts`` tells how often each thing
+    happened ("add", "remove", "reweight", "add again", "remove again", "open", "close",
+    "pick", "pick (none)") and ``picks`` lists every pick's result.
+    """
+
+    def __init__(self, balancer: IBalancer, *, model: Optional[ReferenceModel] = None,
+                 invariant: Optional[Invariant] = None, seed: int = 0, peers: int = 12,
+                 start: int = 6, weights: Sequence[float] = (1.0,),
+                 reweights: Optional[Sequence[float]] = None, mix: Mix = Mix(),
+                 hold: Optional[float] = 1.0, burst: Sequence[int] = (1,),
+                 exclude: Sequence[int] = (0,), clients: Sequence[Optional[str]] = (None,),
+                 hash_keys: Sequence[Optional[str]] = (None,),
+                 len_counts_weightless: Optional[bool] = None,
+                 key: Callable[[int], str] = "p{}".format, history: int = 16) -> None:
+        reweights = weights if reweights is None else reweights
+        for w in (*weights, *reweights):
+            if w < 0 or 0 < w < 0.001:
+                raise ValueError(f"weight {w}: balancers count thousandths, use 0 or >= 0.001")
+        if not 0 <= start <= peers or peers < 1:
+            raise ValueError(f"{peers} peers, {start} in rotation at the start: no sense")
+        # FakePeer stands in for lb.peer.Peer: the balancer is driven duck-typed
+        self.balancer: Any = balancer
+        self.model = model
+        self.invariant = invariant
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.reweights = list(reweights)
+        self.hold = hold
+        self.burst = list(burst)
+        self.exclude_sizes = list(exclude)
+        self.clients = list(clients)
+        self.hash_keys = list(hash_keys)
+        self.len_counts_weightless = len_counts_weightless
+        ops = [(name, float(getattr(mix, name))) for name in Mix.__dataclass_fields__]
+        ops = [(name, w) for name, w in ops if w > 0]
+        if not ops:
+            raise ValueError("the mix has no operation")
+        self._ops = [name for name, _ in ops]
+        self._cumulative = list(accumulate(w for _, w in ops))
+        changes = [(name, w) for name, w in ops if name in _CHANGES]
+        self._change_ops = [name for name, _ in changes]
+        self._change_cumulative = list(accumulate(w for _, w in changes))
+        self.pool: List[FakePeer] = [FakePeer(key(i), self._choice(weights))
+                                     for i in range(peers)]
+        self.inside = _Bag()
+        self.outside = _Bag()
+        for peer in self.pool:
+            self.outside.add(peer)
+        self.held: List[FakePeer] = []  # one entry per load a close operation will end
+        self._weightless = 0  # peers in rotation without weight
+        self.step = 0  # step 0: the first ``start`` peers come in
+        self.counts: Counter[str] = Counter()
+        self.picks: List[Optional[FakePeer]] = []
+        self._history: Deque[Tuple[int, str, Any, Any]] = deque(maxlen=history)
+        self._guarded(lambda: self._start(start))
+
+    # --- running -----------------------------------------------------------------------------
+
+    def run(self, steps: int) -> "BalancerDriver":
+        """Run ``steps`` more operations (a burst of changes is one step)."""
+        self._guarded(lambda: self._run(steps))
+        return self
+
+    def _guarded(self, operation: Callable[[], None]) -> None:
+        try:
+            operation()
+        except BalancerCheckFailed:
+            raise
+        except Exception as e:  # the balancer or an oracle broke: say where
+            raise BalancerCheckFailed(self._report(f"{type(e).__name__}: {e}")) from e
+
+    def _start(self, start: int) -> None:
+        for peer in self.pool[:start]:
+            self._add(peer)
+        self._check_len()
+
+    def _run(self, steps: int) -> None:
+        random, ops, cumulative = self.rng.random, self._ops, self._cumulative
+        total, pick, other = cumulative[-1], self._pick, self._other
+        balancer, inside, mode = self.balancer, self.inside.items, self.len_counts_weightless
+        for _ in range(steps):
+            self.step += 1
+            op = ops[bisect_right(cumulative, random() * total)]
+            if op == "pick":
+                pick()
+            else:
+                other(op)
+            n, everyone = len(balancer), len(inside)
+            if mode:  # len counts every peer in rotation
+                wrong = n != everyone
+            else:  # only those with weight (False), or either way (None)
+                weighted = everyone - self._weightless
+                wrong = n != weighted if mode is False else not weighted <= n <= everyone
+            if wrong:
+                self._check_len()  # says what is wrong
+
+    def _other(self, op: str) -> None:
+        if op in _CHANGES:
+            random, burst = self.rng.random, self.burst
+            done = self._change(op)
+            for _ in range(burst[int(random() * len(burst))] - 1):
+                self._change(self._change_ops[bisect_right(
+                    self._change_cumulative, random() * self._change_cumulative[-1])])
+            if not done:
+                self._pick()
+        elif op == "close" and self.held:
+            self._close()
+        elif op == "open" and self.inside.items:
+            self._open(self.inside.choice(self.rng))
+        else:
+            self._pick()
+
+    def _choice(self, among: Sequence[Any]) -> Any:
+        return among[int(self.rng.random() * len(among))]
+
+    def _record(self, op: str, a: Any = None, b: Any = None) -> None:
+        self.counts[op] += 1
+        self._history.append((self.step, op, a, b))
+
+    # --- operations --------------------------------------------------------------------------
+
+    def _change(self, op: str) -> bool:
+        rng = self.rng
+        if op == "toggle":
+            peer = self.pool[rng.randrange(len(self.pool))]
+            if peer in self.inside.index:
+                self._remove(peer)
+            else:
+                if rng.random() < 0.5:  # back with another weight (slow start, Consul)
+                    peer.effective_weight = float(self._choice(self.reweights))
+                self._add(peer)
+        elif op == "reweight":
+            if not self.inside.items:
+                return False
+            peer = self.inside.choice(rng)
+            before = peer.effective_weight > 0
+            peer.effective_weight = float(self._choice(self.reweights))
+            self._weightless += before - (peer.effective_weight > 0)
+            self._record("reweight", peer, peer.effective_weight)
+            self.balancer.reweight(peer)
+            if self.model is not None:
+                self.model.reweight(peer)
+        else:  # repeat: the pool never does it, a balancer must shrug it off
+            if self.inside.items and (rng.random() < 0.5 or not self.outside.items):
+                peer = self.inside.choice(rng)
+                self._record("add again", peer)
+                self.balancer.add(peer)
+            elif self.outside.items:
+                peer = self.outside.choice(rng)
+                self._record("remove again", peer)
+                self.balancer.remove(peer)
+            else:
+                return False
+        return True
+
+    def _add(self, peer: FakePeer) -> None:
+        self.outside.discard(peer)
+        self.inside.add(peer)
+        if not peer.effective_weight > 0:
+            self._weightless += 1
+        self._record("add", peer, peer.effective_weight)
+        self.balancer.add(peer)
+        if self.model is not None:
+            self.model.add(peer)
+
+    def _remove(self, peer: FakePeer) -> None:
+        self.inside.discard(peer)
+        self.outside.add(peer)
+        if not peer.effective_weight > 0:
+            self._weightless -= 1
+        self._record("remove", peer)
+        self.balancer.remove(peer)
+        if self.model is not None:
+            self.model.remove(peer)
+
+    def _open(self, peer: FakePeer) -> None:
+        peer.load += 1
+        self._record("open", peer, peer.load)
+        self.balancer.load_added(peer)
+        if self.model is not None:
+            self.model.load_added(peer)
+        self.held.append(peer)
+
+    def _close(self) -> None:
+        held, i = self.held, self.rng.randrange(len(self.held))
+        peer = held[i]
+        held[i] = held[-1]
+        held.pop()
+        peer.load -= 1
+        inside = peer in self.inside.index
+        self._record("close", peer, (peer.load, inside))
+        if inside:  # a drained peer's load is the pool's business only
+            self.balancer.load_removed(peer)
+            if self.model is not None:
+                self.model.load_removed(peer)
+
+    def _pick(self) -> None:
+        random, pool, model = self.rng.random, self.pool, self.model
+        sizes = self.exclude_sizes
+        size = min(sizes[int(random() * len(sizes))], len(pool))
+        exclude: FrozenSet[Any] = frozenset()
+        if size:  # peers of the whole pool, in rotation or not (cheaper than rng.sample)
+            tried: Set[Any] = set()
+            while len(tried) < size:
+                tried.add(pool[int(random() * len(pool))])
+            exclude = frozenset(tried)
+        clients, hash_keys = self.clients, self.hash_keys
+        context = PickContext(clients[int(random() * len(clients))],
+                              hash_keys[int(random() * len(hash_keys))], exclude)
+        got = self.balancer.pick(context)
+        self.picks.append(got)
+        hold = self.hold
+        held = got is not None and hold is not None and random() < hold
+        op = "pick" if got is not None else "pick (none)"
+        self.counts[op] += 1
+        self._history.append((self.step, op, context, (got, held)))
+        expected = model.pick(context) if model is not None else got
+        if (expected is not got or got is None or got not in self.inside.index
+                or got in exclude or not got.effective_weight > 0):
+            self._check_pick(got, expected, exclude, context)
+        elif self.invariant is not None:
+            allowed = _allowed(self.inside, exclude)
+            if not self.invariant(got, allowed, context):
+                self._broken(got, allowed)
+        if got is None or hold is None:
+            return
+        got.load += 1  # what the pool does at pick time: count first, then tell
+        self.balancer.load_added(got)
+        if model is not None:
+            model.load_added(got)
+        if held:
+            self.held.append(got)
+            return
+        got.load -= 1  # a short connection (or request): over before the next step
+        self.balancer.load_removed(got)
+        if model is not None:
+            model.load_removed(got)
+
+    # --- checks ------------------------------------------------------------------------------
+
+    def _check_pick(self, got: Optional[FakePeer], expected: Optional[FakePeer],
+                    exclude: FrozenSet[Any], context: PickContext) -> None:
+        """Every check of a pick (``expected``: the reference model's answer, if any)."""
+        if got is not None:
+            if got not in self.inside.index:
+                self._fail(f"picked {_key(got)}, which is not in rotation")
+            if got in exclude:
+                self._fail(f"picked {_key(got)}, which the context excludes")
+            if not got.effective_weight > 0:
+                self._fail(f"picked {_key(got)}, which has no weight")
+        allowed = _allowed(self.inside, exclude)
+        if got is None and allowed:
+            self._fail(f"picked nothing, though it may pick any of {_keys(allowed)}")
+        if self.invariant is not None and not self.invariant(got, allowed, context):
+            self._broken(got, allowed)
+        if expected is not got:
+            self._fail(f"picked {_key(got)} where the reference "
+                       f"{_oracle_name(self.model)} picks {_key(expected)}")
+
+    def _broken(self, got: Optional[FakePeer], allowed: Sequence[Any]) -> None:
+        self._fail(f"picked {_key(got)} among {_keys(allowed)}, which breaks "
+                   f"{_oracle_name(self.invariant)}")
+
+    def _check_len(self) -> None:
+        n, everyone = len(self.balancer), len(self.inside.items)
+        weighted = everyone - self._weightless
+        if self.len_counts_weightless is None:
+            ok = weighted <= n <= everyone
+        else:
+            ok = n == (everyone if self.len_counts_weightless else weighted)
+        if not ok:
+            self._fail(f"len(balancer) is {n} with {everyone} peers in rotation, "
+                       f"{weighted} of them with weight")
+
+    def _fail(self, what: str) -> None:
+        raise BalancerCheckFailed(self._report(what))
+
+    def _report(self, what: str) -> str:
+        balancer = type(self.balancer)
+        lines = [f"{balancer.__module__}.{balancer.__qualname__}, seed {self.seed}, "
+                 f"step {self.step}: {what}"]
+        inside = [p for p in self.pool if p in self.inside.index]
+        shown = ", ".join(f"{_key(p)} (weight {p.effective_weight:g}, load {p.load})"
+                          for p in inside[:40])
+        more = f" and {len(inside) - 40} more" if len(inside) > 40 else ""
+        lines.append(f"  in rotation: {shown or 'nobody'}{more}")
+        draining = [p for p in self.pool if p not in self.inside.index and p.load]
+        if draining:
+            lines.append("  out of rotation with load: " + ", ".join(
+                f"{_key(p)} ({p.load})" for p in draining[:40]))
+        lines.append(f"  last {len(self._history)} operations:")
+        lines += [f"    {step:>6} {_describe(op, a, b)}" for step, op, a, b in self._history]
+        return "\n".join(lines)
+
+
+def _describe(op: str, a: Any, b: Any) -> str:
+    if op.startswith("pick"):
+        context: PickContext = a
+        got, held = b
+        parts = ["pick"]
+        if context.client is not None:
+            parts.append(f"client={context.client}")
+        if context.hash_key is not None:
+            parts.append(f"hash_key={context.hash_key}")
+        if context.exclude:
+            parts.append(f"exclude={_keys(context.exclude)}")
+        return " ".join(parts) + f" -> {_key(got) if got is not None else 'None'}" + (
+            ", its load held" if held else "")
+    if op == "add":
+        return f"add {_key(a)} (weight {b:g})"
+    if op == "reweight":
+        return f"reweight {_key(a)} to {b:g}"
+    if op == "open":
+        return f"load on {_key(a)} (now {b})"
+    if op == "close":
+        load, inside = b
+        return f"load off {_key(a)} (now {load}{'' if inside else ', out of rotation'})"
+    return f"{op} {_key(a)}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import random
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import pytest
 from zope.interface.verify import verifyObject
@@ -13,7 +13,7 @@ from zope.interface.verify import verifyObject
 from lb.balancer import create
 from lb.config import BALANCE_ALGORITHMS
 from lb.interfaces import IBalancer, PickContext
-from lb.testing import FakePeer
+from lb.testing import BalancerDriver, FakePeer, Mix, ReferenceModel
 
 ALGORITHMS = [(name, None) for name in BALANCE_ALGORITHMS] + [("source", 1.25)]
 IDS = [name if factor is None else f"{name}-bounded" for name, factor in ALGORITHMS]
@@ -133,3 +133,82 @@ def test_picks_do_not_scan_the_pool(name: str, factor: Optional[float]) -> None:
         peer.load -= 1
         b.load_removed(peer)
     assert CountingPeer.reads < 20 * 500, CountingPeer.reads
+
+
+@pytest.mark.parametrize("name,factor", ALGORITHMS, ids=IDS)
+def test_random_operations_keep_the_contract(name: str, factor: Optional[float]) -> None:
+    """Under a seeded random run of everything a pool does (peers in and out of rotation,
+    redundant adds and removes, weights down to slow-start fractions and 0, load starting
+    and ending, in rotation and draining, retries, picks by client address, hash key or
+    neither), every pick is a peer in rotation with weight that the context does not
+    exclude, None only when there is no such peer, and len counts the peers in rotation
+    (those without weight too, or not: the algorithms differ)."""
+    driver = BalancerDriver(
+        make(name, factor, seed=7), seed=7, peers=9, start=5,
+        weights=[1, 2, 3, 0.1, 0.55, 0], reweights=[1, 2, 0.001, 0.25, 0.6, 0],
+        mix=Mix(pick=60, toggle=6, reweight=6, close=25, open=3, repeat=2), hold=0.8,
+        exclude=[0, 0, 1, 2, 9], clients=[f"192.0.2.{i}" for i in range(40)] + [None] * 5,
+        hash_keys=[None] * 6 + ["session-1"])
+    driver.run(800)
+    assert {"add", "remove", "add again", "remove again", "reweight", "open", "close", "pick",
+            "pick (none)"} <= set(driver.counts)
+
+
+class IgnoresExclude:
+    """A roundrobin balancer with a bug: it forgets the peers already tried."""
+
+    def __init__(self) -> None:
+        self.inner = make("roundrobin", None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def pick(self, context: PickContext) -> Any:
+        return self.inner.pick(context._replace(exclude=frozenset()))
+
+
+class FirstInRotation(ReferenceModel):
+    """always the first peer in rotation with weight, which no balancer does"""
+
+    def __init__(self) -> None:
+        self.peers: List[Any] = []
+
+    def add(self, peer: Any) -> None:
+        self.peers.append(peer)
+
+    def remove(self, peer: Any) -> None:
+        self.peers.remove(peer)
+
+    def pick(self, context: PickContext) -> Optional[Any]:
+        return next((p for p in self.peers
+                     if p.effective_weight > 0 and p not in context.exclude), None)
+
+
+def test_driver_names_the_step_the_seed_and_what_led_there() -> None:
+    """The reference-model driver catches a balancer that breaks the contract (here: a
+    tried peer picked again) or disagrees with its reference model, and says at which step
+    of which seed, with the peers' state and the operations that led there."""
+    with pytest.raises(AssertionError) as failed:
+        BalancerDriver(IgnoresExclude(), seed=3, exclude=[0, 1, 2], history=5).run(500)
+    message = str(failed.value)
+    assert "IgnoresExclude, seed 3, step " in message
+    assert "which the context excludes" in message
+    assert "  in rotation: p0 (weight 1, load " in message
+    lines = message.splitlines()
+    assert lines[-6] == "  last 5 operations:"
+    assert " pick exclude={" in lines[-1]
+    with pytest.raises(AssertionError, match=r"roundrobin.Balancer, seed 1, step \d+: picked "
+                       r"p\d+ where the reference FirstInRotation \(always the first peer"):
+        BalancerDriver(make("roundrobin", None), model=FirstInRotation(), seed=1).run(500)
+
+
+def test_driver_is_a_function_of_its_seed() -> None:
+    """The same seed gives the same run (a failure replays); another seed another run."""
+    def picks(seed: int) -> List[Optional[str]]:
+        driver = BalancerDriver(make("leastconn", None), seed=seed, weights=[1, 2, 0.5],
+                                mix=Mix(close=30, open=5, repeat=1), exclude=[0, 1, 3])
+        return [p.key if p is not None else None for p in driver.run(300).picks]
+    assert picks(4) == picks(4) != picks(5)

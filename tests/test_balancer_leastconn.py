@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import random
 from collections import Counter
-from typing import Any, List, Set
+from typing import Any, List, Optional, Sequence, Set
 
 import pytest
 from zope.interface.verify import verifyObject
@@ -12,7 +11,7 @@ from zope.interface.verify import verifyObject
 from lb.balancer import create
 from lb.balancer.leastconn import Balancer
 from lb.interfaces import IBalancer, PickContext
-from lb.testing import FakePeer
+from lb.testing import BalancerDriver, FakePeer, Mix
 
 
 def balancer_with(*members: FakePeer) -> Balancer:
@@ -169,47 +168,23 @@ def test_index_stays_bounded() -> None:
     assert len(b._heap) <= 2 * len(ps) + 65
 
 
+def least_loaded(got: Optional[FakePeer], allowed: Sequence[FakePeer],
+                 context: PickContext) -> bool:
+    """no peer it may pick has fewer connections per weight"""
+    return got is None or got.load / round(got.effective_weight * 1000) == min(
+        p.load / round(p.effective_weight * 1000) for p in allowed)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_always_picks_a_least_loaded_peer(seed: int) -> None:
-    """Whatever the sequence of weights, removals, retries and connections, the pick has
-    the lowest active/weight among the peers it may choose (checked by brute force)."""
-    rng = random.Random(seed)
-    pool = [FakePeer(f"p{i}", rng.choice([1, 2, 3, 0.1, 0.55])) for i in range(10)]
-    b = Balancer()
-    inside: List[FakePeer] = []
-    conns: List[FakePeer] = []
-    for peer in pool[:6]:
-        b.add(peer)
-        inside.append(peer)
-    for step in range(3000):
-        op = rng.random()
-        if op < 0.03:
-            peer = rng.choice(pool)
-            if peer in inside:
-                b.remove(peer)
-                inside.remove(peer)
-            else:
-                b.add(peer)
-                inside.append(peer)
-        elif op < 0.06 and inside:
-            peer = rng.choice(inside)
-            peer.effective_weight = rng.choice([1, 2, 5, 0.1, 0.3])
-            b.reweight(peer)
-        elif op < 0.4 and conns:
-            peer = conns.pop(rng.randrange(len(conns)))
-            peer.load -= 1
-            if peer in inside:
-                b.load_removed(peer)
-        else:
-            exclude = set(rng.sample(pool, rng.choice([0, 0, 1, 3])))
-            got = b.pick(PickContext(exclude=exclude))
-            allowed = [p for p in inside if p not in exclude]
-            if not allowed:
-                assert got is None
-                continue
-            best = min(p.load / round(p.effective_weight * 1000)
-                       for p in allowed)
-            assert got in allowed, f"step {step}"
-            assert got.load / round(got.effective_weight * 1000) == best
-            open_(b, got)
-            conns.append(got)
+    """Whatever the sequence of weights (slow-start fractions and 0 too), removals,
+    retries and connections opening and closing, the pick has the lowest active/weight
+    among the peers it may choose (checked by brute force); len counts the peers in
+    rotation with weight."""
+    driver = BalancerDriver(
+        Balancer(), invariant=least_loaded, seed=seed, peers=10, start=6,
+        weights=[1, 2, 3, 0.1, 0.55], reweights=[1, 2, 5, 0.1, 0.3, 0],
+        mix=Mix(pick=63, toggle=3, reweight=3, close=34, open=1, repeat=1), hold=1,
+        exclude=[0, 0, 1, 3], len_counts_weightless=False)
+    driver.run(3000)
+    assert driver.counts["pick"] > 1650 and driver.counts["close"] > 900

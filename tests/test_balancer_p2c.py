@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import List
+from typing import List, Optional, Sequence
 
 from zope.interface.verify import verifyObject
 
 from lb.balancer import create
 from lb.balancer.p2c import Balancer
 from lb.interfaces import IBalancer, PickContext
-from lb.testing import FakePeer
+from lb.testing import BalancerDriver, FakePeer, Mix
 
 
 def balancer_with(seed: int, *members: FakePeer) -> Balancer:
@@ -94,3 +94,28 @@ def test_changes_and_empty() -> None:
     b.remove(a)
     assert {b.pick(PickContext()).key for _ in range(30)} == {"b"}
     assert len(b) == 2  # b and the weightless z
+
+
+def never_the_busier(got: Optional[FakePeer], allowed: Sequence[FakePeer],
+                     context: PickContext) -> bool:
+    """the pick has no more connections per weight than another peer it may pick (the
+    other draw)"""
+    def weight(peer: FakePeer) -> int:
+        return round(peer.effective_weight * 1000)
+    return got is None or len(allowed) < 2 or any(
+        p is not got and got.load * weight(p) <= p.load * weight(got) for p in allowed)
+
+
+def test_random_changes_never_pick_the_busier_of_two() -> None:
+    """Whatever the sequence of adds, removes (redundant ones too), reweights (slow-start
+    fractions and 0 too), connections opening and closing, and retries, a pick is a peer
+    in rotation with weight that the context does not exclude (None only when there is
+    none), and never busier, per weight, than every other peer it could have drawn; len
+    counts every peer in rotation."""
+    driver = BalancerDriver(
+        Balancer(rng=random.Random(8)), invariant=never_the_busier, seed=8, peers=10,
+        start=6, weights=[1, 2, 3, 0.1, 0.55], reweights=[1, 2, 5, 0.1, 0.3, 0],
+        mix=Mix(pick=60, toggle=3, reweight=3, close=34, open=2, repeat=1), hold=1,
+        exclude=[0, 0, 1, 3], len_counts_weightless=True)
+    driver.run(3000)
+    assert driver.counts["pick"] > 1600

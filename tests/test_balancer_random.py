@@ -12,7 +12,7 @@ from zope.interface.verify import verifyObject
 from lb.balancer import create
 from lb.balancer.random import Balancer, WeightedSet
 from lb.interfaces import IBalancer, PickContext
-from lb.testing import FakePeer
+from lb.testing import BalancerDriver, FakePeer, Mix
 
 
 class FixedDraw:
@@ -132,3 +132,17 @@ def test_zero_weight_and_empty() -> None:
     one = FakePeer("o", 0.1)
     b.add(one)
     assert {b.pick(PickContext()) for _ in range(20)} == {one}
+
+
+def test_random_changes_pick_only_allowed_peers() -> None:
+    """Whatever the sequence of adds, removes (redundant ones too), reweights (slow-start
+    fractions and 0 too), connections and retries, a pick is a peer in rotation with weight
+    that the context does not exclude, None only when there is none, and every peer gets
+    its turn; len counts every peer in rotation."""
+    driver = BalancerDriver(
+        Balancer(rng=random.Random(6)), seed=6, peers=12, start=6,
+        weights=[1, 1, 2, 3, 5, 0.1, 0.55], reweights=[1, 2, 4, 0.1, 0.325, 0],
+        mix=Mix(pick=88, toggle=4, reweight=4, close=20, repeat=1), hold=0.5,
+        exclude=[0, 0, 0, 1, 2, 5], len_counts_weightless=True)
+    driver.run(3000)
+    assert driver.counts["pick"] > 2000 and set(driver.picks) >= set(driver.pool)

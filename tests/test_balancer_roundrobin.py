@@ -12,7 +12,7 @@ from zope.interface.verify import verifyObject
 from lb.balancer import create
 from lb.balancer.roundrobin import Balancer, heap_in_order
 from lb.interfaces import IBalancer, PickContext
-from lb.testing import FakePeer
+from lb.testing import BalancerDriver, FakePeer, Mix, ReferenceModel
 
 
 def peers(**weights: float) -> List[FakePeer]:
@@ -30,8 +30,9 @@ def sequence(b: Balancer, n: int, exclude: Set[Any] = frozenset()) -> str:
     return "".join(b.pick(PickContext(exclude=exclude)).key for _ in range(n))
 
 
-class NginxReference:
-    """nginx's ngx_http_upstream_get_peer, scanning every peer: the behaviour to match."""
+class NginxReference(ReferenceModel):
+    """nginx's ngx_http_upstream_get_peer, scanning every peer: the behaviour to match. (A
+    peer without weight, which nginx cannot have, takes no part.)"""
 
     def __init__(self) -> None:
         self.peers: List[List[Any]] = []  # [peer, current], in order
@@ -43,14 +44,14 @@ class NginxReference:
     def remove(self, peer: Any) -> None:
         self.peers = [e for e in self.peers if e[0] is not peer]
 
-    def pick(self, exclude: Set[Any]) -> Optional[Any]:
+    def pick(self, context: PickContext) -> Optional[Any]:
         best = None
         total = 0
         for entry in self.peers:
             peer = entry[0]
-            if peer in exclude:
-                continue
             weight = int(round(peer.effective_weight * 1000))
+            if peer in context.exclude or not weight:
+                continue
             entry[1] += weight
             total += weight
             if best is None or entry[1] > best[1]:
@@ -182,33 +183,14 @@ def test_heap_in_order_yields_sorted_without_popping() -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_matches_nginx_reference_under_random_changes(seed: int) -> None:
-    """Any sequence of adds, removes, reweights (slow-start floats too) and picks with
-    retries gives exactly the picks of nginx's O(n) scan."""
-    rng = random.Random(seed)
-    pool = [FakePeer(f"p{i}", rng.choice([1, 1, 2, 3, 5, 0.1, 0.55])) for i in range(12)]
-    b, ref = Balancer(), NginxReference()
-    inside: List[FakePeer] = []
-    for peer in pool[:6]:
-        b.add(peer)
-        ref.add(peer)
-        inside.append(peer)
-    for step in range(3000):
-        op = rng.random()
-        if op < 0.04:
-            peer = rng.choice(pool)
-            if peer in inside:
-                b.remove(peer)
-                ref.remove(peer)
-                inside.remove(peer)
-            else:
-                b.add(peer)
-                ref.add(peer)
-                inside.append(peer)
-        elif op < 0.08 and inside:
-            peer = rng.choice(inside)
-            peer.effective_weight = rng.choice([1, 2, 4, 0.1, 0.325, 3.7])
-            b.reweight(peer)
-        else:
-            exclude = set(rng.sample(pool, rng.choice([0, 0, 0, 1, 2, 5])))
-            assert b.pick(PickContext(exclude=exclude)) is ref.pick(exclude), f"step {step}"
-        assert len(b) == len(inside)
+    """Any sequence of adds, removes (redundant ones too), reweights (slow-start floats and 0
+    too) and picks with retries gives exactly the picks of nginx's O(n) scan; len counts
+    every peer in rotation. (Load, which roundrobin ignores, is left out here; the
+    contract test in test_balancer_common.py runs it with load too.)"""
+    driver = BalancerDriver(
+        Balancer(), model=NginxReference(), seed=seed, peers=12, start=6,
+        weights=[1, 1, 2, 3, 5, 0.1, 0.55], reweights=[1, 2, 4, 0.1, 0.325, 3.7, 0],
+        mix=Mix(pick=94, toggle=4, reweight=4, repeat=0.5), hold=None,
+        exclude=[0, 0, 0, 1, 2, 5], len_counts_weightless=True)
+    driver.run(3000)
+    assert driver.counts["pick"] > 2500

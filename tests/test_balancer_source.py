@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 import random
+from bisect import bisect_left
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import pytest
 from zope.interface.verify import verifyObject
 
 from lb.balancer import create, source
-from lb.balancer.source import Balancer
+from lb.balancer.source import Balancer, hash_client, peer_points
 from lb.interfaces import IBalancer, PickContext
-from lb.testing import FakePeer
+from lb.testing import BalancerDriver, FakePeer, Mix, ReferenceModel
 
 CLIENTS = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(20000)]
 
@@ -30,8 +31,112 @@ def balancer_with(*members: FakePeer, factor: Optional[float] = None,
     return b
 
 
+CONTEXTS = {c: PickContext(c) for c in CLIENTS}  # built once: mapping() is this file's hot loop
+
+
 def mapping(b: Balancer, clients: List[str] = CLIENTS) -> Dict[str, str]:
-    return {c: b.pick(PickContext(c)).key for c in clients}
+    return {c: b.pick(CONTEXTS.get(c) or PickContext(c)).key for c in clients}
+
+
+SHIFT = 20  # a ring point keeps the upper 44 bits of its 64-bit hash
+OWNERS = 512  # PlainRing tags a point with its owner's number, as point × 512 + number in
+# a float: exact (44 + 9 bits fit a double's 53), and floats sort twice as fast as big ints
+
+
+class PlainRing(ReferenceModel):
+    """Consistent hashing written plainly, rebuilt from scratch after every change: a peer
+    with weight w owns the first max(1, round(160 w)) points of its fixed sequence; a pick
+    walks clockwise from the hash of the hash key or client, skipping excluded peers and,
+    with a balance factor, peers at their cap ceil(factor × (load in rotation + 1) × w /
+    total weight), unless every one is (then the first met). Without a key or client the
+    walk starts at a random point, drawn from an rng seeded like the balancer's. (160
+    points per weight: pools too small to rescale.) Given the balancer it stands ``beside``,
+    it checks at each rebuild that the balancer's ring holds as many points."""
+
+    def __init__(self, factor: Optional[float] = None, rng: Optional[random.Random] = None,
+                 beside: Optional[Balancer] = None) -> None:
+        self.factor = factor
+        self.beside = beside
+        self.rng = rng or random.Random()
+        self.inside: Dict[Any, None] = {}
+        self.load = 0  # of the peers in rotation
+        self.numbers: Dict[Any, int] = {}  # a peer's number, tagging its points
+        self.peers: List[Any] = []  # by number
+        self.points_of: Dict[Any, Tuple[int, List[float]]] = {}  # count, tagged points
+        self.ring: List[float] = []  # tagged points, sorted
+        self.owners: List[Any] = []  # peers with weight
+        self.total = 0.0
+        self.dirty = True
+        self.spilled = 0  # bounded picks that passed over a peer at its cap
+        self.hashes: Dict[str, int] = {}  # ring positions of clients and hash keys
+
+    def add(self, peer: Any) -> None:
+        self.inside[peer] = None
+        self.load += peer.load
+        self.dirty = True
+
+    def remove(self, peer: Any) -> None:
+        del self.inside[peer]
+        self.load -= peer.load
+        self.dirty = True
+
+    def reweight(self, peer: Any) -> None:
+        self.dirty = True
+
+    def load_added(self, peer: Any) -> None:
+        self.load += 1
+
+    def load_removed(self, peer: Any) -> None:
+        self.load -= 1
+
+    def points(self) -> List[float]:
+        if self.dirty:
+            values: List[float] = []
+            self.owners = [p for p in self.inside if p.effective_weight > 0]
+            for peer in self.owners:
+                n = max(1, round(peer.effective_weight * 160))
+                cached = self.points_of.get(peer)
+                if cached is None or cached[0] != n:
+                    number = self.numbers.setdefault(peer, len(self.numbers))
+                    assert number < OWNERS
+                    cached = self.points_of[peer] = (n, [
+                        float((h >> SHIFT) * OWNERS + number)
+                        for h in peer_points(peer.key, 0, n)])
+                values += cached[1]
+            values.sort()
+            self.ring = values
+            self.peers = sorted(self.numbers, key=self.numbers.__getitem__)
+            self.total = sum(p.effective_weight for p in self.owners)
+            assert self.total * 160 <= source.MAX_POINTS  # the balancer keeps 160 per weight
+            if self.beside is not None:  # it picked just now: its ring is up to date
+                assert len(self.beside._ring) == len(values), "as many points"
+            self.dirty = False
+        return self.ring
+
+    def pick(self, context: PickContext) -> Optional[Any]:
+        ring, exclude = self.points(), context.exclude
+        if not self.owners or exclude and all(p in exclude for p in self.owners):
+            return None
+        key = context.hash_key or context.client
+        if key:
+            position = self.hashes.get(key)
+            if position is None:
+                position = self.hashes[key] = hash_client(key)
+        else:
+            position = self.rng.getrandbits(64)
+        start = bisect_left(ring, float((position >> SHIFT) * OWNERS))
+        first = None
+        for i in range(len(ring)):
+            peer = self.peers[int(ring[(start + i) % len(ring)]) % OWNERS]
+            if peer in exclude:
+                continue
+            if self.factor is None or peer.load < math.ceil(
+                    self.factor * (self.load + 1) * peer.effective_weight / self.total - 1e-9):
+                return peer
+            self.spilled += 1
+            if first is None:
+                first = peer
+        return first
 
 
 def test_provides_the_interface() -> None:
@@ -50,7 +155,7 @@ def test_same_client_same_peer_whatever_the_order_peers_arrive() -> None:
     random.Random(3).shuffle(shuffled)
     assert mapping(balancer_with(*shuffled), CLIENTS[:3000]) == first
     b = balancer_with(*ps)
-    assert all(b.pick(PickContext(c)).key == first[c] for c in CLIENTS[:3000])
+    assert all(b.pick(CONTEXTS[c]).key == first[c] for c in CLIENTS[:3000])
 
 
 def test_clients_spread_evenly() -> None:
@@ -215,28 +320,62 @@ def test_bounded_load_cap_is_weighted() -> None:
 
 def test_ring_updates_in_place_match_a_fresh_ring() -> None:
     """However the ring got here (in-place inserts, merge passes, removals of many peers
-    at once), it maps every client like a ring built from scratch for the same peers."""
-    rng = random.Random(11)
-    pool = [FakePeer(f"172.16.{i // 250}.{i % 250}:80", rng.choice([1, 2, 3, 0.1, 0.37]))
-            for i in range(300)]
-    b = balancer_with(*pool[:200])
-    inside = set(pool[:200])
-    for round_ in range(12):
-        changes = rng.choice([1, 3, 40, 150])
-        for peer in rng.sample(pool, changes):
-            if peer in inside and rng.random() < 0.7:
-                b.remove(peer)
-                inside.discard(peer)
-            elif peer in inside:
-                peer.effective_weight = rng.choice([1, 2, 0.5, 0.13])
-                b.reweight(peer)
-            else:
-                b.add(peer)
-                inside.add(peer)
-        fresh = balancer_with(*sorted(inside, key=lambda p: p.key))
-        assert len(b) == len(inside)
-        assert mapping(b, CLIENTS[:1500]) == mapping(fresh, CLIENTS[:1500]), round_
-        assert len(b._ring) == len(fresh._ring)
+    at once), it maps every client like a ring built from scratch for the same peers, and
+    holds as many points."""
+    b = Balancer(rng=random.Random(11))
+    driver = BalancerDriver(
+        b, model=PlainRing(rng=random.Random(11), beside=b), seed=11, peers=300, start=200,
+        key=lambda i: f"172.16.{i // 250}.{i % 250}:80", weights=[1, 2, 3, 0.1, 0.37],
+        reweights=[1, 2, 0.5, 0.13], mix=Mix(pick=2200, toggle=1.4, reweight=0.6),
+        burst=[1, 3, 40, 150], exclude=[0, 0, 0, 1, 2], clients=CLIENTS[:1500] + [None] * 20,
+        hold=None, len_counts_weightless=True)
+    driver.run(18020)
+    changes = driver.counts["add"] - 200 + driver.counts["remove"] + driver.counts["reweight"]
+    assert driver.counts["pick"] >= 18000 and changes > 550
+
+
+@pytest.mark.parametrize("seed,factor", [(0, None), (1, 1.25)], ids=["unbounded", "bounded"])
+def test_matches_a_plain_ring_under_random_changes(seed: int, factor: Optional[float]) -> None:
+    """Any sequence of adds, removes (redundant ones too), reweights (slow-start fractions
+    and 0 too), connections opening and closing, and picks with retries, by client
+    address, by hash key or by neither, picks exactly what a plainly built ring picks,
+    bounded load included; len counts every peer in rotation."""
+    plain = PlainRing(factor, random.Random(seed))
+    hot = ["203.0.113.7", "198.51.100.1"]  # many connections from one address: caps bite
+    driver = BalancerDriver(
+        Balancer(rng=random.Random(seed), hash_balance_factor=factor), model=plain,
+        seed=seed, peers=10, start=6, weights=[1, 1, 2, 3, 0.1, 0.55],
+        reweights=[1, 2, 4, 0.1, 0.325, 0], exclude=[0, 0, 0, 1, 2, 4],
+        mix=Mix(pick=65, toggle=3, reweight=3, close=30, open=2, repeat=1), hold=0.9,
+        clients=CLIENTS[:30] + hot * 10 + [None] * 6, hash_keys=[None] * 8 + ["user-42"],
+        len_counts_weightless=True)
+    driver.run(2000)
+    assert driver.counts["pick"] > 1150
+    assert (plain.spilled > 100) is (factor is not None)
+
+
+def test_same_peers_same_client_same_peer() -> None:
+    """A client's peer depends on nothing but the peers it may go to and their weights:
+    whatever happened in between (peers gone and back, weights changed and restored,
+    connections, retries), the same key with the same peers to choose from maps to the
+    same peer; in particular, while nothing changes, a key keeps its peer."""
+    seen: Dict[Tuple[Optional[str], FrozenSet[Tuple[FakePeer, float]]], FakePeer] = {}
+
+    def same_as_before(got: Optional[FakePeer], allowed: Sequence[FakePeer],
+                       context: PickContext) -> bool:
+        """the same key and peers to choose from gave this peer before"""
+        if got is None:
+            return True  # nobody to choose from: the contract's business
+        state = frozenset((p, p.effective_weight) for p in allowed)
+        return seen.setdefault((context.hash_key or context.client, state), got) is got
+
+    driver = BalancerDriver(
+        Balancer(rng=random.Random(2)), invariant=same_as_before, seed=2, peers=5,
+        start=3, weights=[1, 2, 0.5], reweights=[1, 0.5], exclude=[0, 0, 0, 1, 2],
+        mix=Mix(pick=85, toggle=8, reweight=4, close=10), hold=0.5,
+        clients=CLIENTS[:12], hash_keys=[None] * 5 + ["user-42"])
+    driver.run(2000)
+    assert len(seen) < driver.counts["pick"] / 2  # most picks met a state seen before
 
 
 def test_ring_size_is_bounded_with_hysteresis(monkeypatch: pytest.MonkeyPatch) -> None:
