@@ -328,12 +328,12 @@ class HTTPSession:
             # from where the Upgrade request ended by a parser of its own
             self.parser = HttpRequestParser(self)
             early, exchange.early = exchange.early, b""
-        if self.closing or exchange.close_client:
+        if exchange.close_client or (self.closing and not self.queue):
             self.closing = True
             if self.out is None:
                 self.close()
             return
-        if self.queue:
+        if self.queue:  # pipelined requests read before a close was asked are answered
             self._next()
             return
         self.reading = True
@@ -417,20 +417,26 @@ class HTTPSession:
                               close=True)
 
     def _refuse(self, answer: Answer) -> None:
-        """A request lb will not pass on (malformed, too large, too slow): answer it and
-        close; nothing of it has reached a peer."""
+        """A request lb will not pass on (malformed, too large, too slow): answered in its
+        turn, after the valid requests read before it (RFC 9112 §9.3.2), and then the
+        connection is closed; nothing of it reaches a peer."""
         head = self.head or RequestHead()
-        exchange = Exchange(self, head, self.head_started if self.head is not None
-                            else self.now)
+        refusal = Exchange(self, head, self.head_started if self.head is not None
+                           else self.now)
+        refusal.refusal = answer
         self.head = None
-        self.queue.clear()
-        if self.current is not None:  # a pipelined request is bad: the answer in flight ends
+        # A request whose body was being read when the bytes went bad is the bad one: not
+        # started if it waits its turn, given up (with its peer connection) if it is current.
+        queue = self.queue
+        if queue and not queue[-1].body_done:
+            queue.pop()
+        elif self.current is not None and not self.current.body_done:
             self.current.abort("bad_request")
-        self.current = exchange
+        queue.append(refusal)
         self.closing = True
         self.reading = False
         self._update()
-        exchange.answer(answer)
+        self._next()
 
     def _client_eof(self) -> None:
         self.half_closed = True
@@ -561,7 +567,7 @@ class Exchange:
                  "chunked_out", "answered", "head_sent", "out", "finished", "early", "tunnel",
                  "route", "request_id", "no_body", "error", "upstreams", "resp_bytes",
                  "peer_key", "splicing", "pipe", "piped", "hash_key", "sticky",
-                 "sticky_peer", "cookie", "__weakref__")
+                 "sticky_peer", "cookie", "refusal", "__weakref__")
 
     def __init__(self, session: HTTPSession, head: RequestHead, now: float) -> None:
         self.session = session
@@ -611,11 +617,15 @@ class Exchange:
         self.sticky: Optional[StickyPeers] = None  # the pool's sticky cookie, if it has one
         self.sticky_peer: Optional[Peer] = None  # the peer the client's cookie names
         self.cookie: Optional[bytes] = None  # the sticky cookie's value the client sent
+        self.refusal: Optional[Answer] = None  # lb's answer to a bad request, in its turn
 
     # --- the request ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Route, pick and connect (the session calls this when it is this request's turn)."""
+        if self.refusal is not None:
+            self.answer(self.refusal)
+            return
         session = self.session
         listener = session.listener
         if listener.id_lower is not None and self.request_id is None:
@@ -879,7 +889,7 @@ class Exchange:
             self.head_sent = True
             self._upgraded(rest)
             return
-        close = session.closing or not self.body_done
+        close = (session.closing and not session.queue) or not self.body_done
         extra = b""
         if self.no_body or status in (204, 304):
             mode = _DONE
@@ -1154,9 +1164,10 @@ class Exchange:
             self.session.closing = True
         self.bytes_out += len(answer.body)
         id_header = self.session.listener.config.http.request_id
+        last = self.session.closing and not self.session.queue  # nothing will follow it
         self.session.write(answers.render(
-            answer if not (self.session.closing and not answer.close) else answer._replace(
-                close=True), self.request_id, id_header.encode() if id_header else b""))
+            answer if not (last and not answer.close) else answer._replace(close=True),
+            self.request_id, id_header.encode() if id_header else b""))
         self.head_sent = True
         if self.body_done or answer.close or not self.head.has_body:
             self.body_done = True

@@ -268,8 +268,10 @@ def judge(case: Case, client: ClientResult, traffic: Traffic, trickled: bool = F
     elif finals[-1].from_peer:
         problems.append(f"the {status} came from the peer, not from the proxy")
     early = finals[:-1]
-    if len(early) > case.before or any(r.status != 200 or not r.from_peer for r in early):
-        problems.append(f"client got {statuses}: at most {case.before} x 200 before the {status}")
+    if len(early) != case.before or any(r.status != 200 or not r.from_peer for r in early):
+        # RFC 9112 §9.3.2: the valid requests ahead of the bad one are answered, in order
+        problems.append(f"client got {statuses}: expected {case.before} x 200 from the peer "
+                        f"before the {status}")
     if not client.closed:
         problems.append(f"connection left open after the {status}")
     if len(traffic.requests) > case.before:

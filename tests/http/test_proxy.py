@@ -15,6 +15,7 @@ from tests.http.backend import Backend, size_body, size_digest
 from tests.http.clients import (
     ConnectionEnded,
     RawClient,
+    build_request,
     curl_expect_upload,
     curl_head,
     curl_keepalive,
@@ -191,6 +192,33 @@ def test_pipelined_requests_are_answered_in_order(lb_process: Start,
     assert answers[0].text.endswith("(slow)\n")
     assert [r.json()["query"] for r in answers[1:3]] in (["n=2", "n=3"], [{"n": "2"},
                                                                            {"n": "3"}])
+
+
+def test_pipelined_requests_before_a_bad_one_or_a_half_close_are_answered(
+        lb_process: Start, backends: Callable[..., Backend]) -> None:
+    """RFC 9112 §9.3.2: the valid requests read before a malformed one get their answers,
+    in order, then the 400 and the close (as HAProxy and nginx do); requests pipelined
+    before the client half-closes are all answered. Only the last answer says
+    Connection: close."""
+    peer = backends("p")
+    lb = simple(lb_process, peer)
+    with RawClient(port=lb.port("www")) as client:
+        client.send(build_request("GET", "/slow?ms=100") + build_request("GET", "/echo?n=2")
+                    + b"GET /smuggled HTTP/1.1\nHost: a\n\n")
+        answers = [client.read_response(timeout=5) for _ in range(3)]
+        assert [r.status for r in answers] == [200, 200, 400]
+        assert [r.header("Connection") for r in answers[:2]] == [None, None]
+        assert answers[2].header("Connection") == "close"
+        assert client.peer_closed()
+    assert peer.stats()["requests"] == 2
+    with RawClient(port=lb.port("www")) as client:
+        client.send(build_request("GET", "/slow?ms=100") + build_request("GET", "/echo?n=2"))
+        client.shutdown_write()
+        answers = [client.read_response(timeout=5) for _ in range(2)]
+        assert [r.status for r in answers] == [200, 200]
+        assert answers[0].header("Connection") is None
+        assert client.peer_closed()
+    assert peer.stats()["requests"] == 4
 
 
 def test_a_websocket_upgrade_becomes_a_tunnel(lb_process: Start,
@@ -526,8 +554,9 @@ def test_leastconn_counts_requests_in_flight(lb_process: Start,
 
 def test_sigterm_answers_requests_in_flight_with_connection_close(
         lb_process: Start, backends: Callable[..., Backend]) -> None:
-    """SIGTERM: an idle keep-alive client is closed at once, a request in flight is answered
-    (with ``Connection: close``) and then its connection closes, and lb exits."""
+    """SIGTERM: an idle keep-alive client is closed at once, the requests in flight (one
+    being answered, one pipelined behind it) are answered, the last with
+    ``Connection: close``, and then their connection closes, and lb exits."""
     import signal
     peer = backends("p")
     lb = simple(lb_process, peer)
@@ -536,13 +565,15 @@ def test_sigterm_answers_requests_in_flight_with_connection_close(
     busy = RawClient(port=port)
     try:
         assert idle.request("GET", "/").status == 200
-        busy.send_request("GET", "/slow?ms=800")
+        # a request pipelined behind it was read too: answered as well, the last to say close
+        busy.send(build_request("GET", "/slow?ms=800") + build_request("GET", "/echo?n=2"))
         wait_for(lambda: peer.stats()["in_flight"] == 1, timeout=5, what="the slow request")
         assert lb.proc is not None
         lb.proc.signal(signal.SIGTERM)
         assert idle.peer_closed(timeout=5)
-        r = busy.read_response(timeout=5)
-        assert r.status == 200 and r.header("Connection") == "close"
+        first, last = busy.read_response(timeout=5), busy.read_response(timeout=5)
+        assert first.status == 200 and first.header("Connection") is None
+        assert last.status == 200 and last.header("Connection") == "close"
         assert busy.peer_closed(timeout=5)
         assert lb.proc.wait(10) is not None
     finally:
