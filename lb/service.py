@@ -30,6 +30,7 @@ from lb.discovery.consul import CatalogRoutesQuery, ConsulRoute, RoutesWatcher
 from lb.http.listener import ACCESS_NAMESPACE, HTTPListener, UpstreamPools
 from lb.http.routes import Route, RouteTable
 from lb.interfaces import IPoolPart
+from lb.net import Address
 from lb.pool import Pool
 from lb.proxy.carriers.pump import Pump
 from lb.proxy.connlog import ConnectionLog
@@ -317,8 +318,10 @@ class LBService(MultiService):
                     continue
                 service = ListenerService(self._listener(lc, None), new.shutdown_timeout)
                 if self.running:
+                    same_address = current is not None and \
+                        current.listener.config.bind == lc.bind
                     try:
-                        service.listen()
+                        service.listen(taking_over=current if same_address else None)
                     except CannotListenError as e:
                         raise ReloadError(listen_failure(f"listener {name}", lc.bind,
                                                          e)) from None
@@ -352,11 +355,16 @@ class LBService(MultiService):
             wanted = new.listeners.get(name)
             if wanted is None or not _same_socket(self.listeners[name].listener.config, wanted):
                 service = self.listeners.pop(name)
+                if wanted is None:
+                    moved = ""
+                elif wanted.bind == service.listener.config.bind:
+                    moved = f" (mode {wanted.mode} from now on, on the same socket)"
+                else:
+                    moved = f" (moving to {wanted.bind})"
                 self.log.info("listener {name} on {bind} stopped by the reload{moved}; its "
                               "{n} open connection(s) get up to {timeout:g}s", name=name,
                               bind=service.address(), n=len(service.listener.sessions),
-                              timeout=service.shutdown_timeout,
-                              moved="" if wanted is None else f" (moving to {wanted.bind})")
+                              timeout=service.shutdown_timeout, moved=moved)
                 self.removeService(service)  # type: ignore[no-untyped-call]
         for service in opened:
             service.listener.pool = self._pool_of(  # type: ignore[assignment]
@@ -381,8 +389,9 @@ class LBService(MultiService):
         """Bind every socket before the service tree starts (twistd calls this first, before
         dropping privileges): a port that cannot be bound is one line and exit status 1,
         not a traceback."""
-        binds = [(f"listener {name}", s.listener.config.bind, s.listen)
-                 for name, s in self.listeners.items()]
+        binds: List[Tuple[str, Address, Callable[[], None]]] = [
+            (f"listener {name}", s.listener.config.bind, s.listen)
+            for name, s in self.listeners.items()]
         binds.append(("admin", self.config.admin.bind, self.admin.listen))
         for what, bind, listen in binds:
             try:
@@ -488,7 +497,8 @@ def describe_route(route: Route) -> str:
 
 def _same_socket(old: ListenerConfig, new: ListenerConfig) -> bool:
     """A listener keeps its socket (and open connections) across a reload unless its address
-    or its mode changed (a tcp and an http listener accept differently)."""
+    or its mode changed (a tcp and an http listener accept differently: a new listener
+    takes over the socket and the old one's connections finish as they are)."""
     return old.bind == new.bind and old.mode == new.mode
 
 

@@ -97,7 +97,7 @@ class HTTPSession:
                  "current", "queue", "out", "reading", "closing", "closed", "mask",
                  "last_active", "head_started", "head_bytes", "in_url", "in_head",
                  "header_reader",
-                 "started", "requests", "tunnel", "half_closed", "end_reason", "clock",
+                 "started", "requests", "tunnel", "half_closed", "end_reason", "clock", "drained",
                  "client_ip", "client_text", "pick_context", "now", "forwarded",
                  "__weakref__")
 
@@ -120,6 +120,7 @@ class HTTPSession:
         self.out: Optional[memoryview] = None  # bytes the client has not taken
         self.reading = True
         self.closing = False  # close once the current answer is sent
+        self.drained = False  # shutdown came while a request was on its way: answer, close
         self.closed = False
         self.mask = _IN
         self.started = self.last_active = self.now = now  # now: the event being handled
@@ -287,7 +288,8 @@ class HTTPSession:
         self.requests += 1
         exchange = Exchange(self, head, self.now)
         self.queue.append(exchange)
-        if not head.keep_alive or self.listener.config.http.client_keepalive_timeout <= 0:
+        if not head.keep_alive or self.listener.config.http.client_keepalive_timeout <= 0 \
+                or self.drained:
             self.closing = True  # answered with Connection: close, nothing after it read
 
     def on_body(self, data: bytes) -> None:
@@ -466,13 +468,22 @@ class HTTPSession:
             if now - self.head_started > http.client_header_timeout:
                 self._refuse(answers.answer(408, answers.HEADER_TIMEOUT,
                                             "request head not received in time", close=True))
-        elif not self.queue and now - self.last_active > http.client_keepalive_timeout:
+        elif not self.queue and now - self.last_active > (
+                http.client_header_timeout if self.drained else http.client_keepalive_timeout):
             self.close()
 
     def drain(self) -> None:
-        """Shutdown: an idle connection closes now; one being answered closes after it; a
-        tunnel runs on until the listener's ``shutdown_timeout`` (like a TCP connection)."""
+        """Shutdown: an idle keep-alive connection closes now; one being answered closes
+        after it (and the requests pipelined behind it); a tunnel runs on until the
+        listener's ``shutdown_timeout`` (like a TCP connection). A client that has not sent
+        its first request yet (just accepted: it is surely sending one) or is sending a head
+        gets that request answered, with Connection: close, if it comes within
+        ``client_header_timeout``: closing it now would reset a request on the wire."""
         if self.tunnel is not None:
+            return
+        if self.current is None and not self.queue and (
+                not self.requests or self.in_head or self.head_bytes):
+            self.drained = True
             return
         self.closing = True
         if self.current is None and not self.queue and self.out is None:

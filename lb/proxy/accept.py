@@ -80,19 +80,26 @@ class RawPort:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, factory: Any, host: str, port: int, backlog: int) -> None:
+    def __init__(self, reactor: Any, factory: Any, host: str, port: int, backlog: int,
+                 listening: Optional[socket.socket] = None) -> None:
+        """Bind ``host:port``, or accept on ``listening``, a socket already listening there
+        (a reload taking over another listener's socket)."""
         self.reactor = reactor
         self.factory = factory
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted ones inherit it
-            sock.bind((host, port))
-            sock.listen(backlog)
-        except OSError as e:
-            sock.close()
-            raise error.CannotListenError(host, port, e) from None
+        if listening is not None:
+            sock = listening
+        else:
+            sock = socket.socket(self.family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # accepted sockets inherit it
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.bind((host, port))
+                sock.listen(backlog)
+            except OSError as e:
+                sock.close()
+                raise error.CannotListenError(host, port, e) from None
         sock.setblocking(False)
         self.socket: Optional[socket.socket] = sock
         self._host = _address(self.family, sock.getsockname())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from collections import Counter
 from typing import Any, Dict, List, Optional, Set
@@ -268,17 +269,43 @@ class ListenerService(Service):
         self.port: Optional[IListeningPort] = None
         self.name = f"listener:{listener.config.name}"
 
-    def listen(self) -> None:
-        """Bind now (a reload binds new sockets before it changes anything else)."""
+    def listen(self, taking_over: Optional["ListenerService"] = None) -> None:
+        """Bind now (a reload binds new sockets before it changes anything else). With
+        ``taking_over``, a listener on the same address that is about to stop (a reload
+        changing its mode): accept on a copy of its socket instead, so the port never
+        closes and no bind can fail."""
         if self.port is None:
             listener = self.listener
             bind = listener.config.bind
+            inherited = taking_over.share_socket() if taking_over is not None else None
             if listener.raw_accept:
                 # every byte goes through the pump: accept without Twisted transports
-                self.port = RawPort(listener.reactor, listener, bind.host, bind.port, BACKLOG)
+                self.port = RawPort(listener.reactor, listener, bind.host, bind.port, BACKLOG,
+                                    inherited)
+            elif inherited is not None:
+                with inherited:  # the reactor makes its own copy of the descriptor
+                    self.port = listener.reactor.adoptStreamPort(
+                        inherited.fileno(), inherited.family, listener)
             else:
                 self.port = listener.reactor.listenTCP(bind.port, listener, backlog=BACKLOG,
                                                        interface=bind.host)
+
+    def share_socket(self) -> Optional[socket.socket]:
+        """A copy of the listening socket for a listener taking over this one; closing
+        this one's port afterwards leaves the copy listening."""
+        port = self.port
+        if port is None:
+            return None
+        if isinstance(port, RawPort):
+            fd = port.fileno()
+            family = port.family
+        else:  # a Twisted port would shut the socket down, for every copy, when it closes
+            port._shouldShutdown = False  # type: ignore[attr-defined]
+            fd = port.fileno()  # type: ignore[attr-defined]
+            family = port.addressFamily  # type: ignore[attr-defined]
+        if fd < 0:
+            return None
+        return socket.socket(family, socket.SOCK_STREAM, 0, os.dup(fd))
 
     def startService(self) -> None:
         self.listen()

@@ -7,7 +7,7 @@ import hashlib
 import json
 import socket
 import time
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 import pytest
 
@@ -581,6 +581,34 @@ def test_sigterm_answers_requests_in_flight_with_connection_close(
         busy.close()
 
 
+def test_sigterm_answers_a_request_on_its_way_on_a_new_connection(
+        lb_process: Start, backends: Callable[..., Backend]) -> None:
+    """A client that connected but has not sent its first request yet (or is half-way
+    through a head) when SIGTERM comes is surely sending one: it is read and answered with
+    ``Connection: close``, not cut (which would reset the request on the wire)."""
+    import signal
+    peer = backends("p")
+    lb = simple(lb_process, peer)
+    port = lb.port("www")
+    fresh, partial = RawClient(port=port), RawClient(port=port)
+    try:
+        partial.send(b"GET /echo?n=2 HTTP/1.1\r\nHost: a\r\n")
+        wait_for(lambda: lb.admin("/api/listeners")["listeners"][0]["active_connections"] == 2,
+                 timeout=5, what="both connections accepted")
+        assert lb.proc is not None
+        lb.proc.signal(signal.SIGTERM)
+        wait_for(lambda: "waiting up to" in lb.log(), timeout=5, what="the shutdown")
+        for client, rest in ((fresh, build_request("GET", "/echo?n=1")), (partial, b"\r\n")):
+            client.send(rest)
+            r = client.read_response(timeout=5)
+            assert r.status == 200 and r.header("Connection") == "close"
+            assert client.peer_closed(timeout=5)
+        assert lb.proc.wait(10) is not None
+    finally:
+        fresh.close()
+        partial.close()
+
+
 def test_sigterm_gives_a_websocket_tunnel_shutdown_timeout(
         lb_process: Start, backends: Callable[..., Backend]) -> None:
     """SIGTERM: an upgraded connection is not cut at once; it keeps working (like a TCP
@@ -668,3 +696,82 @@ def test_client_keepalive_timeout_zero_closes_after_each_answer(
         assert r.status == 200 and r.header("Connection") == "close"
         assert client.peer_closed(timeout=5)
 
+
+
+@pytest.mark.parametrize("accept_proxy", [False, True], ids=["raw", "proxy-protocol"])
+def test_a_reload_switches_a_listener_between_tcp_and_http_on_its_socket(
+        lb_process: Start, backends: Callable[..., Backend], accept_proxy: bool) -> None:
+    """SIGHUP changing a listener's mode (tcp to http and back) is applied, not refused with
+    'Address already in use': the new listener takes over the listening socket, so clients
+    connecting all along are never refused, new connections get the new mode (X-Forwarded-For
+    only through http), and a connection opened before goes on in the old mode. With
+    accept_proxy, a tcp listener accepts through Twisted (its port must not shut the shared
+    socket down when it closes)."""
+    import signal
+    import threading
+    peer = backends("p")
+
+    def config(mode: str) -> str:
+        return f"""\
+            listeners:
+              www:
+                bind: "127.0.0.1:{{www}}"
+                mode: {mode}
+                pool: web
+                accept_proxy: {str(accept_proxy).lower()}
+            pools:
+              web:
+                peers: ["{peer.address}"]
+            """
+
+    def connect() -> RawClient:
+        client = RawClient(port=port, timeout=5)
+        if accept_proxy:
+            client.send(b"PROXY TCP4 127.0.0.1 127.0.0.1 1111 80\r\n")
+        return client
+
+    def forwarded(client: RawClient) -> Any:
+        r = client.request("GET", "/echo")
+        assert r.status == 200
+        return {k.lower(): v for k, v in r.json()["headers"]}.get("x-forwarded-for")
+
+    lb = lb_process(config("tcp"), www=0)
+    port = lb.port("www")
+    stop = threading.Event()
+    done: List[int] = []
+    errors: List[str] = []
+
+    def load() -> None:  # a new connection per request, bounded
+        for _ in range(20000):
+            if stop.is_set():
+                return
+            try:
+                with connect() as c:
+                    if c.request("GET", "/").status != 200:
+                        errors.append("not 200")
+                done.append(1)
+            except Exception as e:  # recorded, asserted below
+                errors.append(repr(e))
+
+    thread = threading.Thread(target=load)
+    with connect() as before:
+        assert forwarded(before) is None  # tcp: the bytes as sent
+        thread.start()
+        try:
+            for n, (mode, xff) in enumerate([("http", "127.0.0.1"), ("tcp", None)], 1):
+                wait_for(lambda n=n: len(done) > 50 * n, what="load flowing")
+                lb.write(config(mode).format(**lb.ports))
+                assert lb.proc is not None
+                lb.proc.signal(signal.SIGHUP)
+                wait_for(lambda n=n: lb.log().count("on the same socket") == n, timeout=10,
+                         what=f"the reload to {mode}")
+                with connect() as after:
+                    assert forwarded(after) == xff
+                assert forwarded(before) is None  # opened in tcp mode: still a byte pipe
+            at_end = len(done)
+            wait_for(lambda: len(done) > at_end + 50, what="load after the reloads")
+        finally:
+            stop.set()
+            thread.join(30)
+    assert not errors, errors[:3]
+    assert "reload rejected" not in lb.log()
