@@ -103,13 +103,22 @@ class FakePeer:
         return self.key
 
 
+_GIVEN: Deque[int] = deque(maxlen=4096)  # ports free_port handed out lately
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (for subprocesses that must be told a port)."""
+    """A port that was free a moment ago (for subprocesses that must be told a port), and
+    not one this process was given lately: the kernel may hand the same free port out twice
+    in a row (a config then got one port for two listeners and could not start)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port: int = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.append(port)
+            return port
+    raise RuntimeError("no free port that was not handed out lately")
 
 
 def tcp_pair() -> "tuple[socket.socket, socket.socket]":
