@@ -106,14 +106,36 @@ class FakePeer:
 _GIVEN: Deque[int] = deque(maxlen=4096)  # ports free_port handed out lately
 
 
+def _below_ephemeral() -> Tuple[int, int]:
+    """Ports under the kernel's ephemeral range: no outgoing connection takes one of them
+    between free_port and the bind it was picked for."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return (0, 0)
+    return (10000, low - 1) if low > 12000 else (0, 0)
+
+
+_PORTS = _below_ephemeral()
+_PICK = random.Random()  # not the global one: tests seed that
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (for subprocesses that must be told a port), and
     not one this process was given lately: the kernel may hand the same free port out twice
-    in a row (a config then got one port for two listeners and could not start)."""
+    in a row (a config then got one port for two listeners and could not start). Taken
+    below the ephemeral range where there is room, so that no outgoing connection takes it
+    before the subprocess binds it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(100):
+    low, high = _PORTS
+    for attempt in range(200):
+        wanted = _PICK.randint(low, high) if high and attempt < 100 else 0
         with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
+            try:
+                s.bind((host, wanted))
+            except OSError:
+                continue
             port: int = s.getsockname()[1]
         if port not in _GIVEN:
             _GIVEN.append(port)
