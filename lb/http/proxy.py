@@ -1112,12 +1112,16 @@ class Exchange:
         if self.body_done:
             self._finish()
 
-    def _upstream_failed(self, why: str, retry: Optional[str]) -> None:
+    def _drop_connection(self, reset: bool = True) -> None:
+        """The peer connection is given up: closed, and its pool told it is gone."""
         conn, self.conn = self.conn, None
         if conn is not None:
-            conn.close(reset=True)
+            conn.close(reset=reset)
             if self.upstreams is not None:
                 self.upstreams.lost(conn)
+
+    def _upstream_failed(self, why: str, retry: Optional[str]) -> None:
+        self._drop_connection()
         pool = self.pool
         assert pool is not None
         if self.peer is not None:
@@ -1143,11 +1147,7 @@ class Exchange:
                 and tried < len(pool.balancer))  # another peer is there to try
 
     def _retry(self, condition: str) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.close()
-            if self.upstreams is not None:
-                self.upstreams.lost(conn)
+        self._drop_connection(reset=False)
         self.retries += 1
         self.session.listener.counted_retry(self, condition)
         if self.peer is not None:
@@ -1189,11 +1189,7 @@ class Exchange:
     def expire(self, now: float) -> None:
         http = self.session.listener.config.http
         if self.sent_at and not self.first_at and now - self.sent_at > http.response_timeout:
-            conn, self.conn = self.conn, None
-            if conn is not None:
-                conn.close(reset=True)
-                if self.upstreams is not None:
-                    self.upstreams.lost(conn)
+            self._drop_connection()
             pool = self.pool
             assert pool is not None
             if self.peer is not None:
@@ -1208,11 +1204,7 @@ class Exchange:
         if self.attempt is not None:
             self.attempt.cancel()
             self.attempt = None
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.close(reset=True)
-            if self.upstreams is not None:
-                self.upstreams.lost(conn)
+        self._drop_connection()
         if self.tunnel is not None:
             self.tunnel.abort()
             return
