@@ -14,7 +14,9 @@ import argparse
 import random
 import sys
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
+
+from timing import rate  # bench/ is on sys.path: these run as scripts
 
 from lb.balancer import create
 from lb.interfaces import PickContext
@@ -37,21 +39,6 @@ class FakePeer:
         self.key = key
         self.effective_weight = weight
         self.load = 0
-
-
-def rate(step: Callable[[int], Any], seconds: float) -> float:
-    """Calls per second of ``step(i)``, run in growing batches for about ``seconds``."""
-    done, batch = 0, 100
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for i in range(done, done + batch):
-            step(i)
-        done += batch
-        now = time.perf_counter()
-        if now >= deadline:
-            return done / (now - start)
-        batch = min(batch * 2, 100_000)
 
 
 def measure(algorithm: str, factor: Optional[float], size: int,

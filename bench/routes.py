@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from timing import rate  # bench/ is on sys.path: these run as scripts
+
 from lb.config import RouteConfig, WeightedPool
 from lb.http.routes import Route, RouteTable, host_key
 
@@ -126,23 +128,6 @@ def misses(rng: random.Random, n: int, hosts: int) -> List[Request]:
     """Requests no route matches, naming ``hosts`` different Hosts."""
     return [(f"nowhere{i % hosts}.example.net:8080",
              f"/nothing/{rng.randrange(10_000)}/here?q=1", {}) for i in range(n)]
-
-
-def rate(step: Callable[[int], object], seconds: float) -> float:
-    """Calls per second of ``step(i)``, run in growing batches for about ``seconds``."""
-    done, batch = 0, 1
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for i in range(done, done + batch):
-            step(i)
-        done += batch
-        now = time.perf_counter()
-        if now >= deadline:
-            return done / (now - start)
-        # grow, but not past the time left (a scan of 10,000 routes takes a millisecond)
-        left = int((deadline - now) / ((now - start) / done)) + 1
-        batch = min(batch * 2, left, 100_000)
 
 
 def lookups(match: Callable[[Optional[str], str, Callable[[str], Optional[str]]],

@@ -2,8 +2,10 @@
 
 import os
 import sys
+from typing import Any, Dict, Iterator, List
 
 import pytest
+from twisted.logger import formatEvent, globalLogPublisher
 
 from lb import reactor as lbreactor
 
@@ -24,3 +26,15 @@ def repo_dir() -> str:
 @pytest.fixture
 def python_bin() -> str:
     return sys.executable
+
+
+@pytest.fixture
+def logs() -> Iterator[List[str]]:
+    """Every log event emitted during the test, formatted as text."""
+    events: List[str] = []
+
+    def observer(event: Dict[str, Any]) -> None:
+        events.append(formatEvent(event))
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)

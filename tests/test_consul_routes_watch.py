@@ -10,7 +10,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
 
 from lb.config import ConsulConfig
 from lb.discovery.consul import (
@@ -105,17 +104,6 @@ def h(tmp_path: Any) -> Any:
     yield harness
     if harness.watcher.running:
         harness.watcher.stopService()
-
-
-@pytest.fixture
-def logs() -> Any:
-    events: List[str] = []
-
-    def observer(event: Dict[str, Any]) -> None:
-        events.append(formatEvent(event))
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
 
 
 TWO = {"web": ["v1", "urlprefix-/web"], "api": ["urlprefix-api.example.com/"],

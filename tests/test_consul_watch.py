@@ -10,7 +10,7 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -127,17 +127,6 @@ def h(tmp_path: Any) -> Any:
     yield harness
     if harness.watcher.running:
         harness.watcher.stopService()
-
-
-@pytest.fixture
-def logs() -> Any:
-    events: List[str] = []
-
-    def observer(event: Dict[str, Any]) -> None:
-        events.append(formatEvent(event))
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
 
 
 # --- requests --------------------------------------------------------------------------------

@@ -862,13 +862,17 @@ class Connection(asyncio.Protocol):
             "trailers": [[k, v] for k, v in req.trailers], "expect": req.header("expect"),
             "continue_sent": req.continue_sent})
 
-    async def h_reset(self, req: Request) -> bool:
+    async def _part_of_an_answer(self, req: Request) -> None:
+        """A head announcing ``bytes`` and only the first ``after`` of them."""
         total, after = req.int_arg("bytes", 100000), req.int_arg("after", 1000)
         await self.consume(req)
         await self.write(self.head(req, 200, [("Content-Type", "application/octet-stream"),
                                               ("Content-Length", str(total))], True))
         if req.method != "HEAD":
             await self.write(size_body(min(after, total)))
+
+    async def h_reset(self, req: Request) -> bool:
+        await self._part_of_an_answer(req)
         await self.flushed()
         await asyncio.sleep(req.int_arg("ms", 50) / 1000)
         self.reset()
@@ -889,12 +893,7 @@ class Connection(asyncio.Protocol):
         return await self.respond(req, 200, f"backend {self.opts.name} (closing)\n".encode())
 
     async def h_truncate(self, req: Request) -> bool:
-        total, after = req.int_arg("bytes", 100000), req.int_arg("after", 1000)
-        await self.consume(req)
-        await self.write(self.head(req, 200, [("Content-Type", "application/octet-stream"),
-                                              ("Content-Length", str(total))], True))
-        if req.method != "HEAD":
-            await self.write(size_body(min(after, total)))
+        await self._part_of_an_answer(req)
         await self.finish()
         raise _Done()
 

@@ -7,7 +7,7 @@ import json
 import os
 import textwrap
 import urllib.request
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import pytest
 
@@ -65,6 +65,29 @@ class LB:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
+
+
+def simple(lb_process: Callable[..., LB], *peers: Union[Backend, str], pool: str = "",
+           listener: str = "") -> LB:
+    """An http listener ``www`` in front of pool ``web`` of ``peers`` (backends or
+    ``host:port``; extra pool and listener keys as YAML indented by ``indent(text, 4)``)."""
+    addresses = ", ".join(f'"{getattr(b, "address", b)}"' for b in peers)
+    return lb_process(f"""\
+        listeners:
+          www:
+            bind: "127.0.0.1:{{www}}"
+            mode: http
+            pool: web
+        {listener}
+        pools:
+          web:
+            peers: [{addresses}]
+        {pool}
+        """.replace("\n        \n", "\n"), www=0)
+
+
+def indent(text: str, n: int) -> str:
+    return "\n".join(" " * n + line for line in text.strip().splitlines())
 
 
 @pytest.fixture

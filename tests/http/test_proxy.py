@@ -25,33 +25,12 @@ from tests.http.clients import (
     pipeline,
     ws_connect,
 )
-from tests.http.conftest import LB
+from tests.http.conftest import LB, indent, simple
 from tests.processes import wait_for
 
 pytestmark = pytest.mark.integration
 
 Start = Callable[..., LB]
-
-
-def simple(lb_process: Start, *peers: Backend, pool: str = "", listener: str = "") -> LB:
-    """An http listener ``www`` in front of ``peers`` (extra pool/listener keys as YAML)."""
-    addresses = ", ".join(f'"{b.address}"' for b in peers)
-    return lb_process(f"""\
-        listeners:
-          www:
-            bind: "127.0.0.1:{{www}}"
-            mode: http
-            pool: web
-        {listener}
-        pools:
-          web:
-            peers: [{addresses}]
-        {pool}
-        """.replace("\n        \n", "\n"), www=0)
-
-
-def indent(text: str, n: int) -> str:
-    return "\n".join(" " * n + line for line in text.strip().splitlines())
 
 
 def test_requests_are_balanced_one_by_one_on_reused_peer_connections(
@@ -355,16 +334,7 @@ def test_a_refused_connect_is_retried_on_another_peer(
     from lb.testing import free_port
     good = backends("good")
     dead = free_port()
-    lb = lb_process(f"""\
-        listeners:
-          www:
-            bind: "127.0.0.1:{{www}}"
-            mode: http
-            pool: web
-        pools:
-          web:
-            peers: ["127.0.0.1:{dead}", "{good.address}"]
-        """, www=0)
+    lb = simple(lb_process, f"127.0.0.1:{dead}", good)
     answers = keepalive(lb.port("www"), ["/"] * 6)
     assert all(r.status == 200 and r.header("X-Backend") == "good" for r in answers)
     peer = lb.admin(f"/api/pools/web/peers/127.0.0.1:{dead}")

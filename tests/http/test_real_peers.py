@@ -15,7 +15,7 @@ import pytest
 
 from lb.testing import free_port
 from tests.http.clients import RawClient, keepalive
-from tests.http.conftest import LB
+from tests.http.conftest import LB, simple
 from tests.processes import Proc, accepts, wait_for
 
 pytestmark = pytest.mark.integration
@@ -81,16 +81,7 @@ def nginx(tmp_path: Any) -> Iterator[Callable[..., Nginx]]:
 
 
 def lb_in_front(lb_process: Callable[..., LB], port: int) -> LB:
-    return lb_process(f"""\
-        listeners:
-          www:
-            bind: "127.0.0.1:{{www}}"
-            mode: http
-            pool: web
-        pools:
-          web:
-            peers: ["127.0.0.1:{port}"]
-        """, www=0)
+    return simple(lb_process, f"127.0.0.1:{port}")
 
 
 def test_nginx_as_a_peer(lb_process: Callable[..., LB], nginx: Callable[..., Nginx]) -> None:

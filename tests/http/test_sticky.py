@@ -12,7 +12,7 @@ import pytest
 
 from tests.http.backend import Backend
 from tests.http.clients import keepalive
-from tests.http.conftest import LB
+from tests.http.conftest import LB, simple
 from tests.processes import wait_for
 
 pytestmark = pytest.mark.integration
@@ -21,18 +21,8 @@ Start = Callable[..., LB]
 
 
 def start_lb(lb_process: Start, peers: List[Backend], pool_keys: str) -> LB:
-    addresses = ", ".join(f'"{b.address}"' for b in peers)
-    return lb_process(f"""\
-        listeners:
-          www:
-            bind: "127.0.0.1:{{www}}"
-            mode: http
-            pool: web
-        pools:
-          web:
-            peers: [{addresses}]
-            {pool_keys}
-        """, www=0)
+    """Pool keys after the first on lines indented by 12, as in the config text."""
+    return simple(lb_process, *peers, pool=" " * 4 + pool_keys)
 
 
 def one(port: int, target: str = "/", headers: Optional[Dict[str, str]] = None,
